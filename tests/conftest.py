@@ -1,0 +1,84 @@
+"""Fixtures: small throwaway trusses written to tmp_path."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def write_truss(
+    root: Path,
+    model: str,
+    config: dict | None = None,
+    examples: list | None = None,
+    files: dict[str, str] | None = None,
+) -> Path:
+    """Write a Truss folder: config.yaml, model/model.py (dedented), optional examples and extra files."""
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = {"model_name": root.name}
+    cfg.update(config or {})
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (root / "model").mkdir(exist_ok=True)
+    (root / "model" / "__init__.py").write_text("")
+    (root / "model" / "model.py").write_text(textwrap.dedent(model))
+    (root / "data").mkdir(exist_ok=True)
+    if examples is not None:
+        (root / "examples.yaml").write_text(yaml.safe_dump(examples))
+    for rel, text in (files or {}).items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root
+
+
+ECHO_MODEL = """
+class Model:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.loads = 0
+
+    def load(self):
+        self.loads += 1
+
+    def preprocess(self, x):
+        return {"pre": x}
+
+    def predict(self, x):
+        return {"pred": x}
+
+    def postprocess(self, x):
+        return {"post": x}
+"""
+
+
+@pytest.fixture
+def make_truss(tmp_path):
+    """make_truss(model_code, name='t', config=..., examples=..., files=...) -> Path"""
+
+    def make(model: str = ECHO_MODEL, name: str = "t", **kw) -> Path:
+        return write_truss(tmp_path / name, model, **kw)
+
+    return make
+
+
+@pytest.fixture
+def live(make_truss):
+    """load() a truss and close it after the test."""
+    import truss_lab
+
+    opened = []
+
+    def load(model: str = ECHO_MODEL, name: str = "t", concurrency=None, **kw):
+        tr = truss_lab.load(make_truss(model, name, **kw), concurrency=concurrency)
+        opened.append(tr)
+        return tr
+
+    yield load
+    for tr in opened:
+        tr.close()

@@ -1,0 +1,43 @@
+"""The project's own promises: environment.yml agrees with pyproject, the core imports nothing heavy."""
+
+import subprocess
+import sys
+import tomllib
+
+import yaml
+
+from conftest import ROOT
+
+
+def _norm(req: str) -> str:
+    return " ".join(req.replace(" ", "").replace(";", " ; ").split())
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        wanted += extra
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    listed = [p for p in pip if not p.startswith("-e")]
+    assert sorted(map(_norm, listed)) == sorted(map(_norm, wanted))
+    python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python"))
+    assert python.replace("python", "") == project["requires-python"]
+    assert "-e ." in pip
+
+
+def test_core_imports_no_heavy_libraries(tmp_path):
+    code = (
+        "import sys, truss_lab\n"
+        f"tr = truss_lab.load({str(tmp_path / 't')!r})\n"
+        "tr.predict(1)\n"
+        "heavy = [m for m in ('IPython', 'ipywidgets', 'matplotlib', 'tensorflow') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    import truss_lab
+
+    truss_lab.init(tmp_path / "t")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,47 @@
+"""truss_lab: develop Truss models in a notebook, with Truss's semantics and no Docker.
+
+    import truss_lab
+    tr = truss_lab.load("my-truss")
+    result = tr.predict(model_input)   # preprocess -> predict (under the lock) -> postprocess
+    result.output, result.trace
+
+The core (this package's top level) imports neither IPython, ipywidgets, matplotlib nor tensorflow.
+"""
+
+from .bundle import Bundle, Example, Secrets, init, read_bundle
+from .errors import (
+    BundleError,
+    LoadError,
+    ModelError,
+    PostprocessError,
+    PredictError,
+    PreprocessError,
+    SecretNotFound,
+    TrussLabError,
+)
+from .runner import LiveModel, OutputWarning, Result, load
+from .trace import Report, Trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bundle",
+    "BundleError",
+    "Example",
+    "LiveModel",
+    "LoadError",
+    "ModelError",
+    "OutputWarning",
+    "PostprocessError",
+    "PredictError",
+    "PreprocessError",
+    "Report",
+    "Result",
+    "SecretNotFound",
+    "Secrets",
+    "Trace",
+    "TrussLabError",
+    "init",
+    "load",
+    "read_bundle",
+]

@@ -1,0 +1,145 @@
+"""`truss-lab` on the command line. Exit codes: 0 ok, 1 model error, 2 usage or bundle error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_MODEL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_input(text: str) -> Any:
+    """`--input`: JSON text, or @FILE: a JSON file, or any other file's raw bytes (an image, say)."""
+    if text.startswith("@"):
+        path = Path(text[1:]).expanduser()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--input {text}: cannot read {path}: {exc.strerror}") from None
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if path.suffix.lower() == ".json":
+                raise UsageError(f"--input {text}: {path} is not valid JSON") from None
+            return data
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"--input: not valid JSON ({exc.msg} at column {exc.colno}); quote strings: --input '\"text\"'"
+        ) from None
+
+
+def _inputs(args, live) -> list[Any]:
+    if args.input is not None and args.example is not None:
+        raise UsageError("give --input or --example, not both")
+    if args.input is not None:
+        return [parse_input(args.input)]
+    if args.example is not None:
+        return [live.example(args.example)]
+    if live.examples:
+        return list(live.examples.values())
+    raise UsageError(f"{live.path}: no --input given and no examples in {live.bundle.examples_filename}")
+
+
+def _json(value: Any) -> str:
+    from .render import short
+
+    return json.dumps(value, indent=2, ensure_ascii=False, default=lambda v: short(v, 200))
+
+
+def cmd_init(args) -> int:
+    from .bundle import init
+
+    path = init(args.path, name=args.name)
+    print(f"wrote a new Truss at {path}")
+    return EXIT_OK
+
+
+def cmd_predict(args) -> int:
+    from .render import timing_table
+    from .runner import load
+
+    with load(args.path, concurrency=args.lock) as live:
+        model_input = _inputs(args, live)[0]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = live.run(model_input)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+        if result.error is not None:
+            print(f"error: {result.error}", file=sys.stderr)
+            print(timing_table(result.trace), file=sys.stderr)
+            return EXIT_MODEL
+        print(_json(result.output))
+        print(f"timing (v{result.trace.version}):\n{timing_table(result.trace)}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    from .runner import load
+
+    with load(args.path, concurrency=args.lock) as live:
+        inputs = _inputs(args, live)
+        report = live.bench(inputs, n=args.n, concurrency=args.concurrency)
+        print(report.table())
+        return EXIT_MODEL if report.failures else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="truss-lab",
+        description="Run a Truss in-process with Truss's semantics: preprocess -> [lock] predict -> postprocess.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="write a new Truss scaffold (as `truss init` does)")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--name", help="model_name in config.yaml (default: the folder name)")
+    p.set_defaults(func=cmd_init)
+
+    def model_args(p):
+        p.add_argument("path", metavar="PATH", help="the Truss folder")
+        p.add_argument("--input", metavar="JSON|@FILE", help="model input as JSON, or @file (JSON or raw bytes)")
+        p.add_argument("--example", metavar="NAME", help="an input from examples.yaml")
+        p.add_argument("--lock", type=int, metavar="N", help="override runtime.predict_concurrency")
+
+    p = sub.add_parser("predict", help="run one request and print its output and stage timings")
+    model_args(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="send N requests from C workers and print the Report")
+    model_args(p)
+    p.add_argument("-n", type=int, default=100, metavar="N", help="number of requests (default 100)")
+    p.add_argument("-c", "--concurrency", type=int, default=8, metavar="C", help="concurrent workers (default 8)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import ModelError, TrussLabError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ModelError as exc:
+        print(f"truss-lab {args.command}: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    except (UsageError, TrussLabError) as exc:  # BundleError included
+        print(f"truss-lab {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

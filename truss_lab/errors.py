@@ -1,0 +1,111 @@
+"""Exception types: one per place a Truss can go wrong, each with a one-line message.
+
+`BundleError` is about the folder (a file or a key); the `ModelError` family is about the model's own
+code and names the stage and the user's file:line, with the original exception chained as __cause__.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+
+
+class TrussLabError(Exception):
+    """Base class of every error truss_lab raises on purpose."""
+
+
+class BundleError(TrussLabError):
+    """The Truss folder or one of its files/keys is invalid (names the file and key)."""
+
+
+class SecretNotFound(TrussLabError, KeyError):
+    """A secret the model asked for has no value. Never carries the value of any secret."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelError(TrussLabError):
+    """The model's own code raised; `stage` says where, `location` is 'file:line' in the user's code."""
+
+    stage = "model"
+
+    def __init__(self, message: str, *, location: str | None = None, trace=None):
+        super().__init__(message)
+        self.location = location
+        self.trace = trace
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, roots: list[Path], *, trace=None) -> "ModelError":
+        location = user_location(exc, roots)
+        where = f" at {location}" if location else ""
+        return cls(f"{cls.stage} failed{where}: {describe(exc)}", location=location, trace=trace)
+
+
+class LoadError(ModelError):
+    """Importing model.py, building the Model class, running load(), or a definition error."""
+
+    stage = "load"
+
+
+class PreprocessError(ModelError):
+    stage = "preprocess"
+
+
+class PredictError(ModelError):
+    stage = "predict"
+
+
+class PostprocessError(ModelError):
+    stage = "postprocess"
+
+
+STAGE_ERRORS: dict[str, type[ModelError]] = {
+    cls.stage: cls for cls in (LoadError, PreprocessError, PredictError, PostprocessError)
+}
+
+
+def describe(exc: BaseException) -> str:
+    """'TypeName: message' on one line (the first line of a multi-line message)."""
+    text = str(exc).strip().splitlines()
+    name = type(exc).__name__
+    return f"{name}: {text[0]}" if text else name
+
+
+def user_location(exc: BaseException, roots: list[Path]) -> str | None:
+    """The deepest traceback frame inside one of `roots` (the truss folder), as 'rel/path.py:LINE'.
+
+    A SyntaxError names its own file and line, not a frame, so it is asked first.
+    """
+    roots = [Path(r).resolve() for r in roots]
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        rel = _relative(Path(exc.filename), roots)
+        if rel:
+            return f"{rel}:{exc.lineno}"
+    found = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        rel = _relative(Path(frame.filename), roots)
+        if rel:
+            found = f"{rel}:{frame.lineno}"
+    return found
+
+
+def user_traceback(exc: BaseException, roots: list[Path]) -> str:
+    """The traceback of `exc` filtered to frames in the user's files (what the magics show on demand)."""
+    roots = [Path(r).resolve() for r in roots]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _relative(Path(f.filename), roots)]
+    lines = ["Traceback (model code only):\n", *traceback.format_list(frames)]
+    lines.extend(traceback.format_exception_only(type(exc), exc))
+    return "".join(lines)
+
+
+def _relative(path: Path, roots: list[Path]) -> str | None:
+    try:
+        resolved = path.resolve()
+    except OSError:
+        return None
+    for root in roots:
+        if resolved.is_relative_to(root):
+            return os.path.join(root.name, str(resolved.relative_to(root)))
+    return None

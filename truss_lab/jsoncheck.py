@@ -1,0 +1,36 @@
+"""Would a Truss server be able to send this output as JSON? Find the first value that would not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def type_name(value: Any) -> str:
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def first_non_json(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(path, type name) of the first value json.dumps would refuse, e.g. ('predictions[0][3]', 'numpy.float32')."""
+    stack = [(path, value)]
+    while stack:
+        where, v = stack.pop()
+        t = type(v)
+        if t in _SCALARS:
+            continue
+        if t is list or t is tuple:
+            stack.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(v))))
+        elif t is dict:
+            items = []
+            for k, item in v.items():
+                if type(k) not in _SCALARS:
+                    return (f"{where}[{k!r}] (key)", type_name(k))
+                items.append((f"{where}.{k}" if where else str(k), item))
+            stack.extend(reversed(items))
+        elif isinstance(v, _SCALARS):  # subclasses (IntEnum, numpy.float64 is a float subclass)
+            continue
+        else:
+            return (where or "<output>", type_name(v))
+    return None

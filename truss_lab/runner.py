@@ -1,0 +1,453 @@
+"""LiveModel: a loaded Truss answering requests as a Truss server would, with a Trace per request.
+
+    preprocess  ->  [lock]  predict  [/lock]  ->  postprocess
+
+Only predict holds the lock, a semaphore of `runtime.predict_concurrency` slots. Everything else runs
+concurrently in the caller's thread. A request reads the serving code once, when it starts, so a
+reload (reload.py) never changes the code under a request that is already running.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import itertools
+import threading
+import types
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import perf_counter
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from . import loader
+from .aio import LoopThread
+from .bundle import Bundle, read_bundle, resolve_secrets, validate_concurrency
+from .errors import STAGE_ERRORS, ModelError, TrussLabError, describe
+from .jsoncheck import first_non_json
+from .trace import Report, Trace
+
+DEFAULT_TRACE_CAPACITY = 1000
+
+
+class OutputWarning(UserWarning):
+    """The output could not be sent by a Truss server as JSON (the call still succeeds)."""
+
+
+@dataclass(frozen=True)
+class Serving:
+    """One version of the model code, bound to a live instance. Replaced whole, never mutated."""
+
+    version: int
+    instance: Any
+    module: types.ModuleType
+    model_cls: type
+    preprocess: Callable | None
+    predict: Callable
+    postprocess: Callable | None
+    streaming: bool
+
+    @classmethod
+    def bind(cls, bundle: Bundle, version: int, instance: Any, module, model_cls: type) -> "Serving":
+        methods = loader.ModelMethods.check(bundle, model_cls)
+        return cls(
+            version=version,
+            instance=instance,
+            module=module,
+            model_cls=model_cls,
+            preprocess=_bound(model_cls, instance, "preprocess") if methods.has_preprocess else None,
+            predict=_bound(model_cls, instance, "predict"),
+            postprocess=_bound(model_cls, instance, "postprocess") if methods.has_postprocess else None,
+            streaming=methods.predict_is_generator,
+        )
+
+
+def _bound(model_cls: type, instance: Any, name: str) -> Callable:
+    """`model_cls.name` bound to `instance` (the class of this version, whatever instance.__class__ is)."""
+    attr = inspect.getattr_static(model_cls, name)
+    if isinstance(attr, (staticmethod, classmethod)):
+        return getattr(model_cls, name)
+    return types.MethodType(getattr(model_cls, name), instance)
+
+
+@dataclass
+class Result:
+    """One request: what went in, what came out, and where the time went."""
+
+    input: Any
+    output: Any
+    trace: Trace
+    error: ModelError | None = None
+    model_name: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def version(self) -> int:
+        return self.trace.version
+
+    def raise_for_error(self) -> "Result":
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def __repr__(self) -> str:
+        from . import render
+
+        return render.result_text(self)
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        from . import render
+
+        return render.bundle(self)
+
+
+class LiveModel:
+    """A Truss loaded in this process. Thread-safe: call it from as many threads as you like."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        concurrency: int | None = None,
+        secrets: Mapping[str, str] | None = None,
+        environment: Any = None,
+        trace_capacity: int = DEFAULT_TRACE_CAPACITY,
+    ):
+        self.bundle = bundle
+        self._secret_overrides = dict(secrets or {})
+        self.environment = environment
+        self._loop = LoopThread(name=f"truss-lab-loop[{bundle.model_name}]")
+        self._ids = itertools.count(1)
+        self._traces: collections.deque[Trace] = collections.deque(maxlen=trace_capacity)
+        self.concurrency = bundle.predict_concurrency if concurrency is None else concurrency
+        self._serving: Serving | None = None
+        self.load_ms: float = 0.0
+        self.roots = loader.user_roots(bundle)
+        self._start()
+
+    # ------------------------------------------------------------------ loading
+
+    def _build(self, bundle: Bundle, version: int) -> tuple[Serving, float]:
+        """Import, construct and load() one version of the model; raise LoadError on any failure."""
+        loader.apply_environment_variables(bundle)
+        module = loader.import_model_module(bundle, version)
+        try:
+            model_cls = loader.model_class(bundle, module)
+            loader.ModelMethods.check(bundle, model_cls)
+            kwargs = loader.model_kwargs(bundle, resolve_secrets(bundle, self._secret_overrides), self.environment)
+            instance = loader.build_instance(bundle, model_cls, kwargs)
+            load_ms = loader.run_load(bundle, instance, self._loop.run)
+            return Serving.bind(bundle, version, instance, module, model_cls), load_ms
+        except BaseException:
+            loader.forget_modules(module.__name__.rpartition(".")[0])
+            raise
+
+    def _start(self) -> None:
+        try:
+            self._serving, self.load_ms = self._build(self.bundle, 1)
+        except BaseException:
+            self._loop.close()
+            raise
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def name(self) -> str:
+        return self.bundle.model_name
+
+    @property
+    def path(self) -> Path:
+        return self.bundle.path
+
+    @property
+    def model(self) -> Any:
+        """The live Model instance (its loaded weights, its state)."""
+        return self._serving.instance
+
+    @property
+    def version(self) -> int:
+        return self._serving.version
+
+    @property
+    def serving(self) -> Serving:
+        return self._serving
+
+    @property
+    def concurrency(self) -> int:
+        """Lock size: how many predict() calls may run at once (runtime.predict_concurrency)."""
+        return self._lock_size
+
+    @concurrency.setter
+    def concurrency(self, value: int) -> None:
+        try:
+            value = validate_concurrency(value)
+        except ValueError as exc:
+            raise TrussLabError(f"concurrency {exc}") from None
+        self._lock_size = value
+        # Requests already waiting keep the semaphore they hold a reference to; new ones get this.
+        self._lock = threading.BoundedSemaphore(value)
+
+    @property
+    def examples(self) -> dict[str, Any]:
+        return {e.name: e.input for e in self.bundle.examples}
+
+    def example(self, name: str) -> Any:
+        return self.bundle.example(name)
+
+    @property
+    def traces(self) -> list[Trace]:
+        return list(self._traces)
+
+    def clear_traces(self) -> None:
+        self._traces.clear()
+
+    def report(self, last: int | None = None) -> Report:
+        traces = self.traces
+        if last is not None:
+            traces = traces[-last:]
+        return Report.from_traces(traces, self._lock_size)
+
+    def methods(self) -> list[str]:
+        s = self._serving
+        found = ["load"] if callable(getattr(s.model_cls, "load", None)) else []
+        found += [m for m in ("preprocess", "predict", "postprocess") if getattr(s, m) is not None]
+        return found
+
+    def __repr__(self) -> str:
+        return (
+            f"<LiveModel {self.name!r} v{self.version} from {self.path} | "
+            f"{self._serving.model_cls.__name__}, lock {self._lock_size}, load {self.load_ms:.0f} ms>"
+        )
+
+    # ------------------------------------------------------------------ requests
+
+    def predict(self, model_input: Any) -> Result:
+        """Run the three stages; raise PreprocessError / PredictError / PostprocessError on failure."""
+        return self.run(model_input).raise_for_error()
+
+    def run(self, model_input: Any) -> Result:
+        """Run the three stages; a model error is returned in `Result.error`, not raised."""
+        s = self._serving
+        t = Trace(next(self._ids), s.version, threading.current_thread().name, perf_counter())
+        stage = "preprocess"
+        output = None
+        error = None
+        try:
+            x = model_input
+            if s.preprocess is not None:
+                t.pre_start = perf_counter()
+                try:
+                    x = self._call(s.preprocess, x)
+                finally:
+                    t.pre_end = perf_counter()
+            stage = "predict"
+            x = self._locked_predict(s, x, t)
+            stage = "postprocess"
+            if s.postprocess is not None:
+                t.post_start = perf_counter()
+                try:
+                    x = self._call(s.postprocess, x)
+                finally:
+                    t.post_end = perf_counter()
+            output = x
+            self._check_output(output, t)
+        except Exception as exc:
+            error = self._fail(t, stage, exc)
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: record, then let it through
+            t.error, t.error_stage = describe(exc), stage
+            raise
+        finally:
+            t.end = perf_counter()
+            self._traces.append(t)
+        return Result(model_input, output, t, error, self.bundle.model_name)
+
+    def _locked_predict(self, s: Serving, x: Any, t: Trace) -> Any:
+        lock = self._lock  # a concurrency change swaps the semaphore; release the one we took
+        t.lock_requested = perf_counter()
+        try:
+            with lock:  # `with`: no instruction between acquiring and the guaranteed release
+                t.lock_acquired = t.predict_start = perf_counter()
+                try:
+                    y = self._call(s.predict, x)
+                    if _is_stream(y):
+                        y = self._drain(y, t)
+                    return y
+                finally:
+                    t.predict_end = perf_counter()
+        finally:
+            if t.lock_acquired is not None:
+                t.lock_released = perf_counter()
+
+    def _call(self, fn: Callable, x: Any) -> Any:
+        y = fn(x)
+        if inspect.isawaitable(y):
+            y = self._loop.run(y)
+        return y
+
+    def _drain(self, stream: Any, t: Trace) -> Any:
+        """Consume a streaming predict inside the lock (as a Truss server does) and join the chunks."""
+        chunks: list[Any] = []
+        for chunk in self._iterate(stream):
+            if t.first_chunk is None:
+                t.first_chunk = perf_counter()
+            chunks.append(chunk)
+        t.chunks = len(chunks)
+        return join_chunks(chunks)
+
+    def _iterate(self, stream: Any) -> Iterator[Any]:
+        if inspect.isasyncgen(stream):
+            try:
+                while True:
+                    try:
+                        yield self._loop.run(stream.__anext__())
+                    except StopAsyncIteration:
+                        return
+            finally:
+                self._loop.run(stream.aclose())
+        else:
+            yield from stream
+
+    def stream(self, model_input: Any) -> Iterator[Any]:
+        """Yield a streaming predict's chunks as they come; the lock is held until the stream ends.
+
+        Close it early (break, `close()`, leaving a `with closing(...)`) and the lock is released.
+        A predict that does not stream yields its one (postprocessed) output.
+        """
+        s = self._serving
+        if not s.streaming:
+            yield self.predict(model_input).output
+            return
+        t = Trace(next(self._ids), s.version, threading.current_thread().name, perf_counter())
+        stage = "preprocess"
+        count = 0
+        try:
+            x = model_input
+            if s.preprocess is not None:
+                t.pre_start = perf_counter()
+                try:
+                    x = self._call(s.preprocess, x)
+                finally:
+                    t.pre_end = perf_counter()
+            stage = "predict"
+            lock = self._lock
+            t.lock_requested = perf_counter()
+            with lock:
+                t.lock_acquired = t.predict_start = perf_counter()
+                try:
+                    for chunk in self._iterate(self._call(s.predict, x)):
+                        if t.first_chunk is None:
+                            t.first_chunk = perf_counter()
+                        count += 1
+                        yield chunk
+                finally:
+                    t.predict_end = perf_counter()
+        except Exception as exc:
+            raise self._fail(t, stage, exc) from exc
+        except BaseException as exc:  # GeneratorExit (closed early), KeyboardInterrupt
+            if not isinstance(exc, GeneratorExit):
+                t.error, t.error_stage = describe(exc), stage
+            raise
+        finally:
+            if t.lock_acquired is not None:
+                t.lock_released = perf_counter()
+            t.chunks = count
+            t.end = perf_counter()
+            self._traces.append(t)
+
+    def _fail(self, t: Trace, stage: str, exc: BaseException) -> ModelError:
+        err = STAGE_ERRORS[stage].from_exception(exc, self.roots, trace=t)
+        err.__cause__ = exc
+        t.error, t.error_stage, t.location = describe(exc), stage, err.location
+        return err
+
+    def _check_output(self, output: Any, t: Trace) -> None:
+        bad = first_non_json(output)
+        if bad is not None:
+            path, tname = bad
+            message = (
+                f"{self.bundle.model_name}: output is not JSON-serialisable at {path}: {tname} "
+                f"(a Truss server could not send it; convert it, e.g. with .tolist() or float())"
+            )
+            t.warnings.append(message)
+            warnings.warn(message, OutputWarning, stacklevel=4)
+
+    def predict_batch(self, inputs: Iterable[Any], workers: int = 8) -> list[Result]:
+        """Run every input with `workers` concurrent threads; results come back in input order.
+
+        A model error in one input is kept in that Result; it does not stop the others.
+        """
+        inputs = list(inputs)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise TrussLabError(f"workers must be a positive integer, got {workers!r}")
+        if not inputs:
+            return []
+        with ThreadPoolExecutor(max_workers=min(workers, len(inputs)), thread_name_prefix="truss-lab-worker") as pool:
+            futures = [pool.submit(self.run, x) for x in inputs]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+
+    def bench(self, inputs: Iterable[Any] | None = None, n: int = 100, concurrency: int = 8) -> Report:
+        """Send `n` requests (cycling over `inputs`, or the truss's examples) from `concurrency` workers."""
+        inputs = list(self.examples.values()) if inputs is None else list(inputs)
+        if not inputs:
+            raise TrussLabError(f"{self.bundle.examples_path}: no inputs given and no examples to cycle over")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise TrussLabError(f"n must be a positive integer, got {n!r}")
+        batch = [inputs[i % len(inputs)] for i in range(n)]
+        results = self.predict_batch(batch, workers=concurrency)
+        return Report.from_traces([r.trace for r in results], self._lock_size)
+
+    @property
+    def lock_available(self) -> int:
+        """Free lock slots right now (== concurrency when no predict is running)."""
+        return self._lock._value
+
+    def close(self) -> None:
+        """Stop background threads (event loop; the watcher, once reload.py starts one)."""
+        self._loop.close()
+
+    def __enter__(self) -> "LiveModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _is_stream(y: Any) -> bool:
+    return inspect.isgenerator(y) or inspect.isasyncgen(y)
+
+
+def join_chunks(chunks: list[Any]) -> Any:
+    """A streamed output as one value: text joined, bytes joined, anything else as a list."""
+    if chunks and all(isinstance(c, str) for c in chunks):
+        return "".join(chunks)
+    if chunks and all(isinstance(c, (bytes, bytearray)) for c in chunks):
+        return b"".join(chunks)
+    return chunks
+
+
+def load(
+    path: str,
+    *,
+    concurrency: int | None = None,
+    secrets: Mapping[str, str] | None = None,
+    environment: Any = None,
+    trace_capacity: int = DEFAULT_TRACE_CAPACITY,
+) -> LiveModel:
+    """Load the Truss at `path`: read config.yaml, import model.py, build Model, run load() once."""
+    bundle = read_bundle(path)
+    return LiveModel(
+        bundle,
+        concurrency=concurrency,
+        secrets=secrets,
+        environment=environment,
+        trace_capacity=trace_capacity,
+    )

@@ -1,0 +1,235 @@
+"""Trace (where one request's time went) and Report (what many traces add up to).
+
+Plain data: timestamps are `time.perf_counter()` seconds; every derived figure is milliseconds.
+Drawing lives in render.py / plots.py; these classes only delegate `_repr_mimebundle_` to them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES = ("preprocess", "lock_wait", "predict", "postprocess", "total")
+
+
+def _ms(start: float | None, end: float | None) -> float:
+    if start is None or end is None:
+        return 0.0
+    return (end - start) * 1000.0
+
+
+@dataclass(slots=True)
+class Trace:
+    """Monotonic timestamps for one request, plus who served it and how it ended."""
+
+    request_id: int
+    version: int
+    thread: str
+    start: float
+    pre_start: float | None = None
+    pre_end: float | None = None
+    lock_requested: float | None = None
+    lock_acquired: float | None = None
+    predict_start: float | None = None
+    first_chunk: float | None = None
+    predict_end: float | None = None
+    lock_released: float | None = None
+    post_start: float | None = None
+    post_end: float | None = None
+    end: float | None = None
+    chunks: int | None = None  # number of chunks, for a streaming predict
+    error: str | None = None  # one line, 'TypeName: message'
+    error_stage: str | None = None
+    location: str | None = None  # file:line in the user's code
+    warnings: list[str] = field(default_factory=list)
+    findings: list[Any] = field(default_factory=list)  # lock-misuse findings (guard.py)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def pre_ms(self) -> float:
+        return _ms(self.pre_start, self.pre_end)
+
+    @property
+    def lock_wait_ms(self) -> float:
+        return _ms(self.lock_requested, self.lock_acquired)
+
+    @property
+    def predict_ms(self) -> float:
+        return _ms(self.predict_start, self.predict_end)
+
+    @property
+    def lock_held_ms(self) -> float:
+        return _ms(self.lock_acquired, self.lock_released)
+
+    @property
+    def post_ms(self) -> float:
+        return _ms(self.post_start, self.post_end)
+
+    @property
+    def total_ms(self) -> float:
+        return _ms(self.start, self.end)
+
+    @property
+    def first_chunk_ms(self) -> float | None:
+        """Time from predict start to the first streamed chunk (streaming predicts only)."""
+        return None if self.first_chunk is None else _ms(self.predict_start, self.first_chunk)
+
+    def stage_ms(self, stage: str) -> float:
+        return {
+            "preprocess": self.pre_ms,
+            "lock_wait": self.lock_wait_ms,
+            "predict": self.predict_ms,
+            "postprocess": self.post_ms,
+            "total": self.total_ms,
+        }[stage]
+
+    def summary(self) -> str:
+        status = "ok" if self.ok else f"{self.error_stage} error"
+        return (
+            f"v{self.version} {status}: pre {self.pre_ms:.1f} ms | lock wait {self.lock_wait_ms:.1f} ms"
+            f" | predict {self.predict_ms:.1f} ms | post {self.post_ms:.1f} ms | total {self.total_ms:.1f} ms"
+        )
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        from . import render
+
+        return render.bundle(self)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), on an already sorted list."""
+    if not sorted_values:
+        return math.nan
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    frac = pos - lo
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
+
+
+@dataclass(frozen=True)
+class StageStats:
+    mean: float
+    p50: float
+    p95: float
+    p99: float
+    max: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> "StageStats":
+        s = sorted(values)
+        if not s:
+            return cls(math.nan, math.nan, math.nan, math.nan, math.nan)
+        return cls(sum(s) / len(s), percentile(s, 50), percentile(s, 95), percentile(s, 99), s[-1])
+
+
+@dataclass
+class Report:
+    """Aggregate of traces: latency per stage, lock use, throughput and its bound.
+
+    The bound is `lock_size / mean predict time`: with the lock always busy, no more requests per
+    second can get through predict. `efficiency` is the throughput reached against it.
+    """
+
+    count: int
+    failures: dict[str, int]
+    stages: dict[str, StageStats]
+    wall_s: float
+    lock_size: int
+    lock_utilization: float  # lock slot-time held / (wall time * lock size)
+    throughput: float  # requests per second
+    bound: float  # lock_size / mean predict seconds
+    max_lock_holders: int
+    versions: list[int]
+    traces: list[Trace] = field(default_factory=list, repr=False)
+
+    @property
+    def ok(self) -> int:
+        return self.count - sum(self.failures.values())
+
+    @property
+    def efficiency(self) -> float:
+        return self.throughput / self.bound if self.bound and not math.isnan(self.bound) else math.nan
+
+    @classmethod
+    def from_traces(cls, traces: list[Trace], lock_size: int) -> "Report":
+        traces = [t for t in traces if t.end is not None]
+        failures: dict[str, int] = {}
+        for t in traces:
+            if not t.ok:
+                failures[t.error_stage or "unknown"] = failures.get(t.error_stage or "unknown", 0) + 1
+        stages = {s: StageStats.of([t.stage_ms(s) for t in traces]) for s in STAGES}
+        if traces:
+            wall = max(t.end for t in traces) - min(t.start for t in traces)
+        else:
+            wall = 0.0
+        held = [(t.lock_acquired, t.lock_released) for t in traces if t.lock_acquired and t.lock_released]
+        held_s = sum(b - a for a, b in held)
+        utilization = held_s / (wall * lock_size) if wall > 0 else math.nan
+        throughput = len(traces) / wall if wall > 0 else math.nan
+        predicted = [t.predict_ms for t in traces if t.predict_end is not None]
+        mean_predict_s = (sum(predicted) / len(predicted) / 1000.0) if predicted else 0.0
+        bound = lock_size / mean_predict_s if mean_predict_s > 0 else math.nan
+        return cls(
+            count=len(traces),
+            failures=failures,
+            stages=stages,
+            wall_s=wall,
+            lock_size=lock_size,
+            lock_utilization=utilization,
+            throughput=throughput,
+            bound=bound,
+            max_lock_holders=max_concurrent(held),
+            versions=sorted({t.version for t in traces}),
+            traces=list(traces),
+        )
+
+    def table(self) -> str:
+        lines = [
+            f"{self.count} requests, {self.ok} ok, "
+            + (
+                "failures: " + ", ".join(f"{k} {v}" for k, v in sorted(self.failures.items()))
+                if self.failures
+                else "no failures"
+            ),
+            f"{'stage':<12}{'mean':>9}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}  (ms)",
+        ]
+        for name in STAGES:
+            s = self.stages[name]
+            lines.append(
+                f"{name:<12}{s.mean:>9.2f}{s.p50:>9.2f}{s.p95:>9.2f}{s.p99:>9.2f}{s.max:>9.2f}"
+            )
+        lines.append(
+            f"throughput {self.throughput:.2f} req/s | bound {self.bound:.2f} req/s "
+            f"(lock {self.lock_size} / mean predict) | efficiency {self.efficiency:.2f}"
+        )
+        lines.append(
+            f"lock utilization {self.lock_utilization:.0%} | max holders {self.max_lock_holders}"
+            f"/{self.lock_size} | wall {self.wall_s * 1000:.0f} ms"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        from . import render
+
+        return render.bundle(self)
+
+
+def max_concurrent(intervals: list[tuple[float, float]]) -> int:
+    """Largest number of intervals open at one instant (ends sort before starts at equal times)."""
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals], key=lambda e: (e[0], e[1]))
+    level = best = 0
+    for _, step in events:
+        level += step
+        best = max(best, level)
+    return best

@@ -19,6 +19,7 @@ from .errors import (
     SecretNotFound,
     TrussLabError,
 )
+from .reload import ReloadEvent
 from .runner import LiveModel, OutputWarning, Result, load
 from .trace import Report, Trace
 
@@ -36,6 +37,7 @@ __all__ = [
     "PredictError",
     "PreprocessError",
     "Report",
+    "ReloadEvent",
     "Result",
     "SecretNotFound",
     "Secrets",

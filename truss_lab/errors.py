@@ -68,8 +68,10 @@ STAGE_ERRORS: dict[str, type[ModelError]] = {
 
 def describe(exc: BaseException) -> str:
     """'TypeName: message' on one line (the first line of a multi-line message)."""
-    text = str(exc).strip().splitlines()
     name = type(exc).__name__
+    if isinstance(exc, SyntaxError) and exc.msg:  # its str() repeats the file and line we name already
+        return f"{name}: {exc.msg}"
+    text = str(exc).strip().splitlines()
     return f"{name}: {text[0]}" if text else name
 
 

@@ -19,14 +19,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from . import loader
 from .aio import LoopThread
 from .bundle import Bundle, read_bundle, resolve_secrets, validate_concurrency
-from .errors import STAGE_ERRORS, ModelError, TrussLabError, describe
+from .errors import STAGE_ERRORS, LoadError, ModelError, TrussLabError, describe
 from .jsoncheck import first_non_json
 from .trace import Report, Trace
+
+if TYPE_CHECKING:
+    from .reload import ReloadEvent
 
 DEFAULT_TRACE_CAPACITY = 1000
 
@@ -123,6 +126,7 @@ class LiveModel:
         self._loop = LoopThread(name=f"truss-lab-loop[{bundle.model_name}]")
         self._ids = itertools.count(1)
         self._traces: collections.deque[Trace] = collections.deque(maxlen=trace_capacity)
+        self._concurrency_override = concurrency
         self.concurrency = bundle.predict_concurrency if concurrency is None else concurrency
         self._serving: Serving | None = None
         self.load_ms: float = 0.0
@@ -143,15 +147,62 @@ class LiveModel:
             load_ms = loader.run_load(bundle, instance, self._loop.run)
             return Serving.bind(bundle, version, instance, module, model_cls), load_ms
         except BaseException:
-            loader.forget_modules(module.__name__.rpartition(".")[0])
+            loader.forget_modules(loader.version_package(module))
             raise
 
+    def _rebind(self, bundle: Bundle, version: int) -> Serving:
+        """Import a new version of the code and bind it to the live instance's state (no load())."""
+        module = loader.import_model_module(bundle, version)
+        try:
+            model_cls = loader.model_class(bundle, module)
+            instance = share_state(self._serving.instance, model_cls, bundle)
+            return Serving.bind(bundle, version, instance, module, model_cls)
+        except BaseException:
+            loader.forget_modules(loader.version_package(module))
+            raise
+
+    def _switch(self, serving: Serving, bundle: Bundle) -> None:
+        """Make `serving` the code for every request that starts from now on (one reference swap)."""
+        self.bundle = bundle
+        if self._concurrency_override is None and bundle.predict_concurrency != self._lock_size:
+            self.concurrency = bundle.predict_concurrency
+        self._serving = serving
+
     def _start(self) -> None:
+        from .reload import Reloader
+
         try:
             self._serving, self.load_ms = self._build(self.bundle, 1)
+            self.reloader = Reloader(self)
         except BaseException:
             self._loop.close()
             raise
+
+    # ------------------------------------------------------------------ hot reload
+
+    def reload(self, full: bool = False) -> "ReloadEvent":
+        """Reload edited code now: swap changed methods, or rebuild and load() when needed (full=True forces it)."""
+        return self.reloader.reload(full=full)
+
+    def watch(self) -> "_Watching":
+        """Reload on every save, from a background thread. Also a context manager: `with tr.watch(): ...`."""
+        self.reloader.watch()
+        return _Watching(self)
+
+    def unwatch(self) -> None:
+        self.reloader.unwatch()
+
+    @property
+    def watching(self) -> bool:
+        return self.reloader.watching
+
+    def on_reload(self, callback: Callable[["ReloadEvent"], None]) -> Callable[[], None]:
+        """Call `callback(event)` after each reload; returns a function that unsubscribes it."""
+        return self.reloader.on_reload(callback)
+
+    @property
+    def reload_history(self) -> list["ReloadEvent"]:
+        return list(self.reloader.history)
 
     # ------------------------------------------------------------------ properties
 
@@ -411,7 +462,10 @@ class LiveModel:
         return self._lock._value
 
     def close(self) -> None:
-        """Stop background threads (event loop; the watcher, once reload.py starts one)."""
+        """Stop the watcher and the event loop thread."""
+        reloader = getattr(self, "reloader", None)
+        if reloader is not None:
+            reloader.unwatch()
         self._loop.close()
 
     def __enter__(self) -> "LiveModel":
@@ -419,6 +473,43 @@ class LiveModel:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Watching:
+    """What `LiveModel.watch()` returns: leaving a `with` block stops watching."""
+
+    def __init__(self, live: LiveModel):
+        self.live = live
+
+    def __enter__(self) -> LiveModel:
+        return self.live
+
+    def __exit__(self, *exc) -> None:
+        self.live.unwatch()
+
+    def __repr__(self) -> str:
+        return f"<watching {self.live.path} for changes>" if self.live.watching else "<not watching>"
+
+
+def share_state(instance: Any, new_cls: type, bundle: Bundle) -> Any:
+    """An instance of `new_cls` whose attributes *are* `instance`'s (one shared __dict__, no copy).
+
+    Requests still running on the old instance keep their class; the new one sees the same weights.
+    A class with __slots__ has no __dict__ to share: then the class is swapped in place, as Truss does.
+    """
+    try:
+        view = new_cls.__new__(new_cls)
+        view.__dict__ = instance.__dict__
+        return view
+    except (TypeError, AttributeError):
+        try:
+            instance.__class__ = new_cls
+            return instance
+        except TypeError as exc:
+            raise LoadError(
+                f"{bundle.model_file}: cannot move the live model to the new class ({exc}); "
+                f"use a full reload: tr.reload(full=True)"
+            ) from None
 
 
 def _is_stream(y: Any) -> bool:

@@ -1,0 +1,18 @@
+"""The benchmark scripts still run (small counts; the numbers themselves live in README)."""
+
+import sys
+
+from conftest import ROOT
+
+
+def test_benchmarks_run_quick(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import run_all
+
+    run_all.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "runner overhead:" in out and "lock concurrency:" in out
+    assert "method swap:" in out and "save -> live:" in out
+    for name in list(sys.modules):
+        if name.startswith("bench_") or name == "run_all":
+            del sys.modules[name]

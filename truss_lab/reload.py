@@ -1,0 +1,345 @@
+"""Hot reload: re-import edited model code, swap what changed, keep the loaded model.
+
+The rules (what a user sees):
+  * only methods other than __init__/load changed (or module-level helpers): the new methods serve
+    the *same* instance state; load() is not re-run;
+  * __init__ or load changed, config.yaml or data/ changed: a new instance is built and load()ed, and
+    only switched to once that succeeded;
+  * nothing changed in behaviour (whitespace, comments): nothing is swapped;
+  * anything fails (syntax, import, class missing, load() raising): the old code keeps serving and
+    the event names file:line. The next good save recovers.
+
+What changed is decided from file contents, not from the watcher's events: every .py file gets a
+fingerprint of its syntax tree (no line numbers, no comments), so moving code or editing comments
+is no change, while a changed constant or helper function is.
+
+Atomic switch: a method swap makes a new instance of the new class that shares the live instance's
+`__dict__` (the weights, any state), so a request that started on version k runs version k's class
+to the end, `self.helper()` calls included, and the next request gets version k+1.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import hashlib
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from . import loader
+from .bundle import Bundle, read_bundle
+from .errors import BundleError, TrussLabError, describe
+
+if TYPE_CHECKING:
+    from .runner import LiveModel
+
+FULL_RELOAD_METHODS = ("__init__", "load")
+HISTORY = 200
+
+
+@dataclass
+class ReloadEvent:
+    """One reload: what happened, to which version, what changed, and how long it took."""
+
+    version: int  # the version serving after this event
+    kind: str  # "methods" | "full" | "unchanged" | "failed"
+    changed: list[str] = field(default_factory=list)
+    error: str | None = None
+    location: str | None = None
+    duration_ms: float = 0.0
+    trigger: str = "manual"  # "manual" | "watch"
+    when: float = field(default_factory=time.time)
+
+    @property
+    def ok(self) -> bool:
+        return self.kind != "failed"
+
+    def summary(self) -> str:
+        what = ", ".join(self.changed) if self.changed else ""
+        if self.kind == "methods":
+            return f"v{self.version}: swapped {what} in {self.duration_ms:.0f} ms (model kept, load() not re-run)"
+        if self.kind == "full":
+            return f"v{self.version}: full reload ({what}) in {self.duration_ms:.0f} ms (load() re-run)"
+        if self.kind == "unchanged":
+            return f"v{self.version}: no change in behaviour{f' ({what})' if what else ''}; nothing swapped"
+        return f"reload failed: {self.error} (still serving v{self.version})"
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        from . import render
+
+        return render.bundle(self)
+
+
+# ------------------------------------------------------------------------------ fingerprints
+
+
+def _digest(node: ast.AST | list) -> str:
+    """A node's (or nodes') fingerprint: its AST dump, which has no line numbers and no comments."""
+    nodes = node if isinstance(node, list) else [node]
+    return hashlib.sha1("\n".join(ast.dump(n) for n in nodes).encode()).hexdigest()
+
+
+@dataclass
+class PyFile:
+    """A parsed .py file: its fingerprint and, for model.py, the model class's, method by method."""
+
+    module: str  # the whole file
+    methods: dict[str, str]  # model class only: method name -> fingerprint; "<class body>" for the rest
+    outside_class: str  # the file with the model class left out
+
+
+def fingerprint_file(path: Path, class_name: str | None) -> PyFile:
+    """Parse `path` (a SyntaxError propagates, with its line) and fingerprint it."""
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    methods: dict[str, str] = {}
+    outside: list[ast.AST] = []
+    for stmt in tree.body:
+        if class_name and isinstance(stmt, ast.ClassDef) and stmt.name == class_name:
+            defs = (ast.FunctionDef, ast.AsyncFunctionDef)
+            methods = {m.name: _digest(m) for m in stmt.body if isinstance(m, defs)}
+            rest = [n for n in stmt.body if not isinstance(n, defs)]
+            methods["<class body>"] = _digest([*stmt.bases, *stmt.keywords, *stmt.decorator_list, *rest])
+        else:
+            outside.append(stmt)
+    return PyFile(module=_digest(tree), methods=methods, outside_class=_digest(outside))
+
+
+@dataclass
+class Snapshot:
+    """Everything a reload compares: config, data files (size, mtime), and .py fingerprints."""
+
+    config: str
+    data: dict[str, tuple[int, int]]
+    py_bytes: dict[str, str]  # rel path -> sha1 of the bytes (cheap check before compiling)
+    py: dict[str, PyFile]
+
+    @classmethod
+    def take(cls, bundle: Bundle, previous: "Snapshot | None" = None) -> "Snapshot":
+        """Read the folder; compile only .py files whose bytes changed since `previous`."""
+        root = bundle.path
+        config = hashlib.sha1(bundle.config_path.read_bytes()).hexdigest() if bundle.config_path.exists() else ""
+        data: dict[str, tuple[int, int]] = {}
+        if bundle.data_dir.is_dir():
+            for p in sorted(bundle.data_dir.rglob("*")):
+                if p.is_file() and not _ignored(p):
+                    st = p.stat()
+                    data[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+        py_bytes: dict[str, str] = {}
+        py: dict[str, PyFile] = {}
+        for folder in (bundle.model_dir, bundle.packages_dir):
+            if not folder.is_dir():
+                continue
+            for p in sorted(folder.rglob("*.py")):
+                if _ignored(p):
+                    continue
+                rel = str(p.relative_to(root))
+                raw = p.read_bytes()
+                py_bytes[rel] = hashlib.sha1(raw).hexdigest()
+                if previous is not None and previous.py_bytes.get(rel) == py_bytes[rel]:
+                    py[rel] = previous.py[rel]
+                else:
+                    is_model = p == bundle.model_file
+                    py[rel] = fingerprint_file(p, bundle.model_class_name if is_model else None)
+        return cls(config=config, data=data, py_bytes=py_bytes, py=py)
+
+
+def _ignored(path: Path) -> bool:
+    return any(part in ("__pycache__", ".ipynb_checkpoints") or part.startswith(".") for part in path.parts[-3:])
+
+
+@dataclass
+class Diff:
+    config: bool
+    data: list[str]
+    files: list[str]  # .py files whose behaviour changed
+    methods: list[str]  # model class methods changed/added/removed
+    module_level: bool  # model.py changed outside the model class
+
+    @property
+    def needs_full(self) -> bool:
+        return self.config or bool(self.data) or any(m in FULL_RELOAD_METHODS for m in self.methods)
+
+    @property
+    def any(self) -> bool:
+        return self.config or bool(self.data) or bool(self.files)
+
+    def names(self, model_rel: str) -> list[str]:
+        out = ["config.yaml"] if self.config else []
+        out += self.data
+        out += self.methods
+        if self.module_level:
+            out.append("module-level code")
+        out += [f for f in self.files if f != model_rel]
+        return out
+
+
+def diff(old: Snapshot, new: Snapshot, model_rel: str) -> Diff:
+    data = sorted(k for k in set(old.data) | set(new.data) if old.data.get(k) != new.data.get(k))
+    files = sorted(
+        k for k in set(old.py) | set(new.py)
+        if (old.py.get(k).module if k in old.py else None) != (new.py.get(k).module if k in new.py else None)
+    )
+    methods: list[str] = []
+    module_level = False
+    if model_rel in files and model_rel in old.py and model_rel in new.py:
+        a, b = old.py[model_rel].methods, new.py[model_rel].methods
+        methods = sorted(m for m in set(a) | set(b) if a.get(m) != b.get(m))
+        if "<class body>" in methods:
+            methods.remove("<class body>")
+            module_level = True  # class attributes (constants) count as code around the methods
+        module_level = module_level or old.py[model_rel].outside_class != new.py[model_rel].outside_class
+    return Diff(config=old.config != new.config, data=data, files=files, methods=methods, module_level=module_level)
+
+
+# ------------------------------------------------------------------------------ the reloader
+
+
+class Reloader:
+    """Owns a LiveModel's reloads: one at a time, a history, callbacks, and the file watcher."""
+
+    def __init__(self, live: "LiveModel"):
+        self.live = live
+        self._lock = threading.Lock()
+        self.history: collections.deque[ReloadEvent] = collections.deque(maxlen=HISTORY)
+        self._callbacks: list[Callable[[ReloadEvent], None]] = []
+        self.snapshot = Snapshot.take(live.bundle)
+        self._watcher: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -------------------------------------------------------------- reload
+
+    def reload(self, full: bool = False, trigger: str = "manual") -> ReloadEvent:
+        with self._lock:
+            t0 = time.perf_counter()
+            event = self._reload(full)
+            event.duration_ms = (time.perf_counter() - t0) * 1000.0
+            event.trigger = trigger
+            self.history.append(event)
+        self._notify(event)
+        return event
+
+    def _notify(self, event: ReloadEvent) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback(event)
+            except Exception as exc:  # a display callback must never break reloading
+                warnings.warn(f"truss_lab reload callback {callback!r} raised {describe(exc)}", RuntimeWarning)
+
+    def _reload(self, full: bool) -> ReloadEvent:
+        live = self.live
+        current = live.serving
+        try:
+            bundle = read_bundle(live.bundle.path)
+        except BundleError as exc:
+            return ReloadEvent(current.version, "failed", ["config.yaml"], error=str(exc), location=_bundle_location(exc))
+        model_rel = str(bundle.model_file.relative_to(bundle.path))
+        try:
+            new_snapshot = Snapshot.take(bundle, self.snapshot)
+        except SyntaxError as exc:
+            err = loader.load_error(exc, bundle, f"importing {Path(exc.filename or '?').name}")
+            return ReloadEvent(current.version, "failed", error=str(err), location=err.location)
+        except OSError as exc:
+            return ReloadEvent(current.version, "failed", error=f"cannot read the truss folder: {exc}")
+        d = diff(self.snapshot, new_snapshot, model_rel)
+        names = d.names(model_rel)
+        if not full and not d.any:
+            self.snapshot = new_snapshot
+            return ReloadEvent(current.version, "unchanged", [])
+        version = current.version + 1  # reloads are serialised, and a failed one leaves no trace
+        packages_changed = any(Path(bundle.path, f).is_relative_to(bundle.packages_dir) for f in d.files)
+        try:
+            with loader.fresh_packages(bundle, packages_changed):
+                if full or d.needs_full:
+                    serving, _ = live._build(bundle, version)
+                    kind = "full"
+                else:
+                    serving = live._rebind(bundle, version)
+                    kind = "methods"
+        except TrussLabError as exc:  # LoadError, and ModelMethods' definition errors
+            return ReloadEvent(current.version, "failed", names, error=str(exc), location=getattr(exc, "location", None))
+        live._switch(serving, bundle)
+        self.snapshot = new_snapshot
+        loader.forget_modules(loader.version_package(current.module))
+        return ReloadEvent(serving.version, kind, names or ["forced"])
+
+    # -------------------------------------------------------------- callbacks
+
+    def on_reload(self, callback: Callable[[ReloadEvent], None]) -> Callable[[], None]:
+        """Call `callback(event)` after every reload (from the watcher's thread); returns an unsubscribe."""
+        self._callbacks.append(callback)
+
+        def remove() -> None:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
+        return remove
+
+    # -------------------------------------------------------------- watching
+
+    @property
+    def watching(self) -> bool:
+        return self._watcher is not None and self._watcher.is_alive()
+
+    def watch(self, step_ms: int = 50, debounce_ms: int = 400) -> None:
+        """Reload on save, from a daemon thread. Saves within `step_ms` of each other count as one."""
+        if self.watching:
+            return
+        import watchfiles  # lazy: only a watching LiveModel needs it
+
+        self._stop = threading.Event()
+        ready = threading.Event()
+        stop = self._stop
+        path = self.live.bundle.path
+
+        def run() -> None:
+            watch_filter = watchfiles.DefaultFilter(
+                ignore_dirs=(*watchfiles.DefaultFilter.ignore_dirs, ".ipynb_checkpoints"),
+            )
+            try:
+                # yield_on_timeout: an empty set every `rust_timeout` ms of quiet; the first one
+                # tells us the OS watch is in place, so watch() can return knowing no save is missed.
+                for changes in watchfiles.watch(
+                    path,
+                    watch_filter=watch_filter,
+                    step=step_ms,
+                    debounce=debounce_ms,
+                    stop_event=stop,
+                    rust_timeout=100,
+                    yield_on_timeout=True,
+                    raise_interrupt=False,
+                ):
+                    ready.set()
+                    if stop.is_set():
+                        break
+                    if changes:
+                        self.reload(trigger="watch")
+            except Exception as exc:  # the folder vanished, say: report it like a failed reload
+                event = ReloadEvent(self.live.version, "failed", error=f"watcher stopped: {describe(exc)}", trigger="watch")
+                self.history.append(event)
+                self._notify(event)
+            finally:
+                ready.set()
+
+        self._watcher = threading.Thread(target=run, name=f"truss-lab-watch[{self.live.name}]", daemon=True)
+        self._watcher.start()
+        if not ready.wait(10):
+            warnings.warn(f"truss_lab: the file watcher on {path} took over 10 s to start", RuntimeWarning)
+
+    def unwatch(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout)
+            self._watcher = None
+
+
+def _bundle_location(exc: BundleError) -> str | None:
+    text = str(exc)
+    head = text.split(": ", 1)[0]
+    return head if ":" in Path(head).name else None

@@ -13,6 +13,7 @@ def test_benchmarks_run_quick(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "runner overhead:" in out and "lock concurrency:" in out
     assert "method swap:" in out and "save -> live:" in out
+    assert "%load_ext truss_lab:" in out and "heavy imports: none" in out
     for name in list(sys.modules):
         if name.startswith("bench_") or name == "run_all":
             del sys.modules[name]

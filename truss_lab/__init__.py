@@ -25,6 +25,20 @@ from .trace import Report, Trace
 
 __version__ = "0.1.0"
 
+
+def load_ipython_extension(ip):
+    """`%load_ext truss_lab`: register the %truss / %%truss magics."""
+    from .magics import load_ipython_extension as _load
+
+    _load(ip)
+
+
+def unload_ipython_extension(ip):
+    from .magics import unload_ipython_extension as _unload
+
+    _unload(ip)
+
+
 __all__ = [
     "Bundle",
     "BundleError",
@@ -44,6 +58,7 @@ __all__ = [
     "Trace",
     "TrussLabError",
     "init",
+    "load_ipython_extension",
     "load",
     "read_bundle",
 ]

@@ -31,16 +31,26 @@ class ModelError(TrussLabError):
 
     stage = "model"
 
-    def __init__(self, message: str, *, location: str | None = None, trace=None):
+    def __init__(self, message: str, *, location: str | None = None, trace=None, roots: list[Path] | None = None):
         super().__init__(message)
         self.location = location
         self.trace = trace
+        self.roots = roots or []
 
     @classmethod
-    def from_exception(cls, exc: BaseException, roots: list[Path], *, trace=None) -> "ModelError":
+    def from_exception(cls, exc: BaseException, roots: list[Path], *, trace=None, what: str | None = None) -> "ModelError":
         location = user_location(exc, roots)
         where = f" at {location}" if location else ""
-        return cls(f"{cls.stage} failed{where}: {describe(exc)}", location=location, trace=trace)
+        err = cls(f"{what or cls.stage} failed{where}: {describe(exc)}", location=location, trace=trace, roots=roots)
+        err.__cause__ = exc
+        return err
+
+    def model_traceback(self) -> str | None:
+        """The original exception's traceback, filtered to the user's own files (None if there is none)."""
+        cause = self.__cause__
+        if cause is None or cause.__traceback__ is None or not self.roots:
+            return None
+        return user_traceback(cause, self.roots)
 
 
 class LoadError(ModelError):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .bundle import Bundle, Secrets
-from .errors import LoadError, describe, user_location
+from .errors import LoadError
 
 ROOT_PACKAGE = "_truss_lab"
 MODEL_KWARGS = ("config", "data_dir", "secrets", "environment")
@@ -121,9 +121,7 @@ def user_roots(bundle: Bundle) -> list[Path]:
 
 
 def load_error(exc: BaseException, bundle: Bundle, what: str) -> LoadError:
-    location = user_location(exc, user_roots(bundle))
-    where = f" at {location}" if location else ""
-    return LoadError(f"{what} failed{where}: {describe(exc)}", location=location)
+    return LoadError.from_exception(exc, user_roots(bundle), what=what)
 
 
 def import_model_module(bundle: Bundle, version: int) -> types.ModuleType:

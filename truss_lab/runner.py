@@ -411,7 +411,6 @@ class LiveModel:
 
     def _fail(self, t: Trace, stage: str, exc: BaseException) -> ModelError:
         err = STAGE_ERRORS[stage].from_exception(exc, self.roots, trace=t)
-        err.__cause__ = exc
         t.error, t.error_stage, t.location = describe(exc), stage, err.location
         return err
 

@@ -1,0 +1,204 @@
+"""The magics, driven through a real IPython InteractiveShell; assertions on namespace and MIME bundles."""
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+pytest.importorskip("IPython")
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.testing.globalipapp import start_ipython
+from IPython.utils.capture import capture_output
+
+import truss_lab
+
+
+@pytest.fixture
+def ip():
+    shell = start_ipython() or InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "truss_lab")
+    yield shell
+    for name, value in list(shell.user_ns.items()):
+        if isinstance(value, truss_lab.LiveModel):
+            value.close()
+            del shell.user_ns[name]
+    shell.run_line_magic("unload_ext", "truss_lab")
+
+
+def run(ip, line, cell=None):
+    with capture_output() as cap:
+        if cell is None:
+            ip.run_line_magic("truss", line)
+        else:
+            ip.run_cell_magic("truss", line, cell)
+    return cap
+
+
+def cell_error(ip, source):
+    """Run a cell as a user would; return what it printed (UsageErrors print one line, no traceback)."""
+    with capture_output() as cap:
+        result = ip.run_cell(source)
+    return result, cap.stdout + cap.stderr
+
+
+def test_init_load_predict_flow(ip, tmp_path):
+    path = tmp_path / "my-model"
+    cap = run(ip, f"init {path} --name demo")
+    assert "wrote a new Truss" in cap.stdout
+    cap = run(ip, f"load {path} --no-watch")
+    live = ip.user_ns["my_model"]
+    assert isinstance(live, truss_lab.LiveModel)
+    summary = cap.outputs[0].data["text/plain"]
+    for needle in ("demo (class Model) as `my_model`", "load()", "methods   load, preprocess, predict, postprocess", "lock      1", "examples  example"):
+        assert needle in summary
+    cap = run(ip, "predict [1, 2]")
+    data = cap.outputs[0].data
+    assert data["text/plain"].startswith("Result from demo v1: ok in")
+    assert '{"predictions": [1, 2]}' in data["text/plain"]
+    assert "truss-lab-result" in data["text/html"] and "truss-lab-timing" in data["text/html"]
+    ip.user_ns["xs"] = [[3]]
+    assert '{"predictions": [[3]]}' in run(ip, "predict xs").outputs[0].data["text/plain"]
+    assert '{"predictions": [1, 2, 3]}' in run(ip, "predict example:example").outputs[0].data["text/plain"]
+    assert '{"predictions": {"k": 1}}' in run(ip, "predict", '{"k": 1}').outputs[0].data["text/plain"]
+    assert '{"predictions": [2, 4]}' in run(ip, "predict", "[x * 2 for x in (1, 2)]").outputs[0].data["text/plain"]
+
+
+def test_load_as_and_concurrency_and_model_flag(ip, tmp_path):
+    truss_lab.init(tmp_path / "a")
+    truss_lab.init(tmp_path / "b")
+    run(ip, f"load {tmp_path / 'a'} --as first --concurrency 3 --no-watch")
+    run(ip, f"load {tmp_path / 'b'} --as second --no-watch")
+    assert ip.user_ns["first"].concurrency == 3 and not ip.user_ns["first"].watching
+    run(ip, "predict --model first 1")
+    assert len(ip.user_ns["first"].traces) == 1 and len(ip.user_ns["second"].traces) == 0
+    run(ip, "predict 1")  # the current model is the last loaded
+    assert len(ip.user_ns["second"].traces) == 1
+
+
+def test_path_argument_is_passed_as_string(ip, make_truss, tmp_path):
+    root = make_truss("class Model:\n    def predict(self, x):\n        return type(x).__name__ + ':' + str(x)[-7:]\n")
+    (tmp_path / "cat.png").write_bytes(b"\x89PNG")
+    run(ip, f"load {root} --no-watch")
+    out = run(ip, f"predict {tmp_path / 'cat.png'}").outputs[0].data["text/plain"]
+    assert '"str:cat.png"' in out
+    out = run(ip, "predict https://example.invalid/a.jpg").outputs[0].data["text/plain"]
+    assert '"str:d/a.jpg"' in out  # the last 7 characters of the URL
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("%truss predict 1", "no model loaded yet"),
+        ("%truss bogus", "invalid choice: 'bogus'"),
+        ("%truss load", "the following arguments are required: path"),
+        ("%truss load /no/such/truss", "BundleError: /no/such/truss: no such Truss folder"),
+        ("%truss load {t} --concurrency 0", "concurrency must be at least 1"),
+        ("%truss load {t} --as 1abc", "--as 1abc: not a valid variable name"),
+        ("%truss predict --model nope 1", "--model nope: not a LiveModel"),
+        ("%truss watch maybe", "invalid choice: 'maybe'"),
+        ("%truss load 'unbalanced", "cannot parse the arguments"),
+    ],
+)
+def test_usage_errors_are_one_line(ip, make_truss, source, message):
+    root = make_truss()
+    result, text = cell_error(ip, source.format(t=root))
+    assert message in text, text
+    assert "Traceback" not in text and "truss_lab/" not in text
+
+
+def test_model_error_shows_red_panel_not_traceback(ip, make_truss):
+    root = make_truss(
+        """
+        def helper(x):
+            return x["missing"]
+
+        class Model:
+            def predict(self, x):
+                return helper(x)
+        """
+    )
+    run(ip, f"load {root} --no-watch")
+    cap = run(ip, "predict {}")
+    data = cap.outputs[0].data
+    assert "predict error" in data["text/plain"]
+    assert "predict failed at t/model/model.py:3: KeyError: 'missing'" in data["text/plain"]
+    html = data["text/html"]
+    assert "tl-error" in html and "t/model/model.py:3" in html and "model traceback" in html
+    assert "runner.py" not in html  # only the user's frames
+    tb = run(ip, "traceback").stdout
+    assert 'model.py", line 7, in predict' in tb and 'model.py", line 3, in helper' in tb
+    assert "runner.py" not in tb
+
+
+def test_load_error_names_line(ip, make_truss):
+    root = make_truss("class Model:\n    def predict(self, x)\n        return x\n")
+    _, text = cell_error(ip, f"%truss load {root}")
+    assert "LoadError: importing model.py failed at t/model/model.py:2: SyntaxError" in text
+    assert "Traceback" not in text
+
+
+def test_reload_status_watch_and_live_notice(ip, make_truss):
+    root = make_truss("class Model:\n    def predict(self, x):\n        return 'one'\n")
+    cap = run(ip, f"load {root}")
+    live = ip.user_ns["t"]
+    assert live.watching
+    notice = cap.outputs[-1]
+    assert "v1: loaded; watching for edits" in notice.data["text/plain"]
+    # the watcher's notice updates that output in place: capture the update
+    updates = []
+    arrived = threading.Event()
+    original = ip.display_pub.publish
+
+    def publish(data, metadata=None, *args, **kw):
+        if kw.get("update") and "truss-lab-reload" in data.get("text/html", ""):
+            updates.append(data)
+            arrived.set()
+        return original(data, metadata, *args, **kw)
+
+    ip.display_pub.publish = publish
+    try:
+        (root / "model" / "model.py").write_text("class Model:\n    def predict(self, x):\n        return 'two'\n")
+        assert arrived.wait(10), "no live notice after a save"
+    finally:
+        ip.display_pub.publish = original
+    assert "v2: swapped predict" in updates[-1]["text/plain"]
+    assert "'two'" in run(ip, "predict 0").outputs[0].data["text/plain"] or '"two"' in run(ip, "predict 0").outputs[0].data["text/plain"]
+    out = run(ip, "status").outputs[0].data["text/plain"]
+    assert "t v2" in out and "swapped predict" in out and "watching  yes" in out
+    assert "not watching" in run(ip, "watch off").stdout and not live.watching
+    ev = run(ip, "reload").outputs[0].data["text/plain"]
+    assert "no change in behaviour" in ev
+
+
+def test_bench_and_timeline(ip, make_truss):
+    root = make_truss("class Model:\n    def predict(self, x):\n        return x\n", examples=[{"name": "a", "input": 1}])
+    run(ip, f"load {root} --no-watch")
+    data = run(ip, "bench -n 20 -c 4").outputs[0].data
+    assert data["text/plain"].startswith("20 requests, 20 ok") and "truss-lab-report" in data["text/html"]
+    assert run(ip, "timeline").outputs[0].data["text/plain"].startswith("20 requests")
+    assert run(ip, "bench -n 5 -c 2 7").outputs[0].data["text/plain"].startswith("5 requests")
+
+
+def test_help(ip):
+    with capture_output() as cap:
+        ip.run_line_magic("truss", "--help")
+    assert "usage: %truss" in cap.stdout and "predict" in cap.stdout
+    assert "usage: %truss" in ip.find_line_magic("truss").__doc__
+
+
+def test_load_ext_imports_nothing_heavy_and_is_fast():
+    code = (
+        "import time, sys\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "ip = InteractiveShell.instance()\n"
+        "t0 = time.perf_counter()\n"
+        "ip.run_line_magic('load_ext', 'truss_lab')\n"
+        "ms = (time.perf_counter() - t0) * 1000\n"
+        "print([m for m in ('tensorflow', 'matplotlib', 'ipywidgets', 'PIL') if m in sys.modules], ms)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    heavy, ms = out.stdout.strip().rsplit(" ", 1)
+    assert heavy == "[]"
+    assert float(ms) < 3000  # generous sanity bound; the benchmark measures the real figure

@@ -1,0 +1,328 @@
+"""`%truss` and `%%truss`: a thin IPython front end over LiveModel (everything drawn by render.py).
+
+    %load_ext truss_lab
+    %truss load my-truss            # -> variable `my_truss`, watching for edits
+    %truss predict [1, 2, 3]        # a Python value, a path, a URL, or example:NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import keyword
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.display import display
+
+from .errors import ModelError, TrussLabError
+
+COMMANDS = ("init", "load", "predict", "reload", "watch", "status", "bench", "timeline", "widget", "traceback")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake as one UsageError line instead of exiting the kernel."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+    def exit(self, status=0, message=None):
+        if message:
+            raise UsageError(message.strip())
+        raise _HelpShown()
+
+
+class _HelpShown(Exception):
+    pass
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(prog="%truss", description="Develop a Truss in this notebook (truss_lab).", add_help=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    p = sub.add_parser("init", help="write a new Truss scaffold (as `truss init` does)")
+    p.add_argument("path")
+    p.add_argument("--name")
+    p = sub.add_parser("load", help="load a Truss; binds it to a variable and watches it for edits")
+    p.add_argument("path")
+    p.add_argument("--as", dest="var", metavar="VAR", help="variable name (default: from the folder name)")
+    p.add_argument("--concurrency", type=int, metavar="N", help="lock size (overrides runtime.predict_concurrency)")
+    p.add_argument("--no-watch", action="store_true", help="do not reload on save")
+    p = sub.add_parser("predict", help="run preprocess -> predict -> postprocess on EXPR and show the result")
+    p.add_argument("--model", metavar="VAR", help="a LiveModel variable (default: the last loaded)")
+    p.add_argument("expr", nargs=argparse.REMAINDER, help="a Python value, a path, a URL, or example:NAME")
+    p = sub.add_parser("reload", help="reload edited code now")
+    p.add_argument("--model", metavar="VAR")
+    p.add_argument("--full", action="store_true", help="rebuild and re-run load() even if only methods changed")
+    p = sub.add_parser("watch", help="turn reload-on-save on or off")
+    p.add_argument("state", choices=("on", "off"))
+    p.add_argument("--model", metavar="VAR")
+    p = sub.add_parser("status", help="version, last reload, lock size, traces kept, last report")
+    p.add_argument("--model", metavar="VAR")
+    p = sub.add_parser("bench", help="send N requests from C workers; show the report")
+    p.add_argument("-n", type=int, default=100)
+    p.add_argument("-c", type=int, default=8)
+    p.add_argument("--model", metavar="VAR")
+    p.add_argument("expr", nargs=argparse.REMAINDER, help="input (default: cycle over examples.yaml)")
+    p = sub.add_parser("timeline", help="the lock timeline of the last bench (or the kept traces)")
+    p.add_argument("--model", metavar="VAR")
+    p.add_argument("--last", type=int, metavar="N", help="only the last N traces")
+    p = sub.add_parser("widget", help="an interactive panel for this model")
+    p.add_argument("--model", metavar="VAR")
+    p = sub.add_parser("traceback", help="the last error's traceback, filtered to your files")
+    p.add_argument("--model", metavar="VAR")
+    return parser
+
+
+def variable_name(path: str) -> str:
+    name = re.sub(r"\W", "_", Path(path).resolve().name).strip("_") or "model"
+    if name[0].isdigit() or keyword.iskeyword(name):
+        name = f"truss_{name}"
+    return name
+
+
+@magics_class
+class TrussMagics(Magics):
+    def __init__(self, shell):
+        super().__init__(shell)
+        self.current: Any = None  # the LiveModel %truss commands act on by default
+        self.last_error: ModelError | None = None
+        self.last_bench = None
+        self.parser = build_parser()
+        self._notices: dict[int, Any] = {}  # id(LiveModel) -> (display handle, unsubscribe)
+
+    @line_cell_magic
+    def truss(self, line: str, cell: str | None = None):
+        try:
+            args = self.parser.parse_args(shlex.split(line, posix=True) if line.strip() else [])
+        except _HelpShown:
+            return None
+        except ValueError as exc:  # shlex: unbalanced quotes
+            raise UsageError(f"%truss: cannot parse the arguments: {exc}") from None
+        if args.command is None:
+            self.parser.print_help()
+            return None
+        try:
+            return getattr(self, f"cmd_{args.command}")(args, cell)
+        except UsageError:
+            raise
+        except TrussLabError as exc:  # bundle and load errors: one line, no traceback through us
+            if isinstance(exc, ModelError):
+                self.last_error = exc
+            raise UsageError(f"{type(exc).__name__}: {exc}") from None
+
+    # ------------------------------------------------------------------ helpers
+
+    def model(self, var: str | None):
+        from .runner import LiveModel
+
+        if var is None:
+            if self.current is None:
+                raise UsageError("no model loaded yet: run %truss load PATH first")
+            return self.current
+        value = self.shell.user_ns.get(var)
+        if not isinstance(value, LiveModel):
+            raise UsageError(f"--model {var}: not a LiveModel in this notebook")
+        return value
+
+    def evaluate(self, text: str, live) -> Any:
+        """EXPR: example:NAME, a path or URL as a string, else a Python expression in the user namespace."""
+        text = text.strip()
+        if not text:
+            raise UsageError("%truss predict: give an input: a Python value, a path, a URL, or example:NAME")
+        if text.startswith("example:"):
+            return live.example(text[len("example:"):])
+        if re.match(r"^[a-z][a-z0-9+.-]*://", text) or (len(text) < 4096 and Path(text).expanduser().is_file()):
+            return text
+        try:
+            return self.shell.ev(text)
+        except Exception as exc:
+            raise UsageError(f"%truss predict: cannot evaluate {text!r}: {type(exc).__name__}: {exc}") from None
+
+    def cell_input(self, cell: str) -> Any:
+        try:
+            return json.loads(cell)
+        except json.JSONDecodeError:
+            pass
+        try:
+            return self.shell.ev(cell.strip())
+        except Exception as exc:
+            raise UsageError(f"%%truss predict: the cell is neither JSON nor a Python expression: {type(exc).__name__}: {exc}") from None
+
+    def attach_notices(self, live) -> None:
+        """Show each reload in the `%truss load` cell's output, as it happens (no cell re-run)."""
+        if id(live) in self._notices:
+            return
+        handle = display(_Notice(f"{live.name} v{live.version}: loaded; watching for edits" if live.watching else f"{live.name} v{live.version}: loaded"), display_id=True)
+
+        def show(event) -> None:
+            if handle is not None:
+                handle.update(event)
+
+        self._notices[id(live)] = (handle, live.on_reload(show))
+
+    # ------------------------------------------------------------------ commands
+
+    def cmd_init(self, args, cell):
+        from .bundle import init
+
+        path = init(args.path, name=args.name)
+        print(f"wrote a new Truss at {path} (edit model/model.py, then %truss load {args.path})")
+
+    def cmd_load(self, args, cell):
+        from .runner import load
+
+        var = args.var or variable_name(args.path)
+        if not var.isidentifier() or keyword.iskeyword(var):
+            raise UsageError(f"--as {var}: not a valid variable name")
+        old = self.shell.user_ns.get(var)
+        live = load(args.path, concurrency=args.concurrency)
+        if old is not None and hasattr(old, "close") and type(old).__name__ == "LiveModel" and old is not live:
+            old.close()  # re-running the cell replaces the model; stop the old one's watcher
+        self.shell.user_ns[var] = live
+        self.current = live
+        if not args.no_watch:
+            live.watch()
+        display(LoadSummary(live, var))
+        self.attach_notices(live)
+
+    def cmd_predict(self, args, cell):
+        live = self.model(args.model)
+        if cell is not None:
+            if " ".join(args.expr).strip():
+                raise UsageError("%%truss predict: the input is the cell body; give no EXPR on the line")
+            model_input = self.cell_input(cell)
+        else:
+            model_input = self.evaluate(" ".join(args.expr), live)
+        result = live.run(model_input)
+        if result.error is not None:
+            self.last_error = result.error
+        display(result)
+
+    def cmd_reload(self, args, cell):
+        display(self.model(args.model).reload(full=args.full))
+
+    def cmd_watch(self, args, cell):
+        live = self.model(args.model)
+        if args.state == "on":
+            live.watch()
+            self.attach_notices(live)
+        else:
+            live.unwatch()
+        print(f"{live.name}: {'watching ' + str(live.path) + ' for edits' if live.watching else 'not watching'}")
+
+    def cmd_status(self, args, cell):
+        live = self.model(args.model)
+        display(Status(live))
+
+    def cmd_bench(self, args, cell):
+        live = self.model(args.model)
+        text = " ".join(args.expr).strip()
+        inputs = [self.evaluate(text, live)] if text else None
+        report = live.bench(inputs, n=args.n, concurrency=args.c)
+        self.last_bench = report
+        display(report)
+
+    def cmd_timeline(self, args, cell):
+        live = self.model(args.model)
+        report = self.last_bench if (self.last_bench is not None and args.last is None) else live.report(last=args.last)
+        display(report)
+
+    def cmd_widget(self, args, cell):
+        raise UsageError("%truss widget: the widget panel is not part of this version yet (see README, 'Status')")
+
+    def cmd_traceback(self, args, cell):
+        if self.last_error is None:
+            print("no model error yet")
+            return
+        tb = self.last_error.model_traceback()
+        print(tb if tb else str(self.last_error))
+
+
+TrussMagics.truss.__doc__ = build_parser().format_help()  # `%truss?` shows the same help as --help
+
+
+class _Notice:
+    def __init__(self, text: str):
+        self.text = text
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        from .render import esc
+
+        return {"text/plain": self.text, "text/html": f'<div class="truss-lab" style="color:#666;font-family:monospace;font-size:12px">⟳ {esc(self.text)}</div>'}
+
+
+class LoadSummary:
+    """What `%truss load` shows: name, class, load time, methods, lock size, examples."""
+
+    def __init__(self, live, var: str):
+        self.live, self.var = live, var
+
+    def lines(self) -> list[tuple[str, str]]:
+        live = self.live
+        examples = ", ".join(live.examples) or "none"
+        return [
+            ("model", f"{live.name} (class {live.serving.model_cls.__name__}) as `{self.var}`"),
+            ("from", str(live.path)),
+            ("load()", f"{live.load_ms:.0f} ms"),
+            ("methods", ", ".join(live.methods())),
+            ("lock", f"{live.concurrency} (runtime.predict_concurrency)"),
+            ("examples", examples),
+            ("watching", "yes" if live.watching else "no"),
+        ]
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        from .render import esc
+
+        rows = self.lines()
+        text = "\n".join(f"{k:<9} {v}" for k, v in rows)
+        html = "".join(f"<tr><td class='k'><b>{esc(k)}</b></td><td style='text-align:left'>{esc(v)}</td></tr>" for k, v in rows)
+        return {"text/plain": text, "text/html": f'<div class="truss-lab"><table>{html}</table></div>'}
+
+
+class Status(LoadSummary):
+    def __init__(self, live):
+        super().__init__(live, "")
+
+    def lines(self) -> list[tuple[str, str]]:
+        live = self.live
+        last = live.reload_history[-1].summary() if live.reload_history else "none"
+        report = live.report()
+        summary = (
+            f"{report.count} requests, p50 {report.stages['total'].p50:.1f} ms, "
+            f"{report.throughput:.1f} req/s, lock utilization {report.lock_utilization:.0%}"
+            if report.count
+            else "no requests yet"
+        )
+        return [
+            ("model", f"{live.name} v{live.version}"),
+            ("lock", str(live.concurrency)),
+            ("watching", "yes" if live.watching else "no"),
+            ("reload", last),
+            ("traces", f"{len(live.traces)} kept"),
+            ("report", summary),
+        ]
+
+
+_registered: list[TrussMagics] = []
+
+
+def load_ipython_extension(ip) -> None:
+    magics = TrussMagics(ip)
+    ip.register_magics(magics)
+    _registered.append(magics)
+
+
+def unload_ipython_extension(ip) -> None:
+    for magics in _registered:
+        for handle, unsubscribe in magics._notices.values():
+            unsubscribe()
+        for value in list(ip.user_ns.values()):
+            if type(value).__name__ == "LiveModel":
+                value.unwatch()
+    _registered.clear()
+    ip.magics_manager.magics["line"].pop("truss", None)
+    ip.magics_manager.magics["cell"].pop("truss", None)

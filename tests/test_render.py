@@ -143,3 +143,11 @@ def test_reload_event_and_report_bundles(live):
     ev = tr.reload()
     b = ev._repr_mimebundle_()
     assert b["text/plain"] == "v1: no change in behaviour; nothing swapped" and "truss-lab-reload" in b["text/html"]
+
+
+def test_inputs_never_get_label_bars():
+    html = render.result_html(_result({"cat": 0.9, "dog": 0.1}))
+    assert html.count("truss-lab-labels") == 1  # the output's
+    r = _result(1)
+    r.input = {"top_k": 5, "threshold": 0.5}
+    assert "truss-lab-labels" not in render.result_html(r)

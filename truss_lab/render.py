@@ -179,7 +179,7 @@ def result_html(result) -> str:
         right = error_html(result.error)
     body = (
         '<div class="tl-cols">'
-        f'<div class="tl-col"><div class="tl-head">input</div>{value_html(result.input)}</div>'
+        f'<div class="tl-col"><div class="tl-head">input</div>{value_html(result.input, labels=False)}</div>'
         f'<div class="tl-col"><div class="tl-head">output</div>{right}</div>'
         "</div>"
     )
@@ -258,12 +258,15 @@ def report_html(report) -> str:
 # ----------------------------------------------------------------------------------- values
 
 
-def value_html(value: Any, depth: int = 0) -> str:
-    """Render one input/output value: images, label bars, nested dicts, else collapsible JSON."""
+def value_html(value: Any, depth: int = 0, labels: bool = True) -> str:
+    """Render one value: images, label bars (outputs only: `labels`), nested dicts, else collapsible JSON.
+
+    An input like {"top_k": 5} is a parameter, not a score table, so inputs never get bars.
+    """
     img = image_html(value)
     if img is not None:
         return img
-    bars = label_bars_html(value)
+    bars = label_bars_html(value) if labels else None
     if bars is not None:
         return bars
     arr = _array_info(value)
@@ -271,24 +274,23 @@ def value_html(value: Any, depth: int = 0) -> str:
         return f"<pre>{esc(arr)}</pre>"
     if isinstance(value, (bytes, bytearray)):
         return f"<pre>{esc(short(value))}</pre>"
-    if isinstance(value, dict) and depth < 3 and value and any(_is_rich(v) for v in value.values()):
+    def rich(v: Any) -> bool:
+        return image_array(v) is not None or _is_image_ref(v) or (labels and _labels(v) is not None)
+
+    if isinstance(value, dict) and depth < 3 and value and any(rich(v) for v in value.values()):
         rows = "".join(
-            f"<tr><td class='k'>{esc(k)}</td><td style='text-align:left'>{value_html(v, depth + 1)}</td></tr>"
+            f"<tr><td class='k'>{esc(k)}</td><td style='text-align:left'>{value_html(v, depth + 1, labels)}</td></tr>"
             for k, v in value.items()
         )
         return f"<table>{rows}</table>"
-    if isinstance(value, (list, tuple)) and 0 < len(value) <= 8 and depth < 3 and any(_is_rich(v) for v in value):
-        return "".join(f"<div>{value_html(v, depth + 1)}</div>" for v in value)
+    if isinstance(value, (list, tuple)) and 0 < len(value) <= 8 and depth < 3 and any(rich(v) for v in value):
+        return "".join(f"<div>{value_html(v, depth + 1, labels)}</div>" for v in value)
     if isinstance(value, str) and len(value) <= MAX_TEXT:
         return f"<pre>{esc(json.dumps(value, ensure_ascii=False))}</pre>"
     text = json.dumps(_summarised(value), indent=1, ensure_ascii=False, default=_fallback)
     if len(text) <= 300:
         return f"<pre>{esc(text)}</pre>"
     return f"<details><summary>{esc(short(value, 80))}</summary><pre>{esc(text)}</pre></details>"
-
-
-def _is_rich(value: Any) -> bool:
-    return image_array(value) is not None or _labels(value) is not None or _is_image_ref(value)
 
 
 def label_bars_html(value: Any) -> str | None:

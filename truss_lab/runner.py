@@ -288,13 +288,7 @@ class LiveModel:
         output = None
         error = None
         try:
-            x = model_input
-            if s.preprocess is not None:
-                t.pre_start = perf_counter()
-                try:
-                    x = self._call(s.preprocess, x)
-                finally:
-                    t.pre_end = perf_counter()
+            x = self._preprocess(s, model_input, t)
             stage = "predict"
             x = self._locked_predict(s, x, t)
             stage = "postprocess"
@@ -315,6 +309,15 @@ class LiveModel:
             t.end = perf_counter()
             self._traces.append(t)
         return Result(model_input, output, t, error, self.bundle.model_name)
+
+    def _preprocess(self, s: Serving, x: Any, t: Trace) -> Any:
+        if s.preprocess is None:
+            return x
+        t.pre_start = perf_counter()
+        try:
+            return self._call(s.preprocess, x)
+        finally:
+            t.pre_end = perf_counter()
 
     def _locked_predict(self, s: Serving, x: Any, t: Trace) -> Any:
         lock = self._lock  # a concurrency change swaps the semaphore; release the one we took
@@ -376,13 +379,7 @@ class LiveModel:
         stage = "preprocess"
         count = 0
         try:
-            x = model_input
-            if s.preprocess is not None:
-                t.pre_start = perf_counter()
-                try:
-                    x = self._call(s.preprocess, x)
-                finally:
-                    t.pre_end = perf_counter()
+            x = self._preprocess(s, model_input, t)
             stage = "predict"
             lock = self._lock
             t.lock_requested = perf_counter()

@@ -41,3 +41,35 @@ def test_core_imports_no_heavy_libraries(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_lab_starts_jupyterlab_on_localhost_and_prints_token(tmp_path):
+    """The README's main command: JupyterLab on notebooks/, bound to 127.0.0.1, URL with token printed."""
+    import os
+    import re
+    import selectors
+
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"), JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "truss_lab.lab"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    url = None
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        import time
+
+        deadline = time.monotonic() + 90
+        while url is None and time.monotonic() < deadline and sel.select(timeout=deadline - time.monotonic()):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            m = re.search(r"http://127\.0\.0\.1:\d+/lab\?token=\w+", line)
+            url = m.group(0) if m else None
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert url, "JupyterLab did not print its URL"

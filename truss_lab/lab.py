@@ -13,11 +13,13 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 
 def lab_command(notebooks: Path, extra: list[str]) -> list[str]:
+    root = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []  # containers run as root
     return [
         sys.executable, "-m", "jupyterlab",
         "--ServerApp.ip=127.0.0.1",
         f"--ServerApp.root_dir={notebooks}",
         "--no-browser",
+        *root,
         *extra,
     ]
 

@@ -143,3 +143,13 @@ def test_init_writes_truss_scaffold_and_refuses_overwrite(tmp_path):
     # An existing empty folder is fine (as after mkdir).
     (tmp_path / "empty").mkdir()
     truss_lab.init(tmp_path / "empty")
+
+
+def test_yaml_error_carries_location_and_reload_reports_it(live):
+    tr = live()
+    (tr.path / "config.yaml").write_text("model_name: t\nruntime:\n  predict_concurrency: [1\n")
+    with pytest.raises(BundleError) as info:
+        read_bundle(tr.path)
+    assert info.value.location == f"{tr.path}/config.yaml:4"  # PyYAML reports the unclosed list at end of file
+    event = tr.reload()
+    assert event.kind == "failed" and event.location == info.value.location

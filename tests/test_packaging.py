@@ -48,6 +48,7 @@ def test_lab_starts_jupyterlab_on_localhost_and_prints_token(tmp_path):
     import os
     import re
     import selectors
+    import time
 
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"), JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"))
     proc = subprocess.Popen(
@@ -57,8 +58,6 @@ def test_lab_starts_jupyterlab_on_localhost_and_prints_token(tmp_path):
     try:
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
-        import time
-
         deadline = time.monotonic() + 90
         while url is None and time.monotonic() < deadline and sel.select(timeout=deadline - time.monotonic()):
             line = proc.stdout.readline()

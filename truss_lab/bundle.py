@@ -263,9 +263,9 @@ def _load_yaml(path: Path) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
+        location = f"{path}:{mark.line + 1}" if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise BundleError(f"{path}{where}: invalid YAML: {problem}") from None
+        raise BundleError(f"{location or path}: invalid YAML: {problem}", location=location) from None
 
 
 def _mapping(config: dict, name: str, key) -> dict:

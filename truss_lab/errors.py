@@ -18,6 +18,10 @@ class TrussLabError(Exception):
 class BundleError(TrussLabError):
     """The Truss folder or one of its files/keys is invalid (names the file and key)."""
 
+    def __init__(self, message: str, *, location: str | None = None):
+        super().__init__(message)
+        self.location = location  # 'file:line' where the file's parser knows the line
+
 
 class SecretNotFound(TrussLabError, KeyError):
     """A secret the model asked for has no value. Never carries the value of any secret."""

@@ -71,7 +71,7 @@ class TrussFinder:
                 return None
             search = list(cls.packages)
         else:
-            search = [p for p in path if cls.owns(p + os.sep) or p in cls.roots]
+            search = [p for p in path if cls.owns(p + os.sep)]  # p itself, or a folder under a root
             if not search:
                 return None
         spec = importlib.machinery.PathFinder.find_spec(name, search)
@@ -83,10 +83,6 @@ class TrussFinder:
             loader=SourceLoader(name, spec.origin),
             submodule_search_locations=spec.submodule_search_locations,
         )
-
-    @classmethod
-    def invalidate_caches(cls) -> None:
-        pass
 
 
 def _ensure_root() -> None:
@@ -150,6 +146,17 @@ def import_model_module(bundle: Bundle, version: int) -> types.ModuleType:
     return module
 
 
+@contextlib.contextmanager
+def imported(bundle: Bundle, version: int):
+    """Import one version of model.py; if the block using it fails, drop that version from sys.modules."""
+    module = import_model_module(bundle, version)
+    try:
+        yield module
+    except BaseException:
+        forget_modules(version_package(module))
+        raise
+
+
 def version_package(module: types.ModuleType) -> str:
     """`_truss_lab.<slug>_<hash>_v<k>` for that version's model.py module."""
     return module.__name__.rpartition(".")[0]
@@ -162,17 +169,18 @@ def fresh_packages(bundle: Bundle, refresh: bool):
         yield
         return
     root = str(bundle.packages_dir) + os.sep
-    saved = {
-        name: mod for name, mod in list(sys.modules.items())
-        if (getattr(mod, "__file__", None) or "").startswith(root)
-    }
-    for name in saved:
-        del sys.modules[name]
+
+    def take_out() -> dict[str, types.ModuleType]:
+        found = {n: m for n, m in list(sys.modules.items()) if (getattr(m, "__file__", None) or "").startswith(root)}
+        for name in found:
+            del sys.modules[name]
+        return found
+
+    saved = take_out()
     try:
         yield
     except BaseException:
-        for name in [n for n, m in list(sys.modules.items()) if (getattr(m, "__file__", None) or "").startswith(root)]:
-            del sys.modules[name]
+        take_out()  # the half-imported new ones
         sys.modules.update(saved)
         raise
 

@@ -21,9 +21,6 @@ from IPython.display import display
 
 from .errors import ModelError, TrussLabError
 
-COMMANDS = ("init", "load", "predict", "reload", "watch", "status", "bench", "timeline", "widget", "traceback")
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a mistake as one UsageError line instead of exiting the kernel."""
 
@@ -173,14 +170,14 @@ class TrussMagics(Magics):
         print(f"wrote a new Truss at {path} (edit model/model.py, then %truss load {args.path})")
 
     def cmd_load(self, args, cell):
-        from .runner import load
+        from .runner import LiveModel, load
 
         var = args.var or variable_name(args.path)
         if not var.isidentifier() or keyword.iskeyword(var):
             raise UsageError(f"--as {var}: not a valid variable name")
         old = self.shell.user_ns.get(var)
         live = load(args.path, concurrency=args.concurrency)
-        if old is not None and hasattr(old, "close") and type(old).__name__ == "LiveModel" and old is not live:
+        if isinstance(old, LiveModel):
             old.close()  # re-running the cell replaces the model; stop the old one's watcher
         self.shell.user_ns[var] = live
         self.current = live
@@ -317,12 +314,14 @@ def load_ipython_extension(ip) -> None:
 
 
 def unload_ipython_extension(ip) -> None:
+    from .runner import LiveModel
+
     for magics in _registered:
-        for handle, unsubscribe in magics._notices.values():
+        for _handle, unsubscribe in magics._notices.values():
             unsubscribe()
-        for value in list(ip.user_ns.values()):
-            if type(value).__name__ == "LiveModel":
-                value.unwatch()
     _registered.clear()
+    for value in list(ip.user_ns.values()):
+        if isinstance(value, LiveModel):
+            value.unwatch()
     ip.magics_manager.magics["line"].pop("truss", None)
     ip.magics_manager.magics["cell"].pop("truss", None)

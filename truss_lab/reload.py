@@ -182,10 +182,10 @@ class Diff:
 
 def diff(old: Snapshot, new: Snapshot, model_rel: str) -> Diff:
     data = sorted(k for k in set(old.data) | set(new.data) if old.data.get(k) != new.data.get(k))
-    files = sorted(
-        k for k in set(old.py) | set(new.py)
-        if (old.py.get(k).module if k in old.py else None) != (new.py.get(k).module if k in new.py else None)
-    )
+    def module_fp(snapshot: Snapshot, rel: str) -> str | None:
+        return snapshot.py[rel].module if rel in snapshot.py else None
+
+    files = sorted(k for k in set(old.py) | set(new.py) if module_fp(old, k) != module_fp(new, k))
     methods: list[str] = []
     module_level = False
     if model_rel in files and model_rel in old.py and model_rel in new.py:
@@ -238,7 +238,7 @@ class Reloader:
         try:
             bundle = read_bundle(live.bundle.path)
         except BundleError as exc:
-            return ReloadEvent(current.version, "failed", ["config.yaml"], error=str(exc), location=_bundle_location(exc))
+            return ReloadEvent(current.version, "failed", ["config.yaml"], error=str(exc), location=exc.location)
         model_rel = str(bundle.model_file.relative_to(bundle.path))
         try:
             new_snapshot = Snapshot.take(bundle, self.snapshot)
@@ -338,8 +338,3 @@ class Reloader:
             self._watcher.join(timeout)
             self._watcher = None
 
-
-def _bundle_location(exc: BundleError) -> str | None:
-    text = str(exc)
-    head = text.split(": ", 1)[0]
-    return head if ":" in Path(head).name else None

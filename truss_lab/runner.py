@@ -52,8 +52,7 @@ class Serving:
     streaming: bool
 
     @classmethod
-    def bind(cls, bundle: Bundle, version: int, instance: Any, module, model_cls: type) -> "Serving":
-        methods = loader.ModelMethods.check(bundle, model_cls)
+    def bind(cls, version: int, instance: Any, module, model_cls: type, methods: loader.ModelMethods) -> "Serving":
         return cls(
             version=version,
             instance=instance,
@@ -138,28 +137,21 @@ class LiveModel:
     def _build(self, bundle: Bundle, version: int) -> tuple[Serving, float]:
         """Import, construct and load() one version of the model; raise LoadError on any failure."""
         loader.apply_environment_variables(bundle)
-        module = loader.import_model_module(bundle, version)
-        try:
+        with loader.imported(bundle, version) as module:
             model_cls = loader.model_class(bundle, module)
-            loader.ModelMethods.check(bundle, model_cls)
+            methods = loader.ModelMethods.check(bundle, model_cls)  # before load(): it may take minutes
             kwargs = loader.model_kwargs(bundle, resolve_secrets(bundle, self._secret_overrides), self.environment)
             instance = loader.build_instance(bundle, model_cls, kwargs)
             load_ms = loader.run_load(bundle, instance, self._loop.run)
-            return Serving.bind(bundle, version, instance, module, model_cls), load_ms
-        except BaseException:
-            loader.forget_modules(loader.version_package(module))
-            raise
+            return Serving.bind(version, instance, module, model_cls, methods), load_ms
 
     def _rebind(self, bundle: Bundle, version: int) -> Serving:
         """Import a new version of the code and bind it to the live instance's state (no load())."""
-        module = loader.import_model_module(bundle, version)
-        try:
+        with loader.imported(bundle, version) as module:
             model_cls = loader.model_class(bundle, module)
+            methods = loader.ModelMethods.check(bundle, model_cls)
             instance = share_state(self._serving.instance, model_cls, bundle)
-            return Serving.bind(bundle, version, instance, module, model_cls)
-        except BaseException:
-            loader.forget_modules(loader.version_package(module))
-            raise
+            return Serving.bind(version, instance, module, model_cls, methods)
 
     def _switch(self, serving: Serving, bundle: Bundle) -> None:
         """Make `serving` the code for every request that starts from now on (one reference swap)."""
@@ -459,9 +451,7 @@ class LiveModel:
 
     def close(self) -> None:
         """Stop the watcher and the event loop thread."""
-        reloader = getattr(self, "reloader", None)
-        if reloader is not None:
-            reloader.unwatch()
+        self.reloader.unwatch()
         self._loop.close()
 
     def __enter__(self) -> "LiveModel":

@@ -1,9 +1,8 @@
 """Core benchmarks (issue 3), each a ratio measured in one run.
 
-1. Runner overhead: a no-op model through LiveModel.run (tracing on) vs calling its three methods
-   directly. Target: <= 20 us per request.
-2. Concurrency: preprocess 50 ms (sleep, as I/O), predict 20 ms (sleep) under a lock of 1,
-   postprocess 10 ms, 8 workers, 200 requests. Target: throughput >= 0.95 of the bound (50 req/s).
+Runner overhead: a no-op model through LiveModel.run (tracing and the lock guard on) vs calling its
+three methods directly. Target: <= 20 us per request. (Throughput against the lock's bound is in
+bench_lock.py.)
 
     python benchmarks/bench_core.py [--quick] [--json]
 """
@@ -28,21 +27,6 @@ class Model:
     def postprocess(self, x):
         return x
 """
-
-SLEEPY = """
-import time
-class Model:
-    def preprocess(self, x):
-        time.sleep(0.050)
-        return x
-    def predict(self, x):
-        time.sleep(0.020)
-        return x
-    def postprocess(self, x):
-        time.sleep(0.010)
-        return x
-"""
-
 
 def write(root: Path, code: str, concurrency: int = 1) -> Path:
     (root / "model").mkdir(parents=True)
@@ -78,41 +62,19 @@ def overhead(n: int) -> dict:
     }
 
 
-def concurrency(n: int, workers: int = 8) -> dict:
-    with tempfile.TemporaryDirectory() as tmp, truss_lab.load(write(Path(tmp) / "sleepy", SLEEPY)) as tr:
-        report = tr.bench([0], n=n, concurrency=workers)
-    return {
-        "requests": report.count,
-        "workers": workers,
-        "throughput_rps": round(report.throughput, 2),
-        "bound_rps": round(report.bound, 2),
-        "efficiency": round(report.efficiency, 3),
-        "lock_utilization": round(report.lock_utilization, 3),
-        "target": 0.95,
-        "met": report.efficiency >= 0.95,
-    }
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small counts (a smoke run, not a measurement)")
     ap.add_argument("--json", action="store_true", help="print JSON only")
     args = ap.parse_args(argv)
-    results = {
-        "runner_overhead": overhead(2_000 if args.quick else 20_000),
-        "lock_concurrency": concurrency(24 if args.quick else 200),
-    }
+    results = {"runner_overhead": overhead(2_000 if args.quick else 20_000)}
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        o, c = results["runner_overhead"], results["lock_concurrency"]
+        o = results["runner_overhead"]
         print(
             f"runner overhead: {o['overhead_us']:.2f} us/request over direct calls "
             f"({o['runner_us']:.2f} vs {o['direct_us']:.2f} us; target <= 20 us: {'met' if o['met'] else 'MISSED'})"
-        )
-        print(
-            f"lock concurrency: {c['throughput_rps']:.2f} req/s vs bound {c['bound_rps']:.2f} req/s = "
-            f"{c['efficiency']:.3f} of the bound (target >= 0.95: {'met' if c['met'] else 'MISSED'})"
         )
     return results
 

@@ -74,8 +74,8 @@ def live(make_truss):
 
     opened = []
 
-    def load(model: str = ECHO_MODEL, name: str = "t", concurrency=None, **kw):
-        tr = truss_lab.load(make_truss(model, name, **kw), concurrency=concurrency)
+    def load(model: str = ECHO_MODEL, name: str = "t", concurrency=None, guard=True, **kw):
+        tr = truss_lab.load(make_truss(model, name, **kw), concurrency=concurrency, guard=guard)
         opened.append(tr)
         return tr
 

@@ -25,9 +25,12 @@ def test_init_then_predict_then_bench(tmp_path, capsys):
         assert stage in err
     code, out, _ = run(capsys, "predict", path, "--example", "example")
     assert code == 0 and json.loads(out) == {"predictions": [1, 2, 3]}
-    code, out, _ = run(capsys, "bench", path, "-n", "30", "-c", "4")
+    code, out, err = run(capsys, "bench", path, "-n", "30", "-c", "4")
     assert code == 0
-    assert out.startswith("30 requests, 30 ok") and "throughput" in out and "p95" in out
+    assert out.startswith("bench demo with 4 workers\n30 requests, 30 ok") and "throughput" in out and "p95" in out
+    assert "30/30" in err  # tqdm's text bar, on stderr so stdout stays the report
+    code, out, err = run(capsys, "bench", path, "-n", "5", "--no-progress")
+    assert code == 0 and "5 requests, 5 ok" in out and "5/5" not in err
 
 
 def test_input_from_file(tmp_path, capsys, make_truss):

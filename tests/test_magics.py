@@ -1,5 +1,6 @@
 """The magics, driven through a real IPython InteractiveShell; assertions on namespace and MIME bundles."""
 
+import re
 import subprocess
 import sys
 import threading
@@ -9,6 +10,7 @@ import pytest
 pytest.importorskip("IPython")
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
+from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
 
 import truss_lab
@@ -174,10 +176,32 @@ def test_reload_status_watch_and_live_notice(ip, make_truss):
 def test_bench_and_timeline(ip, make_truss):
     root = make_truss("class Model:\n    def predict(self, x):\n        return x\n", examples=[{"name": "a", "input": 1}])
     run(ip, f"load {root} --no-watch")
-    data = run(ip, "bench -n 20 -c 4").outputs[0].data
-    assert data["text/plain"].startswith("20 requests, 20 ok") and "truss-lab-report" in data["text/html"]
-    assert run(ip, "timeline").outputs[0].data["text/plain"].startswith("20 requests")
-    assert run(ip, "bench -n 5 -c 2 7").outputs[0].data["text/plain"].startswith("5 requests")
+    data = run(ip, "bench -n 20 -c 4 --as first").outputs[-1].data
+    assert data["text/plain"].startswith("bench first with 4 workers\n20 requests, 20 ok")
+    assert "truss-lab-report" in data["text/html"] and "<svg" in data["text/html"]
+    assert ip.user_ns["first"].count == 20
+    tl = run(ip, "timeline").outputs[-1].data
+    assert tl["text/plain"].startswith("lock timeline of 20 requests: 20 requests")
+    assert tl["text/html"].startswith('<img src="data:image/png;base64,')
+    by_worker = run(ip, "timeline --by worker").outputs[-1].data["text/plain"]
+    assert re.match(r"lock timeline of [1-4] workers: 20 requests", by_worker)  # a fast model may not need all 4
+    assert run(ip, "bench -n 5 -c 2 --as second 7").outputs[-1].data["text/plain"].startswith("bench second with 2 workers\n5 requests")
+    cmp = run(ip, "compare first second").outputs[-1].data["text/plain"]
+    assert cmp.splitlines()[0].split() == ["first", "second", "b", "/", "a"] and "throughput" in cmp
+    with pytest.raises(UsageError, match="no variable 'third'"):
+        ip.run_line_magic("truss", "compare first third")
+    ip.user_ns["third"] = 3
+    with pytest.raises(UsageError, match="b is int"):
+        ip.run_line_magic("truss", "compare first third")
+
+
+def test_guard_toggle_and_status(ip, make_truss):
+    root = make_truss("class Model:\n    def predict(self, x):\n        return x\n")
+    run(ip, f"load {root} --no-watch --no-guard --as g")
+    assert ip.user_ns["g"].guard is False
+    with capture_output() as cap:
+        ip.run_line_magic("truss", "guard on")
+    assert "lock-misuse guard on" in cap.stdout and ip.user_ns["g"].guard is True
 
 
 def test_help(ip):

@@ -19,9 +19,12 @@ from .errors import (
     SecretNotFound,
     TrussLabError,
 )
+from .compare import Comparison, compare
+from .guard import Finding, LockMisuseWarning
+from .plots import Timeline, timeline
 from .reload import ReloadEvent
 from .runner import LiveModel, OutputWarning, Result, load
-from .trace import Report, Trace
+from .trace import BenchReport, Report, Trace
 
 __version__ = "0.1.0"
 
@@ -40,11 +43,15 @@ def unload_ipython_extension(ip):
 
 
 __all__ = [
+    "BenchReport",
     "Bundle",
+    "Comparison",
     "BundleError",
     "Example",
+    "Finding",
     "LiveModel",
     "LoadError",
+    "LockMisuseWarning",
     "ModelError",
     "OutputWarning",
     "PostprocessError",
@@ -55,10 +62,13 @@ __all__ = [
     "Result",
     "SecretNotFound",
     "Secrets",
+    "Timeline",
     "Trace",
     "TrussLabError",
+    "compare",
     "init",
     "load_ipython_extension",
     "load",
     "read_bundle",
+    "timeline",
 ]

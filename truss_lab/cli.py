@@ -89,7 +89,7 @@ def cmd_bench(args) -> int:
 
     with load(args.path, concurrency=args.lock) as live:
         inputs = _inputs(args, live)
-        report = live.bench(inputs, n=args.n, concurrency=args.concurrency)
+        report = live.bench(inputs, n=args.n, concurrency=args.concurrency, progress=not args.no_progress)
         print(report.table())
         return EXIT_MODEL if report.failures else EXIT_OK
 
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("-n", type=int, default=100, metavar="N", help="number of requests (default 100)")
     p.add_argument("-c", "--concurrency", type=int, default=8, metavar="C", help="concurrent workers (default 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -48,6 +48,7 @@ def build_parser() -> _Parser:
     p.add_argument("--as", dest="var", metavar="VAR", help="variable name (default: from the folder name)")
     p.add_argument("--concurrency", type=int, metavar="N", help="lock size (overrides runtime.predict_concurrency)")
     p.add_argument("--no-watch", action="store_true", help="do not reload on save")
+    p.add_argument("--no-guard", action="store_true", help="do not watch predict for lock misuse")
     p = sub.add_parser("predict", help="run preprocess -> predict -> postprocess on EXPR and show the result")
     p.add_argument("--model", metavar="VAR", help="a LiveModel variable (default: the last loaded)")
     p.add_argument("expr", nargs=argparse.REMAINDER, help="a Python value, a path, a URL, or example:NAME")
@@ -60,13 +61,21 @@ def build_parser() -> _Parser:
     p = sub.add_parser("status", help="version, last reload, lock size, traces kept, last report")
     p.add_argument("--model", metavar="VAR")
     p = sub.add_parser("bench", help="send N requests from C workers; show the report")
-    p.add_argument("-n", type=int, default=100)
-    p.add_argument("-c", type=int, default=8)
+    p.add_argument("-n", type=int, default=100, help="requests (default 100)")
+    p.add_argument("-c", type=int, default=8, help="concurrent workers (default 8)")
+    p.add_argument("--as", dest="var", metavar="VAR", help="also bind the report to VAR (for %%truss compare)")
     p.add_argument("--model", metavar="VAR")
     p.add_argument("expr", nargs=argparse.REMAINDER, help="input (default: cycle over examples.yaml)")
-    p = sub.add_parser("timeline", help="the lock timeline of the last bench (or the kept traces)")
+    p = sub.add_parser("timeline", help="the lock timeline of the last bench (or the last N traces)")
     p.add_argument("--model", metavar="VAR")
-    p.add_argument("--last", type=int, metavar="N", help="only the last N traces")
+    p.add_argument("--last", type=int, metavar="N", help="the model's last N traces instead of the last bench")
+    p.add_argument("--by", choices=("request", "worker"), default="request", help="one row per request or per worker")
+    p = sub.add_parser("compare", help="two reports side by side: throughput, p95, lock utilization, ratios")
+    p.add_argument("a", metavar="A", help="a Report variable (e.g. from %%truss bench --as A)")
+    p.add_argument("b", metavar="B")
+    p = sub.add_parser("guard", help="turn the lock-misuse guard on or off")
+    p.add_argument("state", choices=("on", "off"))
+    p.add_argument("--model", metavar="VAR")
     p = sub.add_parser("widget", help="an interactive panel for this model")
     p.add_argument("--model", metavar="VAR")
     p = sub.add_parser("traceback", help="the last error's traceback, filtered to your files")
@@ -176,7 +185,7 @@ class TrussMagics(Magics):
         if not var.isidentifier() or keyword.iskeyword(var):
             raise UsageError(f"--as {var}: not a valid variable name")
         old = self.shell.user_ns.get(var)
-        live = load(args.path, concurrency=args.concurrency)
+        live = load(args.path, concurrency=args.concurrency, guard=not args.no_guard)
         if isinstance(old, LiveModel):
             old.close()  # re-running the cell replaces the model; stop the old one's watcher
         self.shell.user_ns[var] = live
@@ -219,14 +228,42 @@ class TrussMagics(Magics):
         live = self.model(args.model)
         text = " ".join(args.expr).strip()
         inputs = [self.evaluate(text, live)] if text else None
-        report = live.bench(inputs, n=args.n, concurrency=args.c)
+        report = live.bench(inputs, n=args.n, concurrency=args.c, label=args.var or "")
         self.last_bench = report
+        if args.var:
+            self.shell.user_ns[args.var] = report
         display(report)
 
     def cmd_timeline(self, args, cell):
+        from .plots import timeline
+
         live = self.model(args.model)
-        report = self.last_bench if (self.last_bench is not None and args.last is None) else live.report(last=args.last)
-        display(report)
+        if self.last_bench is not None and args.last is None:
+            source = self.last_bench
+        else:
+            source = live.report(last=args.last)
+        if not source.count:
+            print(f"{live.name}: no requests yet; run %truss predict or %truss bench first")
+            return
+        display(timeline(source, by=args.by))
+
+    def cmd_compare(self, args, cell):
+        from .compare import compare
+
+        reports = []
+        for name in (args.a, args.b):
+            if name not in self.shell.user_ns:
+                raise UsageError(f"%truss compare: no variable {name!r} (bind one with %truss bench --as {name})")
+            reports.append(self.shell.user_ns[name])
+        try:
+            display(compare(*reports, labels=(args.a, args.b)))
+        except TypeError as exc:
+            raise UsageError(f"%truss compare: {exc}") from None
+
+    def cmd_guard(self, args, cell):
+        live = self.model(args.model)
+        live.guard = args.state == "on"
+        print(f"{live.name}: lock-misuse guard {'on' if live.guard else 'off'}")
 
     def cmd_widget(self, args, cell):
         raise UsageError("%truss widget: the widget panel is not part of this version yet (see README, 'Status')")
@@ -298,6 +335,7 @@ class Status(LoadSummary):
             ("model", f"{live.name} v{live.version}"),
             ("lock", str(live.concurrency)),
             ("watching", "yes" if live.watching else "no"),
+            ("guard", "on" if live.guard else "off"),
             ("reload", last),
             ("traces", f"{len(live.traces)} kept"),
             ("report", summary),

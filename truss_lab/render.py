@@ -105,6 +105,7 @@ def result_text(result) -> str:
     if t.chunks is not None:
         lines.append(f"  streamed {t.chunks} chunks")
     lines.extend(f"  warning: {w}" for w in t.warnings)
+    lines.extend(f"  lock misuse: {f.message}" for f in t.findings)
     return "\n".join(lines)
 
 
@@ -159,6 +160,9 @@ _STYLE = (
     ".truss-lab table{border-collapse:collapse}"
     ".truss-lab td,.truss-lab th{padding:1px 6px;text-align:right;border-bottom:1px solid #eee}"
     ".truss-lab td.k{text-align:left;vertical-align:top;color:#555}"
+    ".truss-lab .tl-warn{border:1px solid #e0a800;background:#fff8e1;color:#6d4c00;border-radius:4px;"
+    "padding:4px 6px;margin-top:6px}"
+    ".truss-lab .tl-warn ul{margin:2px 0 0 16px;padding:0}"
     ".truss-lab .tl-error{border:1px solid #d33;background:#fdecea;color:#8a1c1c;border-radius:4px;padding:6px}"
     "</style>"
 )
@@ -177,6 +181,7 @@ def result_html(result) -> str:
         right += warns
     else:
         right = error_html(result.error)
+    right += findings_html(t.findings)
     body = (
         '<div class="tl-cols">'
         f'<div class="tl-col"><div class="tl-head">input</div>{value_html(result.input, labels=False)}</div>'
@@ -184,6 +189,18 @@ def result_html(result) -> str:
         "</div>"
     )
     return f'<div class="truss-lab truss-lab-result">{_STYLE}{head}{body}{timing_bar(t)}</div>'
+
+
+def findings_html(findings) -> str:
+    """Lock-misuse findings (guard.py) as an amber note: the advice is the point, so say it plainly."""
+    if not findings:
+        return ""
+    return misuse_panel([f.message for f in findings])
+
+
+def misuse_panel(lines: list[str]) -> str:
+    items = "".join(f"<li>{esc(line)}</li>" for line in lines)
+    return f'<div class="tl-warn"><b>lock misuse</b><ul>{items}</ul></div>' if items else ""
 
 
 def error_html(error) -> str:
@@ -243,15 +260,35 @@ def report_html(report) -> str:
         + "</tr>"
         for name in STAGES
     )
+    from .plots import timeline
+
     failures = ", ".join(f"{esc(k)} {v}" for k, v in sorted(report.failures.items())) or "none"
+    head = f"{report.count} requests · failures: {failures}"
+    if getattr(report, "concurrency", None):
+        head = f"bench {esc(report.label)} · {report.concurrency} workers · " + head
+    waits = report.lock_wait_distribution() if report.count else []
+    most = max((n for _, n in waits), default=0) or 1
+    wait_rows = "".join(
+        f"<tr><td class='k'>{esc(label)}</td><td style='text-align:left;width:160px'>"
+        f"<div style='background:{STAGE_COLOURS['lock_wait']};height:10px;width:{100 * n / most:.1f}%'></div></td>"
+        f"<td>{n}</td></tr>"
+        for label, n in waits
+    )
+    misuse = misuse_panel(
+        [f"{n} requests: {report.finding_messages[kind]}" for kind, n in sorted(report.findings.items())]
+    )
+    picture = timeline(report, last=200).svg() if report.traces else ""
     return (
         f'<div class="truss-lab truss-lab-report">{_STYLE}'
-        f'<div class="tl-head">{report.count} requests · failures: {failures}</div>'
+        f'<div class="tl-head">{head}</div>'
+        '<div class="tl-cols"><div>'
         f"<table><tr><th class='k'>ms</th><th>mean</th><th>p50</th><th>p95</th><th>p99</th><th>max</th></tr>{rows}</table>"
+        "</div><div><div class='tl-muted'>lock wait (requests)</div>"
+        f"<table>{wait_rows}</table></div></div>"
         f'<div style="margin-top:4px">throughput <b>{report.throughput:.2f}</b> req/s · bound {report.bound:.2f} req/s '
         f"(lock {report.lock_size} / mean predict) · efficiency <b>{report.efficiency:.2f}</b> · "
         f"lock utilization {report.lock_utilization:.0%} · max holders {report.max_lock_holders}/{report.lock_size}</div>"
-        "</div>"
+        f"{misuse}{picture}</div>"
     )
 
 

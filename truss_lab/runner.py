@@ -15,18 +15,19 @@ import itertools
 import threading
 import types
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
+from . import guard as lockguard
 from . import loader
 from .aio import LoopThread
 from .bundle import Bundle, read_bundle, resolve_secrets, validate_concurrency
 from .errors import STAGE_ERRORS, LoadError, ModelError, TrussLabError, describe
 from .jsoncheck import first_non_json
-from .trace import Report, Trace
+from .trace import BenchReport, Report, Trace
 
 if TYPE_CHECKING:
     from .reload import ReloadEvent
@@ -118,8 +119,11 @@ class LiveModel:
         secrets: Mapping[str, str] | None = None,
         environment: Any = None,
         trace_capacity: int = DEFAULT_TRACE_CAPACITY,
+        guard: bool = True,
     ):
         self.bundle = bundle
+        self._warner = lockguard.Warner()
+        self.guard = guard
         self._secret_overrides = dict(secrets or {})
         self.environment = environment
         self._loop = LoopThread(name=f"truss-lab-loop[{bundle.model_name}]")
@@ -159,6 +163,7 @@ class LiveModel:
         if self._concurrency_override is None and bundle.predict_concurrency != self._lock_size:
             self.concurrency = bundle.predict_concurrency
         self._serving = serving
+        self._warner.reset()  # a new version warns again about a misuse it still has
 
     def _start(self) -> None:
         from .reload import Reloader
@@ -233,6 +238,17 @@ class LiveModel:
         self._lock_size = value
         # Requests already waiting keep the semaphore they hold a reference to; new ones get this.
         self._lock = threading.BoundedSemaphore(value)
+
+    @property
+    def guard(self) -> bool:
+        """Whether the lock-misuse guard watches predict (see guard.py). Turn off with `tr.guard = False`."""
+        return self._guard
+
+    @guard.setter
+    def guard(self, on: bool) -> None:
+        if on:
+            lockguard.install()
+        self._guard = bool(on)
 
     @property
     def examples(self) -> dict[str, Any]:
@@ -317,39 +333,57 @@ class LiveModel:
         try:
             with lock:  # `with`: no instruction between acquiring and the guaranteed release
                 t.lock_acquired = t.predict_start = perf_counter()
+                watch = lockguard.begin() if self._guard else None
+                token = lockguard.enter(watch) if watch is not None else None
                 try:
-                    y = self._call(s.predict, x)
+                    y = self._call(s.predict, x, watch)
                     if _is_stream(y):
-                        y = self._drain(y, t)
+                        y = self._drain(y, t, watch)
                     return y
                 finally:
                     t.predict_end = perf_counter()
+                    if watch is not None:
+                        lockguard.leave(token)
+                        self._found(s, t, lockguard.end(watch, t.predict_ms))
         finally:
             if t.lock_acquired is not None:
                 t.lock_released = perf_counter()
 
-    def _call(self, fn: Callable, x: Any) -> Any:
+    def _call(self, fn: Callable, x: Any, watch: lockguard.Watch | None = None) -> Any:
         y = fn(x)
         if inspect.isawaitable(y):
-            y = self._loop.run(y)
+            y = self._loop.run(y if watch is None else lockguard.within(watch, y))
         return y
 
-    def _drain(self, stream: Any, t: Trace) -> Any:
+    def _found(self, s: Serving, t: Trace, findings: list[lockguard.Finding]) -> None:
+        """Attach lock-misuse findings to the trace; warn once per kind, pointing at the user's predict."""
+        if not findings:
+            return
+        t.findings = findings
+        code = getattr(getattr(s.model_cls, "predict", None), "__code__", None)
+        where = (code.co_filename, code.co_firstlineno) if code else (str(self.bundle.model_file), 1)
+        for f in self._warner.first(findings):
+            warnings.warn_explicit(
+                f"{self.bundle.model_name}: {f.message}", lockguard.LockMisuseWarning, *where
+            )
+
+    def _drain(self, stream: Any, t: Trace, watch: lockguard.Watch | None = None) -> Any:
         """Consume a streaming predict inside the lock (as a Truss server does) and join the chunks."""
         chunks: list[Any] = []
-        for chunk in self._iterate(stream):
+        for chunk in self._iterate(stream, watch):
             if t.first_chunk is None:
                 t.first_chunk = perf_counter()
             chunks.append(chunk)
         t.chunks = len(chunks)
         return join_chunks(chunks)
 
-    def _iterate(self, stream: Any) -> Iterator[Any]:
+    def _iterate(self, stream: Any, watch: lockguard.Watch | None = None) -> Iterator[Any]:
         if inspect.isasyncgen(stream):
             try:
                 while True:
                     try:
-                        yield self._loop.run(stream.__anext__())
+                        step = stream.__anext__()
+                        yield self._loop.run(step if watch is None else lockguard.within(watch, step))
                     except StopAsyncIteration:
                         return
             finally:
@@ -377,14 +411,28 @@ class LiveModel:
             t.lock_requested = perf_counter()
             with lock:
                 t.lock_acquired = t.predict_start = perf_counter()
+                watch = lockguard.begin() if self._guard else None
+                if watch is not None:
+                    watch.idle_check = False  # the caller's own code runs between chunks
                 try:
-                    for chunk in self._iterate(self._call(s.predict, x)):
+                    if watch is None:
+                        chunks = self._iterate(self._call(s.predict, x))
+                    else:
+                        token = lockguard.enter(watch)
+                        try:
+                            stream = self._call(s.predict, x, watch)
+                        finally:
+                            lockguard.leave(token)
+                        chunks = lockguard.iterate(watch, self._iterate(stream, watch))
+                    for chunk in chunks:
                         if t.first_chunk is None:
                             t.first_chunk = perf_counter()
                         count += 1
                         yield chunk
                 finally:
                     t.predict_end = perf_counter()
+                    if watch is not None:
+                        self._found(s, t, lockguard.end(watch, t.predict_ms))
         except Exception as exc:
             raise self._fail(t, stage, exc) from exc
         except BaseException as exc:  # GeneratorExit (closed early), KeyboardInterrupt
@@ -433,16 +481,47 @@ class LiveModel:
                     f.cancel()
                 raise
 
-    def bench(self, inputs: Iterable[Any] | None = None, n: int = 100, concurrency: int = 8) -> Report:
-        """Send `n` requests (cycling over `inputs`, or the truss's examples) from `concurrency` workers."""
+    def bench(
+        self,
+        inputs: Iterable[Any] | None = None,
+        n: int = 100,
+        concurrency: int = 8,
+        *,
+        progress: bool = True,
+        label: str = "",
+    ) -> BenchReport:
+        """Send `n` requests (cycling over `inputs`, or the truss's examples) from `concurrency` workers.
+
+        Shows a tqdm progress bar (a widget in Jupyter, text in a terminal) unless `progress=False`.
+        A model error in one request is counted in the report's failures; it does not stop the bench.
+        """
         inputs = list(self.examples.values()) if inputs is None else list(inputs)
         if not inputs:
             raise TrussLabError(f"{self.bundle.examples_path}: no inputs given and no examples to cycle over")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise TrussLabError(f"n must be a positive integer, got {n!r}")
-        batch = [inputs[i % len(inputs)] for i in range(n)]
-        results = self.predict_batch(batch, workers=concurrency)
-        return Report.from_traces([r.trace for r in results], self._lock_size)
+        for name, value in (("n", n), ("concurrency", concurrency)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TrussLabError(f"{name} must be a positive integer, got {value!r}")
+        traces: list[Trace] = []
+        failed = 0
+        bar = _progress_bar(n, f"{self.name} ×{concurrency}", progress)
+        try:
+            with ThreadPoolExecutor(max_workers=min(concurrency, n), thread_name_prefix="truss-lab-bench") as pool:
+                futures = [pool.submit(self.run, inputs[i % len(inputs)]) for i in range(n)]
+                try:
+                    for future in as_completed(futures):
+                        result = future.result()
+                        traces.append(result.trace)
+                        if not result.ok:
+                            failed += 1
+                            bar.set_postfix(failed=failed, refresh=False)
+                        bar.update(1)
+                except BaseException:  # Ctrl-C in the notebook: drop what has not started
+                    for f in futures:
+                        f.cancel()
+                    raise
+        finally:
+            bar.close()
+        return BenchReport.from_traces(traces, self._lock_size, concurrency=concurrency, label=label or self.name)
 
     @property
     def lock_available(self) -> int:
@@ -498,6 +577,13 @@ def share_state(instance: Any, new_cls: type, bundle: Bundle) -> Any:
             ) from None
 
 
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """tqdm.auto's bar (notebook widget or terminal text), imported only when a bench runs."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", disable=not enabled, leave=True)
+
+
 def _is_stream(y: Any) -> bool:
     return inspect.isgenerator(y) or inspect.isasyncgen(y)
 
@@ -518,8 +604,12 @@ def load(
     secrets: Mapping[str, str] | None = None,
     environment: Any = None,
     trace_capacity: int = DEFAULT_TRACE_CAPACITY,
+    guard: bool = True,
 ) -> LiveModel:
-    """Load the Truss at `path`: read config.yaml, import model.py, build Model, run load() once."""
+    """Load the Truss at `path`: read config.yaml, import model.py, build Model, run load() once.
+
+    `guard=False` turns off the lock-misuse guard (guard.py) for this model.
+    """
     bundle = read_bundle(path)
     return LiveModel(
         bundle,
@@ -527,4 +617,5 @@ def load(
         secrets=secrets,
         environment=environment,
         trace_capacity=trace_capacity,
+        guard=guard,
     )

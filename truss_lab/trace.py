@@ -148,6 +148,8 @@ class Report:
     bound: float  # lock_size / mean predict seconds
     max_lock_holders: int
     versions: list[int]
+    findings: dict[str, int] = field(default_factory=dict)  # lock-misuse kind -> requests with it
+    finding_messages: dict[str, str] = field(default_factory=dict)  # kind -> the first message
     traces: list[Trace] = field(default_factory=list, repr=False)
 
     @property
@@ -158,14 +160,34 @@ class Report:
     def efficiency(self) -> float:
         return self.throughput / self.bound if self.bound and not math.isnan(self.bound) else math.nan
 
+    def lock_wait_distribution(self, edges_ms: tuple[float, ...] = (0.0, 1, 10, 100, 1000)) -> list[tuple[str, int]]:
+        """How many requests waited for the lock within each range: [("< 1 ms", 12), ("1-10 ms", 3), ...]."""
+        waits = [t.lock_wait_ms for t in self.traces if t.lock_requested is not None]
+        bins: list[tuple[str, int]] = []
+        bounds = list(edges_ms[1:])
+        lo = 0.0
+        for hi in bounds:
+            label = f"< {hi:g} ms" if lo == 0 else f"{lo:g}-{hi:g} ms"
+            bins.append((label, sum(1 for w in waits if lo <= w < hi)))
+            lo = hi
+        bins.append((f">= {lo:g} ms", sum(1 for w in waits if w >= lo)))
+        return bins
+
     @classmethod
-    def from_traces(cls, traces: list[Trace], lock_size: int) -> "Report":
-        traces = [t for t in traces if t.end is not None]
+    def from_traces(cls, traces: list[Trace], lock_size: int, **extra: Any) -> "Report":
+        traces = sorted((t for t in traces if t.end is not None), key=lambda t: t.start)
         failures: dict[str, int] = {}
         for t in traces:
             if not t.ok:
                 failures[t.error_stage or "unknown"] = failures.get(t.error_stage or "unknown", 0) + 1
         stages = {s: StageStats.of([t.stage_ms(s) for t in traces]) for s in STAGES}
+        findings: dict[str, int] = {}
+        messages: dict[str, str] = {}
+        for t in traces:
+            for kind in {f.kind for f in t.findings}:
+                findings[kind] = findings.get(kind, 0) + 1
+            for f in t.findings:
+                messages.setdefault(f.kind, f.message)
         if traces:
             wall = max(t.end for t in traces) - min(t.start for t in traces)
         else:
@@ -188,7 +210,10 @@ class Report:
             bound=bound,
             max_lock_holders=max_concurrent(held),
             versions=sorted({t.version for t in traces}),
+            findings=findings,
+            finding_messages=messages,
             traces=list(traces),
+            **extra,
         )
 
     def table(self) -> str:
@@ -214,6 +239,11 @@ class Report:
             f"lock utilization {self.lock_utilization:.0%} | max holders {self.max_lock_holders}"
             f"/{self.lock_size} | wall {self.wall_s * 1000:.0f} ms"
         )
+        if self.count:
+            dist = ", ".join(f"{label} {n}" for label, n in self.lock_wait_distribution() if n)
+            lines.append(f"lock wait: {dist}")
+        for kind, n in sorted(self.findings.items()):
+            lines.append(f"lock misuse in {n} requests: {self.finding_messages[kind]}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -223,6 +253,18 @@ class Report:
         from . import render
 
         return render.bundle(self)
+
+
+@dataclass
+class BenchReport(Report):
+    """A Report from `LiveModel.bench`: also says how it was driven (workers, label for compare())."""
+
+    concurrency: int = 1
+    label: str = ""
+
+    def table(self) -> str:
+        head = f"bench {self.label + ' ' if self.label else ''}with {self.concurrency} workers"
+        return head + "\n" + super().table()
 
 
 def max_concurrent(intervals: list[tuple[float, float]]) -> int:

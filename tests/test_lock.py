@@ -1,0 +1,373 @@
+"""The lock made visible: bench, timeline, compare and the lock-misuse guard (issue: see the GPU lock).
+
+Models here have known stage durations (sleeps, or busy loops where the guard must see compute) and
+download from a real HTTP server on 127.0.0.1 (truss_lab.localhttp).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+
+import truss_lab
+from truss_lab import guard as lockguard
+from truss_lab.localhttp import LocalServer
+
+SLEEPY = """
+import time
+class Model:
+    def preprocess(self, x):
+        time.sleep({pre})
+        return x
+    def predict(self, x):
+        time.sleep({pred})
+        return x
+    def postprocess(self, x):
+        time.sleep({post})
+        return x
+"""
+
+# preprocess or predict downloads `x` (a URL); predict then computes for COMPUTE seconds (a busy loop:
+# CPU work, as a GPU kernel launch would be, so the guard's idle check has nothing to say about it)
+DOWNLOAD = """
+import time, urllib.request
+COMPUTE = {compute}
+def compute():
+    end = time.perf_counter() + COMPUTE
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return n
+def fetch(url):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read()
+class Model:
+    def preprocess(self, x):
+        return fetch(x) if {in_pre} else x
+    def predict(self, x):
+        data = x if {in_pre} else fetch(x)
+        compute()
+        return len(data)
+"""
+
+
+@pytest.fixture
+def server():
+    with LocalServer(files={"img.bin": b"\x89PNG" + bytes(4000)}, delay_ms=40) as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def _quiet_misuse():
+    """Sleep-based models trip the guard on purpose; tests that check warnings record them themselves."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lockguard.LockMisuseWarning)
+        yield
+
+
+# ---------------------------------------------------------------------------------------- bench
+
+
+def test_bench_efficiency_against_the_bound(live):
+    """pre 50 / predict 20 / post 10 ms, 8 workers, lock 1: the lock is the bottleneck and stays busy."""
+    tr = live(SLEEPY.format(pre=0.05, pred=0.02, post=0.01))
+    report = tr.bench([0], n=100, concurrency=8, progress=False)
+    assert isinstance(report, truss_lab.BenchReport) and report.count == 100 and report.ok == 100
+    assert report.concurrency == 8 and report.max_lock_holders == 1
+    assert report.bound == pytest.approx(1000 / report.stages["predict"].mean)
+    assert report.efficiency >= 0.95, report.table()
+    assert report.lock_utilization >= 0.95
+    # steady state: 8 workers share a 20 ms lock, so each waits ~ 8*20 - (50+20+10) = 80 ms per turn
+    assert 55 <= report.stages["lock_wait"].mean <= 100, report.table()
+    assert tr.lock_available == 1
+
+
+def test_one_worker_never_waits_and_uses_the_lock_a_quarter_of_the_time(live):
+    tr = live(SLEEPY.format(pre=0.05, pred=0.02, post=0.01))
+    report = tr.bench([0], n=10, concurrency=1, progress=False)
+    assert report.stages["lock_wait"].p95 < 1.0
+    assert report.lock_wait_distribution()[0] == ("< 1 ms", 10)
+    assert report.lock_utilization == pytest.approx(20 / 80, abs=0.05)  # predict / whole request
+    assert report.efficiency == pytest.approx(0.25, abs=0.05)
+
+
+@pytest.mark.parametrize("lock", [1, 2, 3])
+def test_lock_never_has_more_holders_than_its_size(live, lock):
+    tr = live(SLEEPY.format(pre=0.0, pred=0.01, post=0.0), concurrency=lock)
+    report = tr.bench([0], n=24, concurrency=8, progress=False)
+    assert report.max_lock_holders == lock  # reached, and never more (checked from the traces)
+    held = sorted((t.lock_acquired, t.lock_released) for t in report.traces)
+    for i, (a, _) in enumerate(held):
+        assert sum(1 for x, y in held if x <= a < y) <= lock, f"more than {lock} holders at request {i}"
+
+
+def test_bench_counts_failures_by_stage_and_keeps_going(live):
+    tr = live(
+        """
+        class Model:
+            def preprocess(self, x):
+                if x == "pre": raise ValueError("bad input")
+                return x
+            def predict(self, x):
+                if x == "pred": raise RuntimeError("boom")
+                return x
+            def postprocess(self, x):
+                if x == "post": raise KeyError(x)
+                return x
+        """
+    )
+    report = tr.bench(["ok", "pre", "pred", "post", "ok"], n=50, concurrency=4, progress=False)
+    assert report.count == 50 and report.ok == 20
+    assert report.failures == {"preprocess": 10, "predict": 10, "postprocess": 10}
+    assert tr.lock_available == 1
+    assert "failures: postprocess 10, predict 10, preprocess 10" in report.table()
+
+
+def test_bench_progress_bar_and_bad_arguments(live, capsys):
+    tr = live(examples=[{"name": "a", "input": 1}])
+    tr.bench(n=7, concurrency=2)  # cycles over examples.yaml
+    assert "7/7" in capsys.readouterr().err  # tqdm.auto's text bar outside Jupyter
+    tr.bench(n=3, concurrency=2, progress=False)
+    assert "3/3" not in capsys.readouterr().err
+    for kw in ({"n": 0}, {"concurrency": 0}, {"n": True}, {"concurrency": 1.5}):
+        with pytest.raises(truss_lab.TrussLabError, match=r"(n|concurrency) must be a positive integer"):
+            tr.bench([1], progress=False, **kw)
+
+
+# ---------------------------------------------------------------------------------------- compare
+
+
+def test_moving_the_download_to_preprocess_raises_throughput(live, server):
+    """Download 40 ms + compute 10 ms. Under the lock both: ~20 req/s. Download outside: ~100 req/s."""
+    wrong = live(DOWNLOAD.format(compute=0.01, in_pre=False), name="wrong")
+    right = live(DOWNLOAD.format(compute=0.01, in_pre=True), name="right")
+    url = server.url("img.bin")
+    a = wrong.bench([url], n=30, concurrency=8, progress=False)
+    b = right.bench([url], n=60, concurrency=8, progress=False)
+    assert a.ok == 30 and b.ok == 60
+    # what the durations imply: lock-bound, each holding the lock for its predict
+    expected = b.bound / a.bound  # ~ (40 + 10) / 10
+    assert expected > 3.5
+    ratio = b.throughput / a.throughput
+    assert ratio >= 0.7 * expected, (a.table(), b.table())
+    cmp = truss_lab.compare(a, b)
+    assert cmp.labels == ("wrong", "right")
+    assert cmp.throughput_ratio == pytest.approx(ratio)
+    assert cmp.row("throughput").verdict == "better" and cmp.row("latency p95").verdict == "better"
+    text = cmp.table()
+    assert re.search(r"throughput req/s\s+\S+\s+\S+\s+×\d+\.\d\d  better", text), text
+    html = cmp._repr_mimebundle_()["text/html"]
+    assert html.count("<svg") == 2 and "wrong" in html and "right" in html
+    # the guard saw the download in the wrong one only
+    assert a.findings.get("connect") == 30 and "127.0.0.1:" in a.finding_messages["connect"]
+    assert not b.findings, b.finding_messages
+
+
+def test_compare_lock_sizes_and_rejects_non_reports(live):
+    one = live(SLEEPY.format(pre=0.0, pred=0.02, post=0.0), name="one", concurrency=1)
+    two = live(SLEEPY.format(pre=0.0, pred=0.02, post=0.0), name="two", concurrency=2)
+    a = one.bench([0], n=32, concurrency=4, progress=False)
+    b = two.bench([0], n=32, concurrency=4, progress=False)
+    cmp = truss_lab.compare(a, b)
+    assert 0.7 * (b.bound / a.bound) <= cmp.throughput_ratio <= 1.1 * (b.bound / a.bound)  # ~2: twice the slots
+    with pytest.raises(TypeError, match="b is int"):
+        truss_lab.compare(cmp.a, 3)
+    same = truss_lab.compare(cmp.a, cmp.a)
+    assert same.labels == ("one (a)", "one (b)") and same.throughput_ratio == 1.0 and same.row("throughput").verdict == ""
+
+
+# ---------------------------------------------------------------------------------------- guard
+
+
+def test_guard_flags_a_download_in_predict_once_per_kind(live, server):
+    tr = live(DOWNLOAD.format(compute=0.0, in_pre=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = tr.run(server.url("img.bin"))
+        second = tr.run(server.url("img.bin"))
+    kinds = {f.kind for f in first.trace.findings}
+    assert {"connect", "dns", "http"} <= kinds
+    connect = next(f for f in first.trace.findings if f.kind == "connect")
+    assert connect.detail == f"127.0.0.1:{server.port}"
+    assert connect.held_ms >= 40  # the server's delay happened under the lock
+    assert re.fullmatch(
+        rf"predict opened a connection to 127\.0\.0\.1:{server.port} and held the lock \d+ ms — move the download to preprocess",
+        connect.message,
+    )
+    assert {f.kind for f in second.trace.findings} == kinds  # every trace records it ...
+    misuse = [str(w.message) for w in caught if issubclass(w.category, truss_lab.LockMisuseWarning)]
+    assert len(misuse) == len(kinds)  # ... but the warning comes once per kind, for the first request
+    assert any(m.startswith(f"t: predict opened a connection to 127.0.0.1:{server.port}") for m in misuse)
+    misuse = [w for w in caught if issubclass(w.category, truss_lab.LockMisuseWarning)]
+    assert misuse[0].filename.endswith("model.py")  # points at the user's predict, not at truss_lab
+    assert "lock misuse" in first._repr_mimebundle_()["text/html"]
+    assert "lock misuse: predict opened a connection" in repr(first)
+
+
+def test_guard_is_silent_when_the_download_is_in_preprocess_even_under_concurrency(live, server):
+    tr = live(DOWNLOAD.format(compute=0.005, in_pre=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = tr.bench([server.url("img.bin")], n=24, concurrency=6, progress=False)
+    # other requests download while one holds the lock: none of that is blamed on predict
+    assert report.ok == 24 and not report.findings
+    assert all(not t.findings for t in report.traces)
+    assert not [w for w in caught if issubclass(w.category, truss_lab.LockMisuseWarning)]
+
+
+def test_guard_flags_a_file_read_in_predict_not_in_load_or_preprocess(live):
+    model = """
+    class Model:
+        def __init__(self, data_dir, **kw):
+            self.path = data_dir / "weights.bin"
+        def load(self):
+            self.weights = self.path.read_bytes()
+        def preprocess(self, x):
+            return self.path.read_bytes() if x == "pre" else x
+        def predict(self, x):
+            return len(self.path.read_bytes()) if x == "predict" else len(self.weights)
+    """
+    tr = live(model, files={"data/weights.bin": "w" * 100})
+    assert not tr.run("pre").trace.findings
+    found = tr.run("predict").trace.findings
+    assert [(f.kind, f.detail) for f in found] == [("file", str(tr.path / "data" / "weights.bin"))]
+    assert "read it in load() or preprocess" in found[0].message
+
+
+def test_guard_sees_async_predict_and_stream_but_not_the_consumer(live, server):
+    tr = live(
+        f"""
+        import asyncio, urllib.request
+        PORT = {server.port}
+        class Model:
+            async def predict(self, x):
+                reader, writer = await asyncio.open_connection("127.0.0.1", PORT)
+                writer.close()
+                await writer.wait_closed()
+                return x
+        """,
+        name="a",
+    )
+    assert [f.kind for f in tr.run(1).trace.findings] == ["connect"]
+    st = live(
+        f"""
+        import urllib.request
+        class Model:
+            def predict(self, x):
+                for i in range(3):
+                    if i == 1:
+                        urllib.request.urlopen("{server.url('img.bin')}").read()
+                    yield i
+        """,
+        name="s",
+    )
+    consumed = []
+    for chunk in st.stream(0):
+        consumed.append(chunk)
+        (st.path / "data" / "consumer.txt").write_text("the caller's own work between chunks")
+    trace = st.traces[-1]
+    assert consumed == [0, 1, 2]
+    assert {f.kind for f in trace.findings} == {"connect", "dns", "http"}  # the file write is not predict's
+
+
+def test_guard_idle_predict_and_turning_it_off(live):
+    tr = live(SLEEPY.format(pre=0.03, pred=0.03, post=0.0))
+    found = tr.run(0).trace.findings
+    assert [f.kind for f in found] == ["idle"]  # a sleep in predict (audited itself only from Python 3.12)
+    assert re.fullmatch(r"predict was idle for \d+ of its \d+ ms \(thread CPU \d+ ms\) and held the lock \d+ ms — .*", found[0].message)
+    tr.guard = False
+    assert tr.run(0).trace.findings == []
+    off = live(DOWNLOAD.format(compute=0.0, in_pre=False), name="off", guard=False)
+    assert off.guard is False
+
+
+def test_guard_hook_survives_odd_arguments():
+    """The audit hook classifies what it can and never raises into the program it watches."""
+    watch = lockguard.begin()
+    token = lockguard.enter(watch)
+    try:
+        lockguard._hook("open", (3, "r", 0))  # an fd
+        lockguard._hook("open", (b"/tmp/x.bin", "r", 0))
+        lockguard._hook("socket.connect", (None, "/run/daemon.sock"))  # AF_UNIX: local, not a download
+        lockguard._hook("subprocess.Popen", ("ls", ["ls", "-l"], None, None))
+        lockguard._hook("time.sleep", (0.25,))
+        lockguard._hook("socket.getaddrinfo", ())  # malformed: ignored
+    finally:
+        lockguard.leave(token)
+    assert set(watch.events) == {("file", "/tmp/x.bin"), ("subprocess", "ls -l"), ("sleep", "250 ms")}
+    many = lockguard.begin()
+    token = lockguard.enter(many)
+    try:
+        for i in range(lockguard.MAX_EVENTS + 5):
+            lockguard._hook("open", (f"/tmp/f{i}", "r", 0))
+    finally:
+        lockguard.leave(token)
+    found = lockguard.end(many, held_ms=1.0)
+    assert len(found) == lockguard.MAX_EVENTS and found[-1].detail.endswith("and 5 other things")
+
+
+# ---------------------------------------------------------------------------------------- timeline
+
+
+@pytest.mark.parametrize("n", [1, 10, 200])
+def test_timeline_renders_with_one_bar_per_stage_segment(live, n):
+    pytest.importorskip("matplotlib")
+    tr = live(SLEEPY.format(pre=0.002, pred=0.001, post=0.001), concurrency=2)
+    report = tr.bench(list(range(5)), n=n, concurrency=4, progress=False)
+    tl = truss_lab.timeline(report)
+    assert len(tl.rows) == n
+    fig = tl.figure()
+    lane, ax = fig.axes
+    for stage, label in (("preprocess", "pre"), ("lock_wait", "lock wait"), ("predict", "predict"), ("postprocess", "post")):
+        expected = sum(1 for t in report.traces if t.stage_ms(stage) > 0)
+        bars = [c for c in ax.containers if c.get_label() == label]
+        assert sum(len(c.patches) for c in bars) == expected, stage
+    assert lane.get_ylim() == (0, 2.5)  # lock of 2, with headroom
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == [
+        label for label in ("pre", "lock wait", "predict", "post") if any(c.get_label() == label for c in ax.containers)
+    ]
+    png = tl.png()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    svg = tl.svg()
+    for stage in ("preprocess", "predict"):
+        colour = truss_lab.render.STAGE_COLOURS[stage]
+        assert svg.count(f'fill="{colour}">') == sum(1 for t in report.traces if t.stage_ms(stage) > 0)
+    assert report.count == n and tl.caption in str(tl)
+
+
+def test_timeline_by_worker_errors_and_escaping(live):
+    pytest.importorskip("matplotlib")
+    tr = live(
+        """
+        class Model:
+            def predict(self, x):
+                if x == 2:
+                    raise ValueError("<script>alert(1)</script>")
+                return x
+        """
+    )
+    report = tr.bench([1, 2], n=6, concurrency=2, progress=False)
+    tl = truss_lab.timeline(report, by="worker")
+    assert 1 <= len(tl.rows) <= 2 and all(r.startswith("worker ") for r in tl.rows)
+    assert len(tl.errors) == 3
+    svg = tl.svg()
+    assert "<script>" not in svg and "&lt;script&gt;" in svg
+    tl.figure()
+    with pytest.raises(ValueError, match="by must be"):
+        truss_lab.timeline(report, by="thread")
+    with pytest.raises(TypeError, match="not int"):
+        truss_lab.timeline(3)
+    from_traces = truss_lab.timeline(report.traces, last=2)
+    assert len(from_traces.rows) == 2
+
+
+def test_report_html_shows_timeline_wait_distribution_and_misuse(live):
+    tr = live(SLEEPY.format(pre=0.0, pred=0.025, post=0.0))
+    report = tr.bench([0], n=4, concurrency=2, progress=False)
+    html = report._repr_mimebundle_()["text/html"]
+    assert "<svg" in html and "lock wait (requests)" in html and "lock misuse" in html
+    text = report.table()
+    assert "lock wait: " in text and "lock misuse in 4 requests: predict was idle" in text

@@ -1,0 +1,290 @@
+"""Lock-misuse guard: what predict does while it holds the lock that is not compute.
+
+The Truss advice is "GPU work in predict, slow non-GPU work in pre/postprocess". The guard makes a
+breach visible. While predict holds the lock it notes, for that request only:
+
+- audited events (`sys.addaudithook`): a connection (`socket.connect`), a name lookup
+  (`socket.getaddrinfo`), an HTTP request (`urllib.Request`), a file opened (`open`, minus Python's own
+  imports and /proc, /sys, /dev), a subprocess (`subprocess.Popen`), a sleep (`time.sleep`, audited
+  from Python 3.12);
+- idle time: the predict thread's CPU time against wall time. A predict that held the lock 180 ms
+  while this whole process used the CPU for 5 ms was waiting on something - a download, a disk, a
+  sleep. Not reported once a GPU framework has a device in use (waiting for the GPU is the point),
+  nor for async predicts (their work runs on the event loop's thread).
+
+Scoping: the current request is a ContextVar, set in the thread that runs predict (and inside the
+task that runs an async predict), so a download in another request's preprocess is never blamed on
+this predict. Threads that predict itself starts are not followed.
+
+Cost: the hook rejects an unwatched event with one dict lookup; a guarded predict that does nothing
+suspicious adds two clock reads and a ContextVar set/reset (benchmarks/bench_lock.py measures it).
+The hook cannot be removed from the process (Python's rule); turning the guard off makes it inert.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Awaitable
+
+IDLE_MIN_MS = 20.0  # below this, an idle predict is not worth a warning
+IDLE_CPU_SHARE = 0.2  # predict thread CPU / wall below this ...
+IDLE_PROCESS_SHARE = 0.5  # ... and the whole process's CPU / wall below this: "idle"
+MAX_EVENTS = 32  # per request; a predict that opens 10,000 files is reported as such, not stored
+
+ADVICE = {
+    "connect": "move the download to preprocess",
+    "dns": "move the download to preprocess",
+    "http": "move the download to preprocess",
+    "file": "read it in load() or preprocess",
+    "subprocess": "run it in preprocess or postprocess",
+    "sleep": "wait in preprocess, not under the lock",
+    "idle": "if that is not GPU time, move the waiting (I/O, sleep) out of predict",
+}
+
+WHAT = {
+    "connect": "opened a connection to {detail}",
+    "dns": "looked up {detail}",
+    "http": "made an HTTP request to {detail}",
+    "file": "opened {detail}",
+    "subprocess": "started a subprocess {detail}",
+    "sleep": "slept {detail}",
+    "idle": "was idle for {detail}",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One kind of lock misuse in one request: what predict did, and for how long it held the lock."""
+
+    kind: str  # connect | dns | http | file | subprocess | sleep | idle
+    detail: str
+    held_ms: float
+    count: int = 1
+
+    @property
+    def message(self) -> str:
+        what = WHAT[self.kind].format(detail=self.detail)
+        more = f" ({self.count} times)" if self.count > 1 else ""
+        return f"predict {what}{more} and held the lock {self.held_ms:.0f} ms — {ADVICE[self.kind]}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class LockMisuseWarning(UserWarning):
+    """Predict did non-compute work (I/O, a sleep, a subprocess) while holding the lock."""
+
+
+@dataclass(slots=True)
+class Watch:
+    """What one predict did while holding the lock; filled by the audit hook."""
+
+    wall0: float
+    cpu0: float
+    proc0: float
+    events: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, detail) -> count
+    dropped: int = 0  # events past MAX_EVENTS distinct ones
+    idle_check: bool = True  # off for async predicts and streams: the thread's CPU time says nothing
+
+
+_CURRENT: ContextVar[Watch | None] = ContextVar("truss_lab_guard", default=None)
+_installed = False
+_install_lock = threading.Lock()
+_IGNORED_PREFIXES = ("/proc/", "/sys/", "/dev/")
+_IMPORT_SUFFIXES = (".py", ".pyc", ".so", ".pyd", ".pth")
+
+
+def _library_prefixes() -> tuple[str, ...]:
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix}
+    return tuple(p.rstrip(os.sep) + os.sep for p in prefixes if p)
+
+
+_LIBRARY = _library_prefixes()
+
+
+def _address(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+def _file(args: tuple) -> str | None:
+    path = args[0]
+    if isinstance(path, int):  # os.fdopen / open(fd): already open
+        return None
+    path = os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)
+    if path.endswith(_IMPORT_SUFFIXES) or path.startswith(_IGNORED_PREFIXES) or path.startswith(_LIBRARY):
+        return None
+    return path
+
+
+def _classify(event: str, args: tuple) -> tuple[str, str] | None:
+    if event == "socket.connect":
+        address = args[1]
+        if not isinstance(address, tuple):  # AF_UNIX: a local socket, e.g. a GPU daemon; not a download
+            return None
+        return "connect", _address(address)
+    if event == "socket.getaddrinfo":
+        return "dns", f"{args[0]}:{args[1]}" if args[1] is not None else str(args[0])
+    if event == "urllib.Request":
+        return "http", f"{args[3] or 'GET'} {args[0]}"
+    if event == "open":
+        path = _file(args)
+        return ("file", path) if path is not None else None
+    if event == "subprocess.Popen":
+        argv = args[1]
+        shown = " ".join(map(str, argv)) if isinstance(argv, (list, tuple)) else str(argv)
+        return "subprocess", shown[:80]
+    if event == "time.sleep":
+        return "sleep", f"{float(args[0]) * 1000:.0f} ms"
+    return None
+
+
+_EVENTS = frozenset(
+    {"socket.connect", "socket.getaddrinfo", "urllib.Request", "open", "subprocess.Popen", "time.sleep"}
+)
+
+
+def _hook(event: str, args: tuple) -> None:
+    if event not in _EVENTS:
+        return
+    watch = _CURRENT.get()
+    if watch is None:
+        return
+    try:
+        found = _classify(event, args)
+    except Exception:  # an audit hook must never break the program it watches
+        return
+    if found is None:
+        return
+    if found in watch.events:
+        watch.events[found] += 1
+    elif len(watch.events) < MAX_EVENTS:
+        watch.events[found] = 1
+    else:
+        watch.dropped += 1
+
+
+def install() -> None:
+    """Add the process-wide audit hook (once; Python cannot remove it again)."""
+    global _installed
+    if _installed:
+        return
+    with _install_lock:
+        if not _installed:
+            sys.addaudithook(_hook)
+            _installed = True
+
+
+def begin() -> Watch:
+    """Start a watch for one predict (then `enter` it in every thread or task that runs predict)."""
+    return Watch(time.perf_counter(), time.thread_time(), time.process_time())
+
+
+def enter(watch: Watch) -> Any:
+    """Make `watch` current in this thread (or task); returns the token for `leave`."""
+    return _CURRENT.set(watch)
+
+
+def leave(token: Any) -> None:
+    _CURRENT.reset(token)
+
+
+def end(watch: Watch, held_ms: float) -> list[Finding]:
+    """Turn what was seen into findings (one per kind and detail); [] on the fast path."""
+    wall_ms = (time.perf_counter() - watch.wall0) * 1000.0
+    if not watch.events and (not watch.idle_check or wall_ms < IDLE_MIN_MS):
+        return []  # nothing seen, and too short (or not ours to time) to call idle
+    cpu_ms = (time.thread_time() - watch.cpu0) * 1000.0
+    proc_ms = (time.process_time() - watch.proc0) * 1000.0
+    out = [Finding(kind, detail, held_ms, count) for (kind, detail), count in watch.events.items()]
+    if watch.dropped and out:
+        last = out[-1]
+        out[-1] = Finding(last.kind, f"{last.detail} and {watch.dropped} other things", held_ms, last.count)
+    if (
+        watch.idle_check
+        and wall_ms >= IDLE_MIN_MS
+        and cpu_ms < IDLE_CPU_SHARE * wall_ms
+        and proc_ms < IDLE_PROCESS_SHARE * wall_ms
+        and not gpu_in_use()
+    ):
+        idle = f"{wall_ms - cpu_ms:.0f} of its {wall_ms:.0f} ms (thread CPU {cpu_ms:.0f} ms)"
+        out.append(Finding("idle", idle, held_ms))
+    return out
+
+
+def iterate(watch: Watch, iterator: Any) -> Any:
+    """Yield from `iterator` with `watch` current only while a chunk is being produced.
+
+    For `LiveModel.stream`: between chunks the caller's own code runs, and is not predict's.
+    """
+    iterator = iter(iterator)
+    while True:
+        token = _CURRENT.set(watch)
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            _CURRENT.reset(token)
+        yield item
+
+
+async def within(watch: Watch, awaitable: Awaitable) -> Any:
+    """Await `awaitable` with `watch` current: the event loop task of an async predict is watched too."""
+    watch.idle_check = False
+    token = _CURRENT.set(watch)
+    try:
+        return await awaitable
+    finally:
+        _CURRENT.reset(token)
+
+
+_gpu_seen = False
+
+
+def gpu_in_use() -> bool:
+    """True once torch or TensorFlow in this process has a GPU (waiting for it is not idling)."""
+    global _gpu_seen
+    if _gpu_seen:
+        return True
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            _gpu_seen = True
+    except Exception:
+        pass
+    tf = sys.modules.get("tensorflow")
+    try:
+        if tf is not None and tf.config.list_logical_devices("GPU"):
+            _gpu_seen = True
+    except Exception:
+        pass
+    return _gpu_seen
+
+
+class Warner:
+    """Warn once per kind of finding (per code version: a fix that regresses warns again)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._seen.clear()
+
+    def first(self, findings: list[Finding]) -> list[Finding]:
+        """The findings whose kind has not been warned about yet (and mark them warned)."""
+        new = []
+        with self._lock:
+            for f in findings:
+                if f.kind not in self._seen:
+                    self._seen.add(f.kind)
+                    new.append(f)
+        return new

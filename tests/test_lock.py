@@ -371,3 +371,82 @@ def test_report_html_shows_timeline_wait_distribution_and_misuse(live):
     assert "<svg" in html and "lock wait (requests)" in html and "lock misuse" in html
     text = report.table()
     assert "lock wait: " in text and "lock misuse in 4 requests: predict was idle" in text
+
+
+# ---------------------------------------------------------------------------------------- the lock itself
+
+
+def _wait_for(predicate, timeout=5.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.001)
+
+
+def test_fair_lock_serves_waiters_in_arrival_order():
+    """As a Truss server's asyncio.Semaphore: a thread that releases and re-acquires does not barge in."""
+    import threading
+
+    from truss_lab.lock import FairLock
+
+    lock = FairLock(1)
+    order: list[int] = []
+    lock.acquire()
+    threads = []
+    for i in range(6):
+        t = threading.Thread(target=lambda i=i: (lock.acquire(), order.append(i), lock.release()))
+        t.start()
+        threads.append(t)
+        _wait_for(lambda: lock.waiting == i + 1)  # queued in this order
+    lock.release()
+    lock.acquire()  # a newcomer queues behind all six
+    assert order == [0, 1, 2, 3, 4, 5]
+    lock.release()
+    for t in threads:
+        t.join(5)
+    assert lock.available == 1 and lock.waiting == 0
+    with pytest.raises(ValueError, match="released more times"):
+        lock.release()
+    with pytest.raises(ValueError):
+        FairLock(0)
+
+
+def test_fair_lock_interrupted_waiter_leaks_no_slot():
+    import signal
+    import threading
+
+    from truss_lab.lock import FairLock
+
+    lock = FairLock(1)
+    held, done = threading.Event(), threading.Event()
+
+    def holder():
+        with lock:
+            held.set()
+            done.wait(5)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(5)
+
+    class Interrupted(Exception):
+        pass
+
+    def on_alarm(signum, frame):
+        raise Interrupted
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Interrupted):
+            lock.acquire()  # blocked behind the holder, then interrupted as Ctrl-C would
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert lock.waiting == 0
+    done.set()
+    t.join(5)
+    assert lock.available == 1

@@ -27,6 +27,7 @@ from .aio import LoopThread
 from .bundle import Bundle, read_bundle, resolve_secrets, validate_concurrency
 from .errors import STAGE_ERRORS, LoadError, ModelError, TrussLabError, describe
 from .jsoncheck import first_non_json
+from .lock import FairLock
 from .trace import BenchReport, Report, Trace
 
 if TYPE_CHECKING:
@@ -237,7 +238,7 @@ class LiveModel:
             raise TrussLabError(f"concurrency {exc}") from None
         self._lock_size = value
         # Requests already waiting keep the semaphore they hold a reference to; new ones get this.
-        self._lock = threading.BoundedSemaphore(value)
+        self._lock = FairLock(value)
 
     @property
     def guard(self) -> bool:
@@ -526,7 +527,7 @@ class LiveModel:
     @property
     def lock_available(self) -> int:
         """Free lock slots right now (== concurrency when no predict is running)."""
-        return self._lock._value
+        return self._lock.available
 
     def close(self) -> None:
         """Stop the watcher and the event loop thread."""

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS := notebook,tf,test
 
-.PHONY: install lab test bench clean
+.PHONY: install browser lab test bench clean
 
 install: $(VENV)/.installed
 
@@ -18,7 +18,16 @@ $(VENV)/.installed: pyproject.toml
 lab: install
 	$(BIN)/python -m truss_lab.lab
 
-test: install
+# The widget test drives Debian's chromium (never `playwright install`): get it with apt where we can.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "note: no chromium and no apt-get here; the browser test will be skipped (install chromium to run it)"; fi; }
+
+test: install browser
 	$(BIN)/python -m pytest
 
 bench: install

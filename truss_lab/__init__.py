@@ -36,6 +36,13 @@ def load_ipython_extension(ip):
     _load(ip)
 
 
+def widget(live):
+    """An ipywidgets panel for `live` (a LiveModel): input, examples, image upload, Run, Run ×N, history."""
+    from .widgets import widget as _widget
+
+    return _widget(live)
+
+
 def unload_ipython_extension(ip):
     from .magics import unload_ipython_extension as _unload
 
@@ -71,4 +78,5 @@ __all__ = [
     "load",
     "read_bundle",
     "timeline",
+    "widget",
 ]

@@ -266,7 +266,9 @@ class TrussMagics(Magics):
         print(f"{live.name}: lock-misuse guard {'on' if live.guard else 'off'}")
 
     def cmd_widget(self, args, cell):
-        raise UsageError("%truss widget: the widget panel is not part of this version yet (see README, 'Status')")
+        from .widgets import widget
+
+        display(widget(self.model(args.model)))
 
     def cmd_traceback(self, args, cell):
         if self.last_error is None:

@@ -490,11 +490,13 @@ class LiveModel:
         *,
         progress: bool = True,
         label: str = "",
+        on_result: Callable[[Result], None] | None = None,
     ) -> BenchReport:
         """Send `n` requests (cycling over `inputs`, or the truss's examples) from `concurrency` workers.
 
         Shows a tqdm progress bar (a widget in Jupyter, text in a terminal) unless `progress=False`.
         A model error in one request is counted in the report's failures; it does not stop the bench.
+        `on_result(result)` is called (in this thread) as each request ends, e.g. to drive a progress widget.
         """
         inputs = list(self.examples.values()) if inputs is None else list(inputs)
         if not inputs:
@@ -512,6 +514,8 @@ class LiveModel:
                     for future in as_completed(futures):
                         result = future.result()
                         traces.append(result.trace)
+                        if on_result is not None:
+                            on_result(result)
                         if not result.ok:
                             failed += 1
                             bar.set_postfix(failed=failed, refresh=False)

@@ -1,0 +1,339 @@
+"""An ipywidgets panel bound to a LiveModel: type or upload an input, Run, see the rendered Result.
+
+    panel = truss_lab.widget(tr)     # or %truss widget
+
+The model runs on a background thread, so the kernel keeps handling widget messages while it works;
+the panel is updated when the run ends. The status line follows the watcher: a reload (or a failed
+one, with its error) shows up without re-running the cell. Errors inside the panel's own callbacks
+are shown in the panel, never lost in the kernel log.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ipywidgets as W
+
+from . import render
+from .render import esc
+
+HISTORY = 20  # runs kept in the history list
+IMAGE_HINTS = ("image", "img", "url", "path", "file", "photo", "picture")
+
+
+@dataclass
+class Run:
+    when: float
+    result: Any  # a Result
+
+    @property
+    def label(self) -> str:
+        t = self.result.trace
+        status = "ok" if self.result.ok else f"{self.result.error.stage} error"
+        return f"{time.strftime('%H:%M:%S', time.localtime(self.when))}  v{t.version}  {t.total_ms:.1f} ms  {status}"
+
+
+class Panel:
+    """The widget panel for one LiveModel. Display it (it is its own `_repr_mimebundle_`)."""
+
+    def __init__(self, live):
+        self.live = live
+        self.runs: list[Run] = []
+        self._upload: tuple[str, bytes] | None = None  # (file name, bytes) when the input is an upload
+        self._busy = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._showing_history = False
+
+        self.status = W.HTML(layout=W.Layout(width="100%"))
+        self.status.add_class("tl-status")
+        self.text = W.Textarea(
+            placeholder="model input: JSON or a Python literal",
+            layout=W.Layout(width="100%", height="90px"),
+        )
+        self.text.add_class("tl-input")
+        names = list(live.examples)
+        self.examples = W.Dropdown(
+            options=[("— example —", "")] + [(n, n) for n in names],
+            value="",
+            description="",
+            layout=W.Layout(width="200px"),
+            disabled=not names,
+        )
+        self.examples.add_class("tl-examples")
+        self.upload = W.FileUpload(accept="image/*", multiple=False, description="Image")
+        self.upload.add_class("tl-upload")
+        self.upload_note = W.HTML()
+        self.upload_note.add_class("tl-upload-note")
+        self.run_button = W.Button(description="Run", button_style="primary", icon="play")
+        self.run_button.add_class("tl-run")
+        self.run_n_button = W.Button(description="Run ×N", icon="forward")
+        self.run_n_button.add_class("tl-run-n")
+        self.n = W.BoundedIntText(value=20, min=1, max=10_000, description="N", layout=W.Layout(width="140px"))
+        self.workers = W.IntSlider(value=4, min=1, max=32, description="workers", layout=W.Layout(width="260px"))
+        self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="160px", visibility="hidden"))
+        self.output = W.HTML()
+        self.output.add_class("tl-output")
+        self.timeline = W.HTML()
+        self.timeline.add_class("tl-timeline")
+        self.history = W.Select(options=[], rows=5, layout=W.Layout(width="100%"))
+        self.history.add_class("tl-history")
+
+        self.examples.observe(self._guarded(self._on_example), names="value")
+        self.upload.observe(self._guarded(self._on_upload), names="value")
+        self.text.observe(self._guarded(self._on_text), names="value")
+        self.history.observe(self._guarded(self._on_history), names="value")
+        self.run_button.on_click(self._guarded(lambda _: self._start(self._run_once)))
+        self.run_n_button.on_click(self._guarded(lambda _: self._start(self._run_many)))
+        self._unsubscribe = live.on_reload(self._guarded(lambda event: self._show_status(event)))
+
+        self.box = W.VBox(
+            [
+                self.status,
+                W.HBox([W.VBox([self.text], layout=W.Layout(flex="1")), W.VBox([self.examples, self.upload, self.upload_note])]),
+                W.HBox([self.run_button, self.run_n_button, self.n, self.workers, self.progress]),
+                self.output,
+                self.timeline,
+                W.HTML("<b>history</b> <span style='color:#666'>(click a run to show it again)</span>"),
+                self.history,
+            ],
+            layout=W.Layout(width="100%", max_width="980px"),
+        )
+        self.box.add_class("truss-lab-panel")
+        if names:
+            self.examples.value = names[0]  # start from something runnable
+        self._show_status(None)
+
+    # ------------------------------------------------------------------ display
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return self.box._repr_mimebundle_(include=include, exclude=exclude)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the current Run / Run ×N has finished (True), or `timeout` seconds pass (False)."""
+        return self._idle.wait(timeout)
+
+    def close(self) -> None:
+        """Stop following reloads and close the widgets."""
+        self._unsubscribe()
+        self.box.close()
+
+    # ------------------------------------------------------------------ input
+
+    def model_input(self) -> Any:
+        """What Run sends: the uploaded image (shaped like the examples' inputs) or the parsed text."""
+        if self._upload is not None:
+            return shape_like_examples(self._upload[1], self._upload[0], list(self.live.examples.values()))
+        return parse_input(self.text.value)
+
+    def _on_example(self, change) -> None:
+        name = change["new"]
+        if not name:
+            return
+        value = self.live.example(name)
+        self._set_text(to_text(value))
+
+    def _on_upload(self, change) -> None:
+        files = change["new"]
+        if not files:
+            return
+        item = files[0]
+        name, data = item["name"], bytes(item["content"])
+        self._upload = (name, data)
+        self.upload_note.value = (
+            f"<span class='tl-muted'>input: <b>{esc(name)}</b> ({len(data) / 1024:.1f} kB) — "
+            "edit the text to use it instead</span>"
+        )
+
+    def _on_text(self, change) -> None:
+        if not getattr(self, "_setting_text", False):
+            self._clear_upload()
+
+    def _set_text(self, text: str) -> None:
+        self._setting_text = True
+        try:
+            self.text.value = text
+        finally:
+            self._setting_text = False
+        self._clear_upload()
+
+    def _clear_upload(self) -> None:
+        if self._upload is not None:
+            self._upload = None
+            self.upload_note.value = ""
+
+    # ------------------------------------------------------------------ running
+
+    def _start(self, job: Callable[[Any], None]) -> None:
+        """Run `job(input)` on a background thread; buttons are disabled until it ends."""
+        try:
+            x = self.model_input()
+        except ValueError as exc:
+            self.output.value = _panel_error(str(exc))
+            return
+        if not self._busy.acquire(blocking=False):
+            return
+        self._idle.clear()
+        self._set_running(True)
+
+        def work() -> None:
+            try:
+                job(x)
+            except Exception as exc:  # the panel's own failure: show it, never lose it
+                self.output.value = _panel_error(f"{type(exc).__name__}: {exc}")
+            finally:
+                self._set_running(False)
+                self._busy.release()
+                self._idle.set()
+
+        threading.Thread(target=work, name="truss-lab-panel", daemon=True).start()
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.disabled = running
+        self.run_n_button.disabled = running
+        self.run_button.description = "Running…" if running else "Run"
+
+    def _run_once(self, x: Any) -> None:
+        result = self.live.run(x)
+        self._record(result)
+        self.output.value = render.result_html(result)
+        self._show_status(None)
+
+    def _run_many(self, x: Any) -> None:
+        n, workers = int(self.n.value), int(self.workers.value)
+        self.progress.max, self.progress.value = n, 0
+        self.progress.layout.visibility = "visible"
+        batch: list = []
+
+        def tick(result) -> None:
+            batch.append(result)
+            self.progress.value = len(batch)
+
+        try:
+            report = self.live.bench([x], n=n, concurrency=workers, progress=False, on_result=tick)
+        finally:
+            self.progress.layout.visibility = "hidden"
+        if batch:
+            self._record(batch[-1])
+            self.output.value = render.result_html(batch[-1])
+        self.timeline.value = render.report_html(report)
+        self._show_status(None)
+
+    def _record(self, result) -> None:
+        self.runs.insert(0, Run(time.time(), result))
+        del self.runs[HISTORY:]
+        self._showing_history = True
+        try:
+            self.history.options = [(run.label, i) for i, run in enumerate(self.runs)]
+            self.history.value = None
+        finally:
+            self._showing_history = False
+
+    def _on_history(self, change) -> None:
+        if self._showing_history or change["new"] is None:
+            return
+        self.output.value = render.result_html(self.runs[change["new"]].result)
+
+    # ------------------------------------------------------------------ status
+
+    def _show_status(self, event) -> None:
+        live = self.live
+        events = live.reload_history
+        event = event or (events[-1] if events else None)
+        watching = "watching for edits" if live.watching else "not watching"
+        parts = [
+            f"<b>{esc(live.name)}</b>",
+            f"<span class='tl-version'>v{live.version}</span>",
+            f"lock {live.concurrency}",
+            watching,
+        ]
+        if event is None:
+            last = "<span style='color:#666'>no reload yet</span>"
+        elif event.ok:
+            last = f"<span style='color:#2e7d32'>{esc(event.summary())}</span>"
+        else:
+            summary = event.summary()
+            where = f" at {event.location}" if event.location and event.location not in summary else ""
+            last = f"<span class='tl-reload-error' style='color:#c62828'>{esc(summary + where)}</span>"
+        self.status.value = (
+            f"<div class='truss-lab' style='font-size:13px'>{' · '.join(parts)} · last reload: {last}</div>"
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _guarded(self, fn: Callable) -> Callable:
+        """Wrap a callback so that an exception shows in the panel instead of the kernel log."""
+
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                self.output.value = _panel_error(f"{type(exc).__name__}: {exc}")
+
+        return call
+
+
+def widget(live) -> Panel:
+    """An interactive panel for `live` (a LiveModel): input, examples, image upload, Run, Run ×N."""
+    return Panel(live)
+
+
+def parse_input(text: str) -> Any:
+    """JSON first (what a Truss server receives), else a Python literal (bytes, tuples, ...)."""
+    text = text.strip()
+    if not text:
+        raise ValueError("input: empty — type JSON or a Python literal, pick an example, or upload an image")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError) as exc:
+        raise ValueError(f"input: neither JSON nor a Python literal ({type(exc).__name__}: {exc})") from None
+
+
+def to_text(value: Any) -> str:
+    """An example's input as the text area shows it: JSON when it is JSON, else its Python repr."""
+    try:
+        return json.dumps(value, indent=1) if len(json.dumps(value)) > 60 else json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def data_uri(data: bytes, name: str = "") -> str:
+    kind = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".gif": "gif", ".webp": "webp", ".bmp": "bmp"}.get(
+        Path(name).suffix.lower(), "png"
+    )
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def shape_like_examples(data: bytes, name: str, examples: list[Any]) -> Any:
+    """An uploaded image in the form the truss's examples use.
+
+    An example that is a string (a path, URL or data URI) -> a data URI; a dict with an image-like
+    string field (`image`, `url`, ...) -> the first example with that field replaced by a data URI;
+    anything else -> the raw bytes.
+    """
+    for example in examples:
+        if isinstance(example, str):
+            return data_uri(data, name)
+        if isinstance(example, dict):
+            for key, value in example.items():
+                if isinstance(value, str) and any(h in str(key).lower() for h in IMAGE_HINTS):
+                    return {**example, key: data_uri(data, name)}
+    return data
+
+
+def _panel_error(message: str) -> str:
+    return (
+        f"<div class='truss-lab'>{render._STYLE}<div class='tl-error'><b>panel error</b>"
+        f"<pre>{esc(message)}</pre></div></div>"
+    )

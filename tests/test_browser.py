@@ -209,7 +209,7 @@ def workspace(tmp_path):
     (truss / "data" / "dark.png").write_bytes(png(20))
     (tmp_path / "upload.png").write_bytes(png(128))
     (root / "panel.ipynb").write_text(
-        json.dumps(notebook(["%load_ext truss_lab", "%truss load demo --as demo", "%truss widget"]))
+        json.dumps(notebook(["%load_ext truss_lab", "%truss load demo --as demo", "%truss predict example:bright", "%truss widget"]))
     )
     return root
 
@@ -255,6 +255,12 @@ def drive_panel(page, lab: Lab, model_py: Path, upload: Path, expect) -> None:
     expect(status).to_contain_text("demo")
     expect(status).to_contain_text("v1")
     expect(status).to_contain_text("watching for edits")
+    cells = page.locator(".jp-Notebook .jp-Cell")
+    # the magics as a person sees them: the load summary, then %truss predict's rendered Result
+    expect(cells.nth(1)).to_contain_text("preprocess, predict, postprocess")
+    expect(cells.nth(2).locator(".truss-lab-result")).to_contain_text("bright")
+    expect(cells.nth(2).locator(".truss-lab-timing")).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "notebook-magics.png"))
     output = page.locator(".tl-output")
     history = page.locator(".tl-history select option")
 
@@ -288,6 +294,7 @@ def drive_panel(page, lab: Lab, model_py: Path, upload: Path, expect) -> None:
     model_py.write_text(model_py.read_text().replace('{"bright": round', '{"light": round'))
     expect(status).to_contain_text("v2", timeout=30_000)
     expect(status).to_contain_text("swapped postprocess")
+    expect(cells.nth(1)).to_contain_text("v2: swapped postprocess")  # the load cell's notice, no re-run
     page.locator("button.tl-run").click()
     expect(history).to_have_count(4)
     expect(output).to_contain_text("light")
@@ -298,6 +305,7 @@ def drive_panel(page, lab: Lab, model_py: Path, upload: Path, expect) -> None:
     model_py.write_text(good + "\ndef broken(:\n    pass\n")
     expect(page.locator(".tl-reload-error")).to_contain_text("SyntaxError", timeout=30_000)
     expect(page.locator(".tl-reload-error")).to_contain_text("model.py:")
+    expect(cells.nth(1)).to_contain_text("reload failed")
     page.locator("button.tl-run").click()
     expect(history).to_have_count(5)
     expect(history.first).to_contain_text("v2")

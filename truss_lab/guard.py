@@ -49,7 +49,7 @@ ADVICE = {
 WHAT = {
     "connect": "opened a connection to {detail}",
     "dns": "looked up {detail}",
-    "http": "made an HTTP request to {detail}",
+    "http": "sent {detail}",
     "file": "opened {detail}",
     "subprocess": "started a subprocess {detail}",
     "sleep": "slept {detail}",
@@ -202,12 +202,14 @@ def end(watch: Watch, held_ms: float) -> list[Finding]:
         return []  # nothing seen, and too short (or not ours to time) to call idle
     cpu_ms = (time.thread_time() - watch.cpu0) * 1000.0
     proc_ms = (time.process_time() - watch.proc0) * 1000.0
-    out = [Finding(kind, detail, held_ms, count) for (kind, detail), count in watch.events.items()]
+    events = _most_telling(watch.events)
+    out = [Finding(kind, detail, held_ms, count) for (kind, detail), count in events.items()]
     if watch.dropped and out:
         last = out[-1]
         out[-1] = Finding(last.kind, f"{last.detail} and {watch.dropped} other things", held_ms, last.count)
     if (
-        watch.idle_check
+        not out  # a download or a sleep already explains the waiting
+        and watch.idle_check
         and wall_ms >= IDLE_MIN_MS
         and cpu_ms < IDLE_CPU_SHARE * wall_ms
         and proc_ms < IDLE_PROCESS_SHARE * wall_ms
@@ -216,6 +218,13 @@ def end(watch: Watch, held_ms: float) -> list[Finding]:
         idle = f"{wall_ms - cpu_ms:.0f} of its {wall_ms:.0f} ms (thread CPU {cpu_ms:.0f} ms)"
         out.append(Finding("idle", idle, held_ms))
     return out
+
+
+def _most_telling(events: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+    """One download is a lookup, a connection and a request: report the request (or the connection)."""
+    kinds = {kind for kind, _ in events}
+    hidden = {"dns", "connect"} if "http" in kinds else {"dns"} if "connect" in kinds else set()
+    return {key: n for key, n in events.items() if key[0] not in hidden}
 
 
 def iterate(watch: Watch, iterator: Any) -> Any:

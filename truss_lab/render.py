@@ -14,6 +14,7 @@ import html
 import io
 import json
 import math
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,14 @@ _STYLE = (
 
 
 def result_html(result) -> str:
+    token = _SEARCH_DIRS.set(tuple(getattr(result, "search_dirs", ())))
+    try:
+        return _result_html(result)
+    finally:
+        _SEARCH_DIRS.reset(token)
+
+
+def _result_html(result) -> str:
     t = result.trace
     status = "ok" if result.ok else f"{esc(result.error.stage)} error"
     head = (
@@ -400,12 +409,27 @@ def _is_image_ref(value: Any) -> bool:
     if isinstance(value, str):
         if value.startswith("data:image/"):
             return True
-        if len(value) < 4096 and Path(value).suffix.lower() in IMAGE_SUFFIXES:
-            try:
-                return Path(value).is_file()
-            except OSError:
-                return False
+        return _image_path(value) is not None
     return _is_pil(value)
+
+
+# Relative image paths in a Result are looked up here too (the truss's data/ and root), so an example
+# input such as {"image": "samples/3.png"} shows as the picture it names.
+_SEARCH_DIRS: ContextVar[tuple[Path, ...]] = ContextVar("truss_lab_render_dirs", default=())
+
+
+def _image_path(value: str) -> Path | None:
+    if len(value) >= 4096 or Path(value).suffix.lower() not in IMAGE_SUFFIXES:
+        return None
+    path = Path(value).expanduser()
+    candidates = [path] if path.is_absolute() else [path, *(d / path for d in _SEARCH_DIRS.get())]
+    for candidate in candidates:
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError:
+            continue
+    return None
 
 
 def image_array(value: Any):
@@ -501,7 +525,7 @@ def image_html(value: Any) -> str | None:
             img = Image.open(io.BytesIO(raw))
             caption = f"data URI {img.format} {img.size[0]}x{img.size[1]}"
         else:
-            img = Image.open(value)
+            img = Image.open(_image_path(value))
             caption = f"{Path(value).name} {img.format} {img.size[0]}x{img.size[1]}"
         img.load()
         return _png_img(_encode_pil(img), caption, img.size[0], img.size[1])

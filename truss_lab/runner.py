@@ -84,6 +84,7 @@ class Result:
     trace: Trace
     error: ModelError | None = None
     model_name: str = ""
+    search_dirs: tuple[Path, ...] = ()  # where relative image paths in input/output are shown from
 
     @property
     def ok(self) -> bool:
@@ -317,7 +318,7 @@ class LiveModel:
         finally:
             t.end = perf_counter()
             self._traces.append(t)
-        return Result(model_input, output, t, error, self.bundle.model_name)
+        return Result(model_input, output, t, error, self.bundle.model_name, (self.bundle.data_dir, self.bundle.path))
 
     def _preprocess(self, s: Serving, x: Any, t: Trace) -> Any:
         if s.preprocess is None:

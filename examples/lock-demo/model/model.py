@@ -1,0 +1,34 @@
+"""Download in preprocess (outside the lock), TensorFlow compute in predict (inside it).
+
+Input: {"url": "http://127.0.0.1:<port>/<image>"} - the notebook serves images from 127.0.0.1.
+"""
+
+import urllib.request
+
+import tensorflow as tf
+
+
+class Model:
+    def load(self):
+        tf.keras.utils.set_random_seed(0)
+        self._net = tf.keras.Sequential(  # a small convnet: real TF compute standing in for the GPU work
+            [
+                tf.keras.Input((96, 96, 3)),
+                tf.keras.layers.Conv2D(32, 3, activation="relu"),
+                tf.keras.layers.Conv2D(32, 3, activation="relu"),
+                tf.keras.layers.GlobalAveragePooling2D(),
+                tf.keras.layers.Dense(4),
+            ]
+        )
+
+    def preprocess(self, request):
+        with urllib.request.urlopen(request["url"], timeout=30) as response:  # the slow, non-GPU part
+            data = response.read()
+        image = tf.image.decode_image(data, channels=3, expand_animations=False)
+        return tf.image.resize(image, (96, 96))[None] / 255.0
+
+    def predict(self, images):
+        return self._net(images, training=False).numpy()
+
+    def postprocess(self, scores):
+        return {"scores": [round(float(s), 3) for s in scores[0]]}

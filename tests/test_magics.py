@@ -226,3 +226,20 @@ def test_load_ext_imports_nothing_heavy_and_is_fast():
     heavy, ms = out.stdout.strip().rsplit(" ", 1)
     assert heavy == "[]"
     assert float(ms) < 3000  # generous sanity bound; the benchmark measures the real figure
+
+
+def test_predict_expr_keeps_its_quotes_and_spacing(ip, make_truss):
+    root = make_truss("class Model:\n    def predict(self, x):\n        return x\n")
+    run(ip, f"load {root} --no-watch --as q")
+    for line, expected in (
+        ('predict "not a list"', '"not a list"'),
+        ("predict 'it''s'", '"its"'),
+        ('predict --model q {"a  b": [1, 2]}', '{"a  b": [1, 2]}'),
+        ("predict   [1,  2]", "[1, 2]"),
+    ):
+        text = run(ip, line).outputs[-1].data["text/plain"]
+        assert text.splitlines()[1] == f"  output: {expected}", text
+    from truss_lab.magics import split_line
+
+    tokens, starts = split_line('predict -n 3  "a b" c')
+    assert tokens == ["predict", "-n", "3", "a b", "c"] and starts == [0, 8, 11, 14, 20]

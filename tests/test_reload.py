@@ -327,3 +327,17 @@ def test_reload_under_load(model):
     assert growth_mb < 5, f"RSS grew {growth_mb:.1f} MB over 200 reloads"
     assert len(versions) > 1  # traffic really ran across reloads
     assert tr.lock_available == tr.concurrency
+
+
+def test_wait_for_reload_returns_the_watchers_event(live):
+    tr = live("class Model:\n    def predict(self, x):\n        return x\n")
+    model = tr.path / "model" / "model.py"
+    with pytest.raises(truss_lab.TrussLabError, match=r"no reload within 0.05 s \(the watcher is off"):
+        tr.wait_for_reload(since=tr.reload_count, timeout=0.05)
+    tr.watch()
+    n = tr.reload_count
+    model.write_text("class Model:\n    def predict(self, x):\n        return [x]\n")
+    event = tr.wait_for_reload(since=n)
+    assert event.kind == "methods" and event.trigger == "watch" and tr.reload_count == n + 1
+    assert tr.predict(1).output == [1]
+    tr.unwatch()

@@ -83,6 +83,23 @@ def build_parser() -> _Parser:
     return parser
 
 
+def split_line(line: str) -> tuple[list[str], list[int]]:
+    """shlex.split(line) plus where each token starts in `line` (so EXPR can be taken verbatim)."""
+    lexer = shlex.shlex(line, posix=True)
+    lexer.whitespace_split = True
+    lexer.commenters = ""
+    tokens: list[str] = []
+    starts: list[int] = []
+    while True:
+        pos = lexer.instream.tell()
+        token = lexer.get_token()
+        if token is None:
+            return tokens, starts
+        rest = line[pos:]
+        tokens.append(token)
+        starts.append(pos + len(rest) - len(rest.lstrip()))
+
+
 def variable_name(path: str) -> str:
     name = re.sub(r"\W", "_", Path(path).resolve().name).strip("_") or "model"
     if name[0].isdigit() or keyword.iskeyword(name):
@@ -103,7 +120,8 @@ class TrussMagics(Magics):
     @line_cell_magic
     def truss(self, line: str, cell: str | None = None):
         try:
-            args = self.parser.parse_args(shlex.split(line, posix=True) if line.strip() else [])
+            tokens, starts = split_line(line)
+            args = self.parser.parse_args(tokens)
         except _HelpShown:
             return None
         except ValueError as exc:  # shlex: unbalanced quotes
@@ -111,6 +129,9 @@ class TrussMagics(Magics):
         if args.command is None:
             self.parser.print_help()
             return None
+        expr = getattr(args, "expr", None)
+        # EXPR is the line's own text after the options: shlex would drop its quotes ("a" -> a)
+        args.expr_text = line[starts[len(tokens) - len(expr)]:].strip() if expr else ""
         try:
             return getattr(self, f"cmd_{args.command}")(args, cell)
         except UsageError:
@@ -198,11 +219,11 @@ class TrussMagics(Magics):
     def cmd_predict(self, args, cell):
         live = self.model(args.model)
         if cell is not None:
-            if " ".join(args.expr).strip():
+            if args.expr_text:
                 raise UsageError("%%truss predict: the input is the cell body; give no EXPR on the line")
             model_input = self.cell_input(cell)
         else:
-            model_input = self.evaluate(" ".join(args.expr), live)
+            model_input = self.evaluate(args.expr_text, live)
         result = live.run(model_input)
         if result.error is not None:
             self.last_error = result.error
@@ -226,8 +247,7 @@ class TrussMagics(Magics):
 
     def cmd_bench(self, args, cell):
         live = self.model(args.model)
-        text = " ".join(args.expr).strip()
-        inputs = [self.evaluate(text, live)] if text else None
+        inputs = [self.evaluate(args.expr_text, live)] if args.expr_text else None
         report = live.bench(inputs, n=args.n, concurrency=args.c, label=args.var or "")
         self.last_bench = report
         if args.var:

@@ -209,6 +209,8 @@ class Reloader:
         self._lock = threading.Lock()
         self.history: collections.deque[ReloadEvent] = collections.deque(maxlen=HISTORY)
         self._callbacks: list[Callable[[ReloadEvent], None]] = []
+        self._recorded = threading.Condition()
+        self.count = 0  # events ever recorded (the history keeps only the last HISTORY)
         self.snapshot = Snapshot.take(live.bundle)
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
@@ -221,9 +223,22 @@ class Reloader:
             event = self._reload(full)
             event.duration_ms = (time.perf_counter() - t0) * 1000.0
             event.trigger = trigger
-            self.history.append(event)
+            self._record(event)
         self._notify(event)
         return event
+
+    def _record(self, event: ReloadEvent) -> None:
+        with self._recorded:
+            self.history.append(event)
+            self.count += 1
+            self._recorded.notify_all()
+
+    def wait(self, since: int, timeout: float | None) -> ReloadEvent | None:
+        """The latest event once more than `since` have been recorded; None if `timeout` passes first."""
+        with self._recorded:
+            if not self._recorded.wait_for(lambda: self.count > since, timeout):
+                return None
+            return self.history[-1]
 
     def _notify(self, event: ReloadEvent) -> None:
         for callback in list(self._callbacks):
@@ -322,7 +337,7 @@ class Reloader:
                         self.reload(trigger="watch")
             except Exception as exc:  # the folder vanished, say: report it like a failed reload
                 event = ReloadEvent(self.live.version, "failed", error=f"watcher stopped: {describe(exc)}", trigger="watch")
-                self.history.append(event)
+                self._record(event)
                 self._notify(event)
             finally:
                 ready.set()

@@ -203,6 +203,24 @@ class LiveModel:
     def reload_history(self) -> list["ReloadEvent"]:
         return list(self.reloader.history)
 
+    @property
+    def reload_count(self) -> int:
+        """How many reloads (of any kind, failed ones too) have happened; see `wait_for_reload`."""
+        return self.reloader.count
+
+    def wait_for_reload(self, since: int, timeout: float = 10.0) -> "ReloadEvent":
+        """Block until the watcher has reloaded after `since` (a `reload_count` read before your edit).
+
+            n = tr.reload_count
+            path.write_text(new_code)
+            event = tr.wait_for_reload(since=n)
+        """
+        event = self.reloader.wait(since, timeout)
+        if event is None:
+            hint = "" if self.watching else " (the watcher is off: tr.watch() or %truss watch on)"
+            raise TrussLabError(f"{self.name}: no reload within {timeout:g} s{hint}")
+        return event
+
     # ------------------------------------------------------------------ properties
 
     @property

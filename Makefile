@@ -34,4 +34,4 @@ bench: install
 	$(BIN)/python benchmarks/run_all.py --update-readme
 
 clean:
-	rm -rf $(VENV) .pytest_cache test-artifacts
+	rm -rf $(VENV) .pytest_cache test-artifacts .lab

@@ -62,3 +62,22 @@ def test_watcher_notice_updates_the_load_cell(kernel, make_truss):
     result = next(m for m in out if m["msg_type"] == "display_data")
     assert '"two"' in result["content"]["data"]["text/plain"]
     assert "truss-lab-result" in result["content"]["data"]["text/html"]
+
+
+def test_make_lab_kernels_start_with_the_example_truss(tmp_path):
+    """`make lab`'s kernels: `digits` is loaded and watched before the first cell; the magics find it."""
+    pytest.importorskip("tensorflow")
+    from truss_lab.lab import lab_environment, write_profile
+
+    ipython_dir = tmp_path / "ipython"
+    write_profile(ipython_dir)
+    km, kc = start_new_kernel(kernel_name="python3", env=lab_environment(ipython_dir))
+    try:
+        messages = execute(kc, "print(type(digits).__name__, digits.name, digits.watching)\n%load_ext truss_lab\n%truss predict example:three", timeout=120)
+        text = "".join(m["content"].get("text", "") for m in messages if m["msg_type"] == "stream")
+        assert "LiveModel digits True" in text
+        results = [m["content"]["data"]["text/plain"] for m in messages if m["msg_type"] == "display_data"]
+        assert results and results[0].startswith("Result from digits v1: ok") and '"three"' in results[0]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

@@ -243,3 +243,15 @@ def test_predict_expr_keeps_its_quotes_and_spacing(ip, make_truss):
 
     tokens, starts = split_line('predict -n 3  "a b" c')
     assert tokens == ["predict", "-n", "3", "a b", "c"] and starts == [0, 8, 11, 14, 20]
+
+
+def test_magics_use_the_only_model_in_the_notebook(ip, make_truss):
+    ip.run_line_magic("unload_ext", "truss_lab")  # a fresh extension: no current model
+    ip.run_line_magic("load_ext", "truss_lab")
+    ip.user_ns["pre"] = truss_lab.load(make_truss("class Model:\n    def predict(self, x):\n        return x\n"))
+    assert run(ip, "predict 5").outputs[-1].data["text/plain"].startswith("Result from t v1: ok")
+    ip.run_line_magic("unload_ext", "truss_lab")
+    ip.run_line_magic("load_ext", "truss_lab")
+    ip.user_ns["other"] = truss_lab.load(make_truss("class Model:\n    def predict(self, x):\n        return x\n", name="u"))
+    with pytest.raises(UsageError, match=r"several models in this notebook \(other, pre\)"):
+        ip.run_line_magic("truss", "predict 5")

@@ -1,6 +1,9 @@
-"""`make lab`: JupyterLab on the project's example notebooks, bound to 127.0.0.1.
+"""`make lab`: JupyterLab on the project's example notebooks, bound to 127.0.0.1, the example truss preloaded.
 
-JupyterLab itself prints the URL with its token. Extra arguments pass through to `jupyter lab`.
+Every kernel this JupyterLab starts has `digits` (examples/digits, a LiveModel watching for edits)
+in its namespace, through an IPython profile under `.lab/` (not your own ~/.ipython). The notebooks
+load what they need themselves, so they also run in any other Jupyter. JupyterLab prints the URL
+with its token. Extra arguments pass through to `jupyter lab`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,27 @@ import sys
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
+PRELOAD = "digits"  # the variable every kernel starts with
+EXAMPLE = PROJECT / "examples" / "digits"
+
+KERNEL_CONFIG = """\
+# Written by `make lab` (truss_lab/lab.py): the example truss, loaded in every kernel of that JupyterLab.
+c = get_config()  # noqa: F821
+c.InteractiveShellApp.exec_lines = [
+    "import truss_lab as _truss_lab",
+    "{var} = _truss_lab.load({path!r})",
+    "{var}.watch()",
+    "del _truss_lab",
+]
+"""
+
+
+def write_profile(ipython_dir: Path, example: Path = EXAMPLE, var: str = PRELOAD) -> Path:
+    """An IPython profile whose kernels start with `var` = the example truss, loaded and watched."""
+    config = ipython_dir / "profile_default" / "ipython_kernel_config.py"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(KERNEL_CONFIG.format(var=var, path=str(example)))
+    return config
 
 
 def lab_command(notebooks: Path, extra: list[str]) -> list[str]:
@@ -24,13 +48,22 @@ def lab_command(notebooks: Path, extra: list[str]) -> list[str]:
     ]
 
 
+def lab_environment(ipython_dir: Path) -> dict[str, str]:
+    env = dict(os.environ, IPYTHONDIR=str(ipython_dir))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter stays out of the cells
+    return env
+
+
 def main(argv: list[str] | None = None) -> None:
     notebooks = PROJECT / "notebooks"
     if not notebooks.is_dir():
         sys.exit(f"{notebooks}: no notebooks folder (run `make lab` from a clone of truss_lab)")
+    ipython_dir = PROJECT / ".lab" / "ipython"
+    write_profile(ipython_dir)
     cmd = lab_command(notebooks, list(sys.argv[1:] if argv is None else argv))
+    print(f"every kernel starts with `{PRELOAD}` = truss_lab.load({str(EXAMPLE)!r}), watching for edits")
     print("starting:", " ".join(cmd), flush=True)
-    os.execv(sys.executable, cmd)
+    os.execve(sys.executable, cmd, lab_environment(ipython_dir))
 
 
 if __name__ == "__main__":

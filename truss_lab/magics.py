@@ -147,9 +147,15 @@ class TrussMagics(Magics):
         from .runner import LiveModel
 
         if var is None:
-            if self.current is None:
-                raise UsageError("no model loaded yet: run %truss load PATH first")
-            return self.current
+            if self.current is not None:
+                return self.current
+            loaded = {name: v for name, v in self.shell.user_ns.items() if isinstance(v, LiveModel) and not name.startswith("_")}
+            if len(loaded) == 1:  # e.g. the model `make lab` preloads: no need to name it
+                self.current = next(iter(loaded.values()))
+                return self.current
+            if loaded:
+                raise UsageError(f"several models in this notebook ({', '.join(sorted(loaded))}): pick one with --model VAR")
+            raise UsageError("no model loaded yet: run %truss load PATH first")
         value = self.shell.user_ns.get(var)
         if not isinstance(value, LiveModel):
             raise UsageError(f"--model {var}: not a LiveModel in this notebook")

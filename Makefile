@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS := notebook,tf,test
+EXTRAS := notebook,tf,serve,ray,test
 
 .PHONY: install browser lab test bench clean
 

@@ -41,7 +41,9 @@ def test_the_test_processes_are_offline():
     code = (
         "import socket\n"
         "try:\n    socket.create_connection(('10.255.255.1', 80), timeout=1)\nexcept ConnectionRefusedError as e:\n    print(e)\n"
+        "try:\n    socket.getaddrinfo('pypi.org', 443)\nexcept ConnectionRefusedError as e:\n    print(e)\n"
         "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); socket.create_connection(s.getsockname()).close(); print('local ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=os.environ).stdout
-    assert "truss_lab tests run offline: lookup of '10.255.255.1' refused" in out and "local ok" in out
+    assert "truss_lab tests run offline: connection to 10.255.255.1:80 refused" in out
+    assert "truss_lab tests run offline: DNS lookup of 'pypi.org' refused" in out and "local ok" in out

@@ -94,6 +94,26 @@ def cmd_bench(args) -> int:
         return EXIT_MODEL if report.failures else EXIT_OK
 
 
+def cmd_serve(args) -> int:
+    max_body = int(args.max_body_mb * 1024 * 1024)
+    if args.ray:
+        from .ray_serve import serve_forever
+
+        serve_forever(args.path, host=args.host, port=args.port, num_replicas=args.replicas,
+                      stage_replicas=args.stage_replicas, num_gpus=args.gpus, max_body=max_body)
+        return EXIT_OK
+    try:
+        from .serve import serve_path
+    except ImportError as exc:
+        print(f"truss-lab serve needs FastAPI and uvicorn: pip install 'truss_lab[serve]' ({exc})", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        serve_path(args.path, host=args.host, port=args.port, max_body=max_body, watch=not args.no_watch)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="truss-lab",
@@ -122,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--concurrency", type=int, default=8, metavar="C", help="concurrent workers (default 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("serve", help="serve the truss over HTTP with the Truss server's routes (Ctrl-C stops)")
+    p.add_argument("path", metavar="PATH", help="the Truss folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--max-body-mb", type=float, default=16, metavar="MB", help="refuse bigger request bodies with 413 (default 16)")
+    p.add_argument("--no-watch", action="store_true", help="do not reload on save")
+    p.add_argument("--ray", action="store_true", help="run on Ray Serve: predict and pre/postprocess in separate deployments")
+    p.add_argument("--replicas", type=int, default=1, metavar="N", help="with --ray: predict replicas (default 1)")
+    p.add_argument("--stage-replicas", type=int, default=1, metavar="N", help="with --ray: pre/postprocess replicas (default 1)")
+    p.add_argument("--gpus", type=float, default=0, metavar="N", help="with --ray: GPUs per predict replica (default 0)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

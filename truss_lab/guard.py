@@ -251,7 +251,10 @@ async def within(watch: Watch, awaitable: Awaitable) -> Any:
     try:
         return await awaitable
     finally:
-        _CURRENT.reset(token)
+        try:
+            _CURRENT.reset(token)
+        except ValueError:  # closed by the garbage collector in another context: nothing to undo there
+            pass
 
 
 _gpu_seen = False

@@ -320,13 +320,7 @@ class LiveModel:
             stage = "predict"
             x = self._locked_predict(s, x, t)
             stage = "postprocess"
-            if s.postprocess is not None:
-                t.post_start = perf_counter()
-                try:
-                    x = self._call(s.postprocess, x)
-                finally:
-                    t.post_end = perf_counter()
-            output = x
+            output = self._postprocess(s, x, t)
             self._check_output(output, t)
         except Exception as exc:
             error = self._fail(t, stage, exc)
@@ -346,6 +340,34 @@ class LiveModel:
             return self._call(s.preprocess, x)
         finally:
             t.pre_end = perf_counter()
+
+    def _postprocess(self, s: Serving, x: Any, t: Trace) -> Any:
+        if s.postprocess is None:
+            return x
+        t.post_start = perf_counter()
+        try:
+            return self._call(s.postprocess, x)
+        finally:
+            t.post_end = perf_counter()
+
+    def run_stage(self, stage: str, x: Any) -> tuple[Any, ModelError | None]:
+        """Run one stage alone, as a split deployment does (ray_serve.py): (value, None) or (None, error).
+
+        predict runs under the lock; a missing preprocess/postprocess passes its input through. Each
+        call is traced (only that stage's timestamps are set).
+        """
+        steps = {"preprocess": self._preprocess, "predict": self._locked_predict, "postprocess": self._postprocess}
+        if stage not in steps:
+            raise TrussLabError(f"stage must be one of {', '.join(steps)}, got {stage!r}")
+        s = self._serving
+        t = Trace(next(self._ids), s.version, threading.current_thread().name, perf_counter())
+        try:
+            return steps[stage](s, x, t), None
+        except Exception as exc:
+            return None, self._fail(t, stage, exc)
+        finally:
+            t.end = perf_counter()
+            self._traces.append(t)
 
     def _locked_predict(self, s: Serving, x: Any, t: Trace) -> Any:
         lock = self._lock  # a concurrency change swaps the semaphore; release the one we took
@@ -546,6 +568,16 @@ class LiveModel:
         finally:
             bar.close()
         return BenchReport.from_traces(traces, self._lock_size, concurrency=concurrency, label=label or self.name)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None):
+        """Serve this model over HTTP with the Truss server's routes, from a background thread.
+
+        Returns the running server (`.url`, `.stop()`); port 0 picks a free port. Same lock, traces and
+        hot reload as in the notebook. Needs the `serve` extra (FastAPI, uvicorn).
+        """
+        from .serve import DEFAULT_MAX_BODY, serve
+
+        return serve(self, host, port, DEFAULT_MAX_BODY if max_body is None else max_body)
 
     @property
     def lock_available(self) -> int:

@@ -1,0 +1,261 @@
+"""The HTTP server: Truss's routes on FastAPI/uvicorn, through the same runner, lock and traces."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+import truss_lab
+
+PREDICT = "/v1/models/model:predict"
+
+STAGED = """
+class Model:
+    def preprocess(self, x):
+        if x == "bad": raise ValueError("bad input")
+        return x
+    def predict(self, x):
+        if x == "boom": raise RuntimeError("boom")
+        if x == "object": return object()
+        return {"y": x}
+"""
+
+
+@pytest.fixture
+def served(live):
+    servers = []
+
+    def serve(model=STAGED, **kw):
+        max_body = kw.pop("max_body", None)
+        tr = live(model, **kw)
+        server = tr.serve(max_body=max_body)
+        servers.append(server)
+        return tr, httpx.Client(base_url=server.url, timeout=30)
+
+    yield serve
+    for server in servers:
+        server.stop()
+
+
+@pytest.mark.filterwarnings("ignore::truss_lab.OutputWarning")
+def test_routes_and_status_codes(served):
+    tr, client = served()
+    assert client.get("/").json() == {"alive": True}
+    assert client.get("/v1/models/model").json() == {"name": "t", "ready": True}
+    assert client.post(PREDICT, json=[1, 2]).json() == {"y": [1, 2]}
+    bad = client.post(PREDICT, json="bad")
+    assert bad.status_code == 400 and bad.json()["stage"] == "preprocess"
+    assert bad.json()["error"] == "preprocess failed at t/model/model.py:4: ValueError: bad input"
+    assert bad.json()["location"] == "t/model/model.py:4" and "Traceback" not in bad.text
+    boom = client.post(PREDICT, json="boom")
+    assert boom.status_code == 500 and boom.json()["stage"] == "predict" and "RuntimeError: boom" in boom.json()["error"]
+    obj = client.post(PREDICT, json="object")
+    assert obj.status_code == 500 and obj.json() == {
+        "error": "output is not JSON-serialisable at <output>: object", "stage": "postprocess", "model": "t"
+    }
+    not_json = client.post(PREDICT, content=b"{nope")
+    assert not_json.status_code == 400 and not_json.json()["stage"] == "request"
+    assert client.get(PREDICT).status_code == 405
+    # the same runner: HTTP requests are traced like notebook ones
+    report = tr.report()
+    assert report.count == 4 and report.failures == {"preprocess": 1, "predict": 1} and tr.lock_available == 1
+
+
+def test_oversized_bodies_are_refused(served):
+    tr, client = served(max_body=1000)
+    big = client.post(PREDICT, json="x" * 2000)
+    assert big.status_code == 413 and big.json()["stage"] == "request" and "1000-byte limit" in big.json()["error"]
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(10):
+            yield b" " * 200
+
+    chunked = client.post(PREDICT, content=chunks())
+    assert chunked.status_code == 413
+    assert client.post(PREDICT, json="small").status_code == 200
+    assert tr.report().count == 1  # refused bodies never reach the model
+
+
+def test_streaming_predict_streams(served):
+    tr, client = served(
+        """
+        import threading
+        class Model:
+            def __init__(self, **kw):
+                self.gate = threading.Event()
+            def predict(self, x):
+                yield "first,"
+                if not self.gate.wait(20):
+                    raise TimeoutError("the client never got the first chunk")
+                yield {"then": x}
+        """
+    )
+    with client.stream("POST", PREDICT, json=7) as response:
+        chunks = response.iter_raw()
+        assert next(chunks) == b"first,"  # arrives while predict still holds the lock
+        assert tr.lock_available == 0
+        tr.model.gate.set()
+        assert b"".join(chunks) == b'{"then": 7}\n'
+    assert tr.traces[-1].chunks == 2 and tr.lock_available == 1
+
+
+def test_hot_reload_while_serving(served):
+    tr, client = served("class Model:\n    def predict(self, x):\n        return {'v': 1}\n")
+    tr.watch()
+    n = tr.reload_count
+    (tr.path / "model" / "model.py").write_text("class Model:\n    def predict(self, x):\n        return {'v': 2}\n")
+    tr.wait_for_reload(since=n)
+    assert client.post(PREDICT, json=0).json() == {"v": 2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serve_is_live_at_once_and_ready_after_load(make_truss):
+    root = make_truss(
+        """
+        import time
+        from pathlib import Path
+        class Model:
+            def __init__(self, data_dir, **kw):
+                self.go = Path(data_dir) / "go"
+            def load(self):
+                deadline = time.monotonic() + 60
+                while not self.go.exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            def predict(self, x):
+                return x
+        """
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "truss_lab.cli", "serve", str(root), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5)
+
+    def wait_for(predicate, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if predicate():
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)  # polling the server with a deadline
+        raise AssertionError("condition not reached in time")
+
+    try:
+        wait_for(lambda: client.get("/").status_code == 200)
+        not_ready = client.get("/v1/models/model")
+        assert not_ready.status_code == 503 and not_ready.json()["ready"] is False
+        assert client.post(PREDICT, json=1).status_code == 503
+        (root / "data" / "go").touch()
+        wait_for(lambda: client.get("/v1/models/model").status_code == 200)
+        assert client.post(PREDICT, json={"a": 1}).json() == {"a": 1}
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "ready at http://127.0.0.1" in out
+
+
+def test_cli_serve_bad_folder_is_a_usage_error(tmp_path, capsys):
+    from truss_lab.cli import main
+
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "truss-lab serve:" in capsys.readouterr().err
+
+
+FAULTY = """
+VERSION = {version}
+
+class Model:
+    def preprocess(self, x):
+        if x % 30 == 0: raise ValueError("injected preprocess failure")
+        return x
+    def predict(self, x):
+        if x % 30 == 10: raise RuntimeError("injected predict failure")
+        return x
+    def postprocess(self, x):
+        if x % 30 == 20: raise KeyError("injected postprocess failure")
+        return {{"x": x, "version": VERSION}}
+"""
+
+
+@pytest.mark.parametrize("edits", [False, True], ids=["steady", "with-edits"])
+def test_load_and_faults(served, edits):
+    """5,000 requests at concurrency 16, 10 % failing across the three stages; with edits landing meanwhile."""
+    n, workers, budget_s = 5000, 16, 240
+    tr, probe = served(FAULTY.format(version=1))
+    server_url = str(probe.base_url)
+    before = {t.ident for t in threading.enumerate()}
+    if edits:
+        tr.watch()
+    stop = threading.Event()
+    versions_written = [1]
+
+    def editor():
+        model = tr.path / "model" / "model.py"
+        while not stop.is_set() and versions_written[-1] < 6:
+            n_before = tr.reload_count
+            versions_written.append(versions_written[-1] + 1)
+            model.write_text(FAULTY.format(version=versions_written[-1]))
+            tr.wait_for_reload(since=n_before, timeout=30)
+            stop.wait(0.3)  # spread the edits over the run
+
+    statuses: collections.Counter = collections.Counter()
+    stages: collections.Counter = collections.Counter()
+    seen_versions: set[int] = set()
+    limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+    t0 = time.monotonic()
+    with httpx.Client(base_url=server_url, timeout=30, limits=limits) as client, ThreadPoolExecutor(workers) as pool:
+        edit_thread = threading.Thread(target=editor) if edits else None
+        if edit_thread:
+            edit_thread.start()
+
+        def one(i):
+            return i, client.post(PREDICT, json=i)
+
+        for i, response in pool.map(one, range(n)):
+            statuses[response.status_code] += 1
+            body = response.json()
+            if response.status_code == 200:
+                assert body["x"] == i
+                seen_versions.add(body["version"])
+            else:
+                stages[body["stage"]] += 1
+                assert "injected" in body["error"] and "Traceback" not in response.text
+        stop.set()
+        if edit_thread:
+            edit_thread.join(60)
+    elapsed = time.monotonic() - t0
+    assert elapsed < budget_s
+    assert sum(statuses.values()) == n  # every request answered
+    assert statuses[200] + sum(stages.values()) == n
+    assert stages == {"preprocess": 167, "predict": 167, "postprocess": 166}  # i % 30 in {0, 10, 20}
+    assert statuses == {200: n - 500, 400: 167, 500: 333}
+    assert tr.lock_available == tr.concurrency  # the lock is fully free after
+    if edits:
+        assert len(seen_versions) > 1 and tr.version > 1
+        tr.unwatch()
+    leaked = [t for t in threading.enumerate() if t.ident not in before and t.is_alive() and not t.daemon]
+    assert not leaked, leaked
+    print(f"\n{'with edits' if edits else 'steady'}: {n} requests in {elapsed:.1f} s = {n / elapsed:.0f} req/s")

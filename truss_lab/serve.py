@@ -177,7 +177,9 @@ class Server:
         app = create_app(backend, max_body, on_startup=self._started.set)
         self._socket = socket.create_server((host, port))
         self.host, self.port = self._socket.getsockname()[:2]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+        # log_config=None: uvicorn's own dictConfig would close every logging handler already in this
+        # process (a notebook's, absl's under TensorFlow); its loggers propagate to yours instead.
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5, log_config=None)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"truss-lab-serve[{backend.name}]", daemon=True)
         self._error: BaseException | None = None

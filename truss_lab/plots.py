@@ -116,7 +116,12 @@ class Timeline:
         """The same picture as inline SVG: no matplotlib needed."""
         n = max(len(self.rows), 1)
         row_h = max(2.0, min(14.0, 420.0 / n))
-        left, right, top = 64, 12, 40
+        left, right = 64, 12
+        # the caption on one line if it fits (about 6 px a character at 11 px), else two
+        head, sep, tail = self.caption.partition(" · efficiency ")
+        lines = [self.caption] if len(self.caption) * 6 <= width - left or not sep else [head, "efficiency " + tail]
+        shift = 13 * (len(lines) - 1)
+        top = 40 + shift
         lane_h, gap = 36, 10
         plot_w = width - left - right
         body_top = top + lane_h + gap
@@ -129,15 +134,15 @@ class Timeline:
         out = [
             f'<svg xmlns="http://www.w3.org/2000/svg" class="truss-lab-timeline" width="{width}" '
             f'height="{height:.0f}" viewBox="0 0 {width} {height:.0f}" font-family="sans-serif" font-size="10">',
-            f'<text x="{left}" y="12" font-size="11">{esc(self.caption)}</text>',
+            *(f'<text x="{left}" y="{12 + 13 * i}" font-size="11">{esc(line)}</text>' for i, line in enumerate(lines)),
         ]
         lx = left
         for stage in SEGMENT_STAGES:
-            out.append(f'<rect x="{lx}" y="20" width="10" height="10" fill="{STAGE_COLOURS[stage]}"/>')
-            out.append(f'<text x="{lx + 14}" y="29">{STAGE_LABELS[stage]}</text>')
+            out.append(f'<rect x="{lx}" y="{20 + shift}" width="10" height="10" fill="{STAGE_COLOURS[stage]}"/>')
+            out.append(f'<text x="{lx + 14}" y="{29 + shift}">{STAGE_LABELS[stage]}</text>')
             lx += 24 + 7 * len(STAGE_LABELS[stage])
         if self.errors:
-            out.append(f'<text x="{lx}" y="29" fill="{ERROR_COLOUR}">× error</text>')
+            out.append(f'<text x="{lx}" y="{29 + shift}" fill="{ERROR_COLOUR}">× error</text>')
         # lock lane: slots held over time, dashed line at the lock size
         scale = lane_h / (self.lock_size + 0.5)
         base = top + lane_h

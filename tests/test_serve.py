@@ -44,7 +44,9 @@ def served(live):
         tr = live(model, **kw)
         server = tr.serve(max_body=max_body)
         servers.append(server)
-        return tr, httpx.Client(base_url=server.url, timeout=30)
+        client = httpx.Client(base_url=server.url, timeout=30)
+        client.server = server  # for the tests that stop it themselves
+        return tr, client
 
     yield serve
     for server in servers:
@@ -204,9 +206,9 @@ class Model:
 def test_load_and_faults(served, edits):
     """5,000 requests at concurrency 16, 10 % failing across the three stages; with edits landing meanwhile."""
     n, workers, budget_s = 5000, 16, 240
+    before = {t.ident for t in threading.enumerate()}
     tr, probe = served(FAULTY.format(version=1))
     server_url = str(probe.base_url)
-    before = {t.ident for t in threading.enumerate()}
     if edits:
         tr.watch()
     stop = threading.Event()
@@ -256,6 +258,12 @@ def test_load_and_faults(served, edits):
     if edits:
         assert len(seen_versions) > 1 and tr.version > 1
         tr.unwatch()
-    leaked = [t for t in threading.enumerate() if t.ident not in before and t.is_alive() and not t.daemon]
+    probe.server.stop()
+    tr.close()
+    # nothing this test started outlives it (anyio keeps its idle worker pool for reuse: not ours)
+    leaked = [
+        t for t in threading.enumerate()
+        if t.ident not in before and t.is_alive() and not t.name.startswith("AnyIO worker thread")
+    ]
     assert not leaked, leaked
     print(f"\n{'with edits' if edits else 'steady'}: {n} requests in {elapsed:.1f} s = {n / elapsed:.0f} req/s")

@@ -151,3 +151,13 @@ def test_inputs_never_get_label_bars():
     r = _result(1)
     r.input = {"top_k": 5, "threshold": 0.5}
     assert "truss-lab-labels" not in render.result_html(r)
+
+
+def test_an_empty_report_says_so(live):
+    tr = live()
+    report = tr.report()
+    assert report.table() == "0 requests: nothing to report yet (run predict, predict_batch or bench first)"
+    assert "nothing to report yet" in report._repr_mimebundle_()["text/html"]
+    import truss_lab
+
+    assert str(truss_lab.timeline(tr)).endswith(": no requests")

@@ -263,6 +263,9 @@ def reload_html(event) -> str:
 def report_html(report) -> str:
     from .trace import STAGES
 
+    if not report.count:
+        return f'<div class="truss-lab truss-lab-report">{_STYLE}<div class="tl-muted">{esc(report.table())}</div></div>'
+
     rows = "".join(
         f"<tr><td class='k'>{name}</td>"
         + "".join(f"<td>{getattr(report.stages[name], k):.2f}</td>" for k in ("mean", "p50", "p95", "p99", "max"))

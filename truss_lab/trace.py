@@ -217,6 +217,8 @@ class Report:
         )
 
     def table(self) -> str:
+        if not self.count:
+            return "0 requests: nothing to report yet (run predict, predict_batch or bench first)"
         lines = [
             f"{self.count} requests, {self.ok} ok, "
             + (

@@ -110,7 +110,8 @@ def test_resnet_pipeline_shapes_with_untrained_weights():
         labels = (RESNET / "data" / "imagenet_labels.txt").read_text().splitlines()
         assert len(labels) == 1000 and labels[0] == "tench" and labels[-1] == "toilet tissue"
         assert len(out) == 5 and set(out) <= set(labels)
-        again = truss_lab.load(RESNET)  # seeded: the same untrained network every load
+        with pytest.warns(UserWarning, match="UNTRAINED weights"):
+            again = truss_lab.load(RESNET)  # seeded: the same untrained network every load
         with again:
             assert again.predict(again.example("sample")).output == tr.predict(tr.example("sample")).output
 

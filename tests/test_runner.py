@@ -250,6 +250,7 @@ def test_output_check_warns_with_path(live):
         live("class Model:\n    def predict(self, x):\n        return {'a': [1, 'b', None, True, 2.5]}\n", name="clean").predict(1)
 
 
+@pytest.mark.filterwarnings("ignore::truss_lab.LockMisuseWarning")  # a sleeping predict, on purpose
 def test_report_figures_match_durations(live):
     tr = live(
         """

@@ -267,3 +267,33 @@ def test_load_and_faults(served, edits):
     ]
     assert not leaked, leaked
     print(f"\n{'with edits' if edits else 'steady'}: {n} requests in {elapsed:.1f} s = {n / elapsed:.0f} req/s")
+
+
+def test_close_stops_the_servers_it_started(live):
+    tr = live()
+    server = tr.serve()
+    assert httpx.get(f"{server.url}/").status_code == 200
+    tr.close()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.url}/", timeout=2)
+
+
+def test_missing_extras_are_one_line_errors(live, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_web(name, *args, **kwargs):
+        if name in ("fastapi", "ray") or name.startswith(("fastapi.", "ray.")):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    for module in [m for m in sys.modules if m in ("truss_lab.serve", "truss_lab.ray_serve")]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.setattr(builtins, "__import__", no_web)
+    with pytest.raises(truss_lab.TrussLabError, match=r"serve\(\) needs FastAPI and uvicorn: pip install 'truss_lab\[serve\]'"):
+        live().serve()
+    from truss_lab.cli import main
+
+    assert main(["serve", str(live(name="u").path), "--ray"]) == 2
+    assert "needs Ray Serve: pip install 'truss_lab[ray]'" in capsys.readouterr().err

@@ -97,7 +97,11 @@ def cmd_bench(args) -> int:
 def cmd_serve(args) -> int:
     max_body = int(args.max_body_mb * 1024 * 1024)
     if args.ray:
-        from .ray_serve import serve_forever
+        try:
+            from .ray_serve import serve_forever
+        except ImportError as exc:
+            print(f"truss-lab serve --ray needs Ray Serve: pip install 'truss_lab[ray]' ({exc})", file=sys.stderr)
+            return EXIT_USAGE
 
         serve_forever(args.path, host=args.host, port=args.port, num_replicas=args.replicas,
                       stage_replicas=args.stage_replicas, num_gpus=args.gpus, max_body=max_body)

@@ -134,6 +134,7 @@ class LiveModel:
         self._concurrency_override = concurrency
         self.concurrency = bundle.predict_concurrency if concurrency is None else concurrency
         self._serving: Serving | None = None
+        self._servers: list[Any] = []  # HTTP servers started by serve(); close() stops them
         self.load_ms: float = 0.0
         self.roots = loader.user_roots(bundle)
         self._start()
@@ -575,9 +576,13 @@ class LiveModel:
         Returns the running server (`.url`, `.stop()`); port 0 picks a free port. Same lock, traces and
         hot reload as in the notebook. Needs the `serve` extra (FastAPI, uvicorn).
         """
-        from .serve import DEFAULT_MAX_BODY, serve
-
-        return serve(self, host, port, DEFAULT_MAX_BODY if max_body is None else max_body)
+        try:
+            from .serve import DEFAULT_MAX_BODY, serve
+        except ImportError as exc:
+            raise TrussLabError(f"serve() needs FastAPI and uvicorn: pip install 'truss_lab[serve]' ({exc})") from None
+        server = serve(self, host, port, DEFAULT_MAX_BODY if max_body is None else max_body)
+        self._servers.append(server)
+        return server
 
     @property
     def lock_available(self) -> int:
@@ -585,7 +590,10 @@ class LiveModel:
         return self._lock.available
 
     def close(self) -> None:
-        """Stop the watcher and the event loop thread."""
+        """Stop the HTTP servers started by serve(), the watcher and the event loop thread."""
+        for server in self._servers:
+            server.stop()
+        self._servers.clear()
         self.reloader.unwatch()
         self._loop.close()
 

@@ -297,3 +297,14 @@ def test_missing_extras_are_one_line_errors(live, monkeypatch, capsys):
 
     assert main(["serve", str(live(name="u").path), "--ray"]) == 2
     assert "needs Ray Serve: pip install 'truss_lab[ray]'" in capsys.readouterr().err
+
+
+def test_a_busy_port_is_a_one_line_error(live, capsys):
+    tr = live()
+    server = tr.serve()
+    with pytest.raises(truss_lab.TrussLabError, match=rf"t: cannot listen on 127.0.0.1:{server.port}: Address already in use"):
+        tr.serve(port=server.port)
+    from truss_lab.cli import main
+
+    assert main(["serve", str(tr.path), "--port", str(server.port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{server.port}" in capsys.readouterr().err

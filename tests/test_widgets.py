@@ -177,3 +177,8 @@ def test_magic_shows_the_panel(live):
         ip.run_line_magic("truss", "widget --model w")
     assert "application/vnd.jupyter.widget-view+json" in cap.outputs[-1].data
     ip.run_line_magic("unload_ext", "truss_lab")
+
+
+def test_widget_wants_a_live_model():
+    with pytest.raises(TypeError, match=r"widget\(\) takes a LiveModel \(tr = truss_lab.load\(path\)\), not str"):
+        truss_lab.widget("my-truss")

@@ -175,7 +175,7 @@ class Server:
         self.backend = backend
         self._started = threading.Event()
         app = create_app(backend, max_body, on_startup=self._started.set)
-        self._socket = socket.create_server((host, port))
+        self._socket = listen(backend.name, host, port)
         self.host, self.port = self._socket.getsockname()[:2]
         # log_config=None: uvicorn's own dictConfig would close every logging handler already in this
         # process (a notebook's, absl's under TensorFlow); its loggers propagate to yours instead.
@@ -218,6 +218,14 @@ class Server:
         return f"<truss_lab Server {self.backend.name} at {self.url}>"
 
 
+def listen(name: str, host: str, port: int) -> socket.socket:
+    """A listening socket, or a one-line TrussLabError (port in use, address not on this machine)."""
+    try:
+        return socket.create_server((host, port))
+    except OSError as exc:
+        raise TrussLabError(f"{name}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def serve(live, host: str = "127.0.0.1", port: int = 0, max_body: int = DEFAULT_MAX_BODY) -> Server:
     """Serve `live` over HTTP from a background thread (port 0: a free one); returns the running Server."""
     return Server(LiveBackend(live), host, port, max_body).start()
@@ -232,6 +240,7 @@ def serve_path(path: str, host: str = "127.0.0.1", port: int = 8080, max_body: i
 
     bundle = read_bundle(path)  # a bad folder is a usage error before any port is taken
     backend = LiveBackend(name=bundle.model_name)
+    sock = listen(bundle.model_name, host, port)  # a busy port too, before load() starts
 
     def load() -> None:
         try:
@@ -247,6 +256,6 @@ def serve_path(path: str, host: str = "127.0.0.1", port: int = 8080, max_body: i
     threading.Thread(target=load, name="truss-lab-load", daemon=True).start()
     app = create_app(backend, max_body)
     print(f"serving {bundle.model_name} on http://{host}:{port} (liveness now, readiness after load())", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
     if backend.live is not None:
         backend.live.close()

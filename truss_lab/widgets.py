@@ -282,6 +282,10 @@ class Panel:
 
 def widget(live) -> Panel:
     """An interactive panel for `live` (a LiveModel): input, examples, image upload, Run, Run ×N."""
+    from .runner import LiveModel
+
+    if not isinstance(live, LiveModel):
+        raise TypeError(f"widget() takes a LiveModel (tr = truss_lab.load(path)), not {type(live).__name__}")
     return Panel(live)
 
 

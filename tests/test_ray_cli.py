@@ -7,7 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 
@@ -27,21 +27,26 @@ def test_cli_serve_ray_answers_and_stops_on_ctrl_c(tmp_path):
         [sys.executable, "-m", "truss_lab.cli", "serve", str(root), "--ray", "--port", str(port), "--replicas", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env,
     )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    lines: list[str] = []
+    announced = threading.Event()
+
+    def read() -> None:  # the CLI prints its URL once deploy() has returned
+        for line in proc.stdout:
+            lines.append(line)
+            if "on Ray Serve at" in line:
+                announced.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     try:
-        deadline = time.monotonic() + 180
-        answer = None
-        while answer is None and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                response = client.post("/v1/models/model:predict", json=[1, 2])
-                answer = response.json() if response.status_code == 200 else None
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)  # polling the deployment with a deadline
-        assert answer == {"echo": [1, 2]}
+        assert announced.wait(180), "".join(lines)[-3000:]
+        assert client.post("/v1/models/model:predict", json=[1, 2]).json() == {"echo": [1, 2]}
         assert client.get("/v1/models/model").json() == {"name": "echo", "ready": True}
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(120)
+        reader.join(30)
+    out = "".join(lines)
     assert proc.returncode == 0, out[-3000:]
     assert f"serving {root} on Ray Serve at http://127.0.0.1:{port}/v1/models/model:predict" in out

@@ -215,11 +215,11 @@ def shutdown() -> None:
 
 def serve_forever(path: str, *, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
     """`truss-lab serve PATH --ray`: deploy, print the URL, wait for Ctrl-C, shut down."""
-    url = deploy(path, host=host, port=port, **options)
-    print(f"serving {path} on Ray Serve at {url}{PREDICT_ROUTE} (Ctrl-C stops)", flush=True)
     try:
+        url = deploy(path, host=host, port=port, **options)
+        print(f"serving {path} on Ray Serve at {url}{PREDICT_ROUTE} (Ctrl-C stops)", flush=True)
         threading.Event().wait()
     except KeyboardInterrupt:
         pass
     finally:
-        shutdown()
+        shutdown()  # also after a Ctrl-C during deploy: no Ray processes left behind

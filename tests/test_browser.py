@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, write_truss
+from conftest import ROOT, free_port, write_truss
 
 pytestmark = pytest.mark.browser
 
@@ -107,12 +106,6 @@ def png(value: int, size: int = 64) -> bytes:
     buf = io.BytesIO()
     Image.new("L", (size, size), value).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def notebook(cells: list[str]) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,14 +13,12 @@ import pytest
 pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from conftest import write_truss
+from conftest import free_port, write_truss
 
 
 def test_cli_serve_ray_answers_and_stops_on_ctrl_c(tmp_path):
     root = write_truss(tmp_path / "echo", "class Model:\n    def predict(self, x):\n        return {'echo': x}\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "truss_lab.cli", "serve", str(root), "--ray", "--port", str(port), "--replicas", "1"],

@@ -6,7 +6,6 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import truss_lab
+from conftest import free_port
 
 PREDICT = "/v1/models/model:predict"
 
@@ -122,12 +122,6 @@ def test_hot_reload_while_serving(served):
     (tr.path / "model" / "model.py").write_text("class Model:\n    def predict(self, x):\n        return {'v': 2}\n")
     tr.wait_for_reload(since=n)
     assert client.post(PREDICT, json=0).json() == {"v": 2}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_cli_serve_is_live_at_once_and_ready_after_load(make_truss):

@@ -462,3 +462,19 @@ def test_fair_lock_interrupted_waiter_leaks_no_slot():
     done.set()
     t.join(5)
     assert lock.available == 1
+
+
+def test_gpu_check_asks_tensorflow_once(monkeypatch):
+    """Idle predicts are checked against a GPU in use; TensorFlow is asked once per process, not per request."""
+    import types
+
+    calls = []
+    fake_tf = types.SimpleNamespace(config=types.SimpleNamespace(list_physical_devices=lambda kind: calls.append(kind) or []))
+    monkeypatch.setitem(__import__("sys").modules, "tensorflow", fake_tf)
+    monkeypatch.setattr(lockguard, "_tf_has_gpu", None)
+    monkeypatch.setattr(lockguard, "_gpu_seen", False)
+    assert lockguard.gpu_in_use() is False and lockguard.gpu_in_use() is False
+    assert calls == ["GPU"]
+    monkeypatch.setattr(lockguard, "_tf_has_gpu", None)
+    fake_tf.config.list_physical_devices = lambda kind: ["/physical_device:GPU:0"]
+    assert lockguard.gpu_in_use() is True

@@ -258,11 +258,12 @@ async def within(watch: Watch, awaitable: Awaitable) -> Any:
 
 
 _gpu_seen = False
+_tf_has_gpu: bool | None = None  # asked once: the GPUs TensorFlow can see do not change in a process
 
 
 def gpu_in_use() -> bool:
-    """True once torch or TensorFlow in this process has a GPU (waiting for it is not idling)."""
-    global _gpu_seen
+    """True once torch has initialised CUDA, or TensorFlow (imported) sees a GPU: waiting is not idling."""
+    global _gpu_seen, _tf_has_gpu
     if _gpu_seen:
         return True
     torch = sys.modules.get("torch")
@@ -272,11 +273,12 @@ def gpu_in_use() -> bool:
     except Exception:
         pass
     tf = sys.modules.get("tensorflow")
-    try:
-        if tf is not None and tf.config.list_logical_devices("GPU"):
-            _gpu_seen = True
-    except Exception:
-        pass
+    if tf is not None and _tf_has_gpu is None:
+        try:  # physical, not logical, devices: asking must not create TensorFlow's runtime context
+            _tf_has_gpu = bool(tf.config.list_physical_devices("GPU"))
+        except Exception:
+            _tf_has_gpu = False
+    _gpu_seen = _gpu_seen or bool(_tf_has_gpu)
     return _gpu_seen
 
 

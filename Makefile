@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lab: install
-	$(BIN)/python -m truss_lab.lab
+	$(BIN)/python -m truss_lab.devtools.lab
 
 # The widget test drives Debian's chromium (never `playwright install`): get it with apt where we can.
 browser:

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 import truss_lab
-from truss_lab.localhttp import LocalServer
+from truss_lab.devtools.localhttp import LocalServer
 
 HERE = Path(__file__).resolve().parent
 

@@ -11,7 +11,7 @@ import pytest
 
 import truss_lab
 from conftest import EXAMPLES
-from truss_lab.localhttp import LocalServer
+from truss_lab.devtools.localhttp import LocalServer
 
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("sklearn")

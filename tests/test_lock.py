@@ -1,7 +1,7 @@
 """The lock made visible: bench, timeline, compare and the lock-misuse guard (issue: see the GPU lock).
 
 Models here have known stage durations (sleeps, or busy loops where the guard must see compute) and
-download from a real HTTP server on 127.0.0.1 (truss_lab.localhttp).
+download from a real HTTP server on 127.0.0.1 (truss_lab.devtools.localhttp).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 
 import truss_lab
 from truss_lab import guard as lockguard
-from truss_lab.localhttp import LocalServer
+from truss_lab.devtools.localhttp import LocalServer
+from truss_lab.display.style import STAGE_COLOURS
 
 SLEEPY = """
 import time
@@ -345,7 +346,7 @@ def test_timeline_renders_with_one_bar_per_stage_segment(live, n):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
     svg = tl.svg()
     for stage in ("preprocess", "predict"):
-        colour = truss_lab.render.STAGE_COLOURS[stage]
+        colour = STAGE_COLOURS[stage]
         assert svg.count(f'fill="{colour}">') == sum(1 for t in report.traces if t.stage_ms(stage) > 0)
     assert report.count == n and tl.caption in str(tl)
 

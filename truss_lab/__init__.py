@@ -5,10 +5,11 @@
     result = tr.predict(model_input)   # preprocess -> predict (under the lock) -> postprocess
     result.output, result.trace
 
-The core (this package's top level) imports neither IPython, ipywidgets, matplotlib nor tensorflow.
+The core (this package's top level) imports neither IPython, ipywidgets, matplotlib, tensorflow,
+uvicorn nor Ray; the front ends (display/, notebook/, serving/) load when first used.
 """
 
-from .bundle import Bundle, Example, Secrets, init, read_bundle
+from .bundle import Bundle, Example, Secrets, read_bundle
 from .errors import (
     BundleError,
     LoadError,
@@ -19,11 +20,11 @@ from .errors import (
     SecretNotFound,
     TrussLabError,
 )
-from .compare import Comparison, compare
 from .guard import Finding, LockMisuseWarning
-from .plots import Timeline, timeline
+from .live import LiveModel, load
 from .reload import ReloadEvent
-from .runner import LiveModel, OutputWarning, Result, load
+from .runner import OutputWarning, Result
+from .scaffold import init
 from .trace import BenchReport, Report, Trace
 
 __version__ = "0.1.0"
@@ -31,22 +32,39 @@ __version__ = "0.1.0"
 
 def load_ipython_extension(ip):
     """`%load_ext truss_lab`: register the %truss / %%truss magics."""
-    from .magics import load_ipython_extension as _load
+    from .notebook.magics import load_ipython_extension as _load
 
     _load(ip)
 
 
 def widget(live):
     """An ipywidgets panel for `live` (a LiveModel): input, examples, image upload, Run, Run ×N, history."""
-    from .widgets import widget as _widget
+    from .notebook.widgets import widget as _widget
 
     return _widget(live)
 
 
 def unload_ipython_extension(ip):
-    from .magics import unload_ipython_extension as _unload
+    from .notebook.magics import unload_ipython_extension as _unload
 
     _unload(ip)
+
+
+# Drawing lives in display/ (matplotlib, PIL only when a picture is drawn); these names load it on use.
+_DISPLAY = {
+    "timeline": "plots",
+    "Timeline": "plots",
+    "compare": "compare",
+    "Comparison": "compare",
+}
+
+
+def __getattr__(name: str):
+    if name in _DISPLAY:
+        import importlib
+
+        return getattr(importlib.import_module(f".display.{_DISPLAY[name]}", __name__), name)
+    raise AttributeError(f"module 'truss_lab' has no attribute {name!r}")
 
 
 __all__ = [

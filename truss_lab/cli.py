@@ -51,13 +51,13 @@ def _inputs(args, live) -> list[Any]:
 
 
 def _json(value: Any) -> str:
-    from .render import short
+    from .display.text import short
 
     return json.dumps(value, indent=2, ensure_ascii=False, default=lambda v: short(v, 200))
 
 
 def cmd_init(args) -> int:
-    from .bundle import init
+    from .scaffold import init
 
     path = init(args.path, name=args.name)
     print(f"wrote a new Truss at {path}")
@@ -65,8 +65,8 @@ def cmd_init(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .render import timing_table
-    from .runner import load
+    from .display.text import timing_table
+    from .live import load
 
     with load(args.path, concurrency=args.lock) as live:
         model_input = _inputs(args, live)[0]
@@ -85,7 +85,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .runner import load
+    from .live import load
 
     with load(args.path, concurrency=args.lock) as live:
         inputs = _inputs(args, live)
@@ -98,7 +98,7 @@ def cmd_serve(args) -> int:
     max_body = int(args.max_body_mb * 1024 * 1024)
     if args.ray:
         try:
-            from .ray_serve import serve_forever
+            from .serving.ray_serve import serve_forever
         except ImportError as exc:
             print(f"truss-lab serve --ray needs Ray Serve: pip install 'truss_lab[ray]' ({exc})", file=sys.stderr)
             return EXIT_USAGE
@@ -107,12 +107,14 @@ def cmd_serve(args) -> int:
                       stage_replicas=args.stage_replicas, num_gpus=args.gpus, max_body=max_body)
         return EXIT_OK
     try:
-        from .serve import serve_path
+        from .serving.http import serve_path
     except ImportError as exc:
         print(f"truss-lab serve needs FastAPI and uvicorn: pip install 'truss_lab[serve]' ({exc})", file=sys.stderr)
         return EXIT_USAGE
+    from .live import LiveModel
+
     try:
-        serve_path(args.path, host=args.host, port=args.port, max_body=max_body, watch=not args.no_watch)
+        serve_path(args.path, LiveModel, host=args.host, port=args.port, max_body=max_body, watch=not args.no_watch)
     except KeyboardInterrupt:
         pass
     return EXIT_OK

@@ -1,4 +1,4 @@
-"""Import a Truss's model.py as a module of its own and build its Model, as Truss's model wrapper does.
+"""Import a Truss's model.py as a module of its own, as Truss's image lays it out (wrapper.py builds the Model).
 
 Each (truss folder, code version) gets its own package name, `_truss_lab.<slug>_<hash>.v<k>`, bound
 to the model folder: two trusses that both have `model/model.py` load side by side, relative imports
@@ -13,21 +13,16 @@ import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
-import inspect
 import os
 import re
 import sys
-import time
 import types
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
-from .bundle import Bundle, Secrets
+from .bundle import Bundle
 from .errors import LoadError
 
 ROOT_PACKAGE = "_truss_lab"
-MODEL_KWARGS = ("config", "data_dir", "secrets", "environment")
 
 
 class SourceLoader(importlib.machinery.SourceFileLoader):
@@ -198,103 +193,7 @@ def add_packages_to_path(bundle: Bundle) -> None:
             sys.path.insert(0, str(bundle.packages_dir))
 
 
-def model_class(bundle: Bundle, module: types.ModuleType) -> type:
-    cls = getattr(module, bundle.model_class_name, None)
-    if cls is None:
-        raise LoadError(
-            f"{bundle.model_file}: no class {bundle.model_class_name!r} "
-            f"(config key 'model_class_name')"
-        )
-    if not isinstance(cls, type):
-        raise LoadError(f"{bundle.model_file}: {bundle.model_class_name!r} is not a class")
-    return cls
-
-
-@dataclass(frozen=True)
-class ModelMethods:
-    """What a Model class defines, checked once (as Truss's model wrapper computes its descriptors)."""
-
-    has_preprocess: bool
-    has_postprocess: bool
-    predict_is_generator: bool
-
-    @classmethod
-    def check(cls, bundle: Bundle, model_cls: type) -> "ModelMethods":
-        predict = getattr(model_cls, "predict", None)
-        if predict is None or not callable(predict):
-            raise LoadError(f"{bundle.model_file}: class {model_cls.__name__} has no predict() method")
-        is_gen = inspect.isgeneratorfunction(predict) or inspect.isasyncgenfunction(predict)
-        has_post = callable(getattr(model_cls, "postprocess", None))
-        if is_gen and has_post:
-            line = _def_line(model_cls, "postprocess")
-            raise LoadError(
-                f"{bundle.model_file}{line}: predict is a generator (streaming), so postprocess "
-                f"cannot be defined: a Truss server refuses this model"
-            )
-        return cls(
-            has_preprocess=callable(getattr(model_cls, "preprocess", None)),
-            has_postprocess=has_post,
-            predict_is_generator=is_gen,
-        )
-
-
-def _def_line(cls: type, name: str) -> str:
-    try:
-        return f":{inspect.getsourcelines(getattr(cls, name))[1]}"
-    except (OSError, TypeError):
-        return ""
-
-
-def model_kwargs(bundle: Bundle, secrets: Secrets, environment: Any) -> dict[str, Any]:
-    return {
-        "config": bundle.config,
-        "data_dir": bundle.data_dir,
-        "secrets": secrets,
-        "environment": environment,
-    }
-
-
-def accepted_kwargs(model_cls: type, available: dict[str, Any]) -> dict[str, Any]:
-    """Only the keyword arguments __init__ accepts (all of them if it takes **kwargs)."""
-    if model_cls.__init__ is object.__init__:  # no __init__ of its own: takes nothing
-        return {}
-    try:
-        sig = inspect.signature(model_cls.__init__)
-    except (TypeError, ValueError):
-        return {}
-    params = list(sig.parameters.values())[1:]  # drop self
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return dict(available)
-    names = {
-        p.name
-        for p in params
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
-    return {k: v for k, v in available.items() if k in names}
-
-
 def apply_environment_variables(bundle: Bundle) -> None:
     """Set config.yaml's environment_variables in this process, as the Truss container does."""
     for name, value in bundle.environment_variables.items():
         os.environ[name] = value
-
-
-def build_instance(bundle: Bundle, model_cls: type, kwargs: dict[str, Any]) -> Any:
-    try:
-        return model_cls(**accepted_kwargs(model_cls, kwargs))
-    except Exception as exc:
-        raise load_error(exc, bundle, f"{model_cls.__name__}.__init__") from exc
-
-
-def run_load(bundle: Bundle, instance: Any, run_coroutine: Callable[[Any], Any]) -> float:
-    """Run load() once (sync or async); return its duration in ms."""
-    load = getattr(instance, "load", None)
-    t0 = time.perf_counter()
-    if load is not None:
-        try:
-            out = load()
-            if inspect.isawaitable(out):
-                run_coroutine(out)
-        except Exception as exc:
-            raise load_error(exc, bundle, "load()") from exc
-    return (time.perf_counter() - t0) * 1000.0

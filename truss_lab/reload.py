@@ -28,14 +28,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Callable, Protocol
 
 from . import loader
 from .bundle import Bundle, read_bundle
 from .errors import BundleError, TrussLabError, describe
-
-if TYPE_CHECKING:
-    from .runner import LiveModel
+from .wrapper import Serving
 
 FULL_RELOAD_METHODS = ("__init__", "load")
 HISTORY = 200
@@ -72,7 +70,7 @@ class ReloadEvent:
         return self.summary()
 
     def _repr_mimebundle_(self, include=None, exclude=None):
-        from . import render
+        from .display import render
 
         return render.bundle(self)
 
@@ -201,10 +199,32 @@ def diff(old: Snapshot, new: Snapshot, model_rel: str) -> Diff:
 # ------------------------------------------------------------------------------ the reloader
 
 
+class Reloadable(Protocol):
+    """What the Reloader needs from the model it reloads (a LiveModel, live.py)."""
+
+    bundle: Bundle
+    name: str
+
+    @property
+    def serving(self) -> Serving: ...
+
+    @property
+    def version(self) -> int: ...
+
+    def _build(self, bundle: Bundle, version: int) -> tuple[Serving, float]:
+        """Import, construct and load() a new version (a full reload); raise LoadError on failure."""
+
+    def _rebind(self, bundle: Bundle, version: int) -> Serving:
+        """Import a new version and bind it to the live instance's state (a method swap)."""
+
+    def _switch(self, serving: Serving, bundle: Bundle) -> None:
+        """Make `serving` the code every request from now on runs."""
+
+
 class Reloader:
     """Owns a LiveModel's reloads: one at a time, a history, callbacks, and the file watcher."""
 
-    def __init__(self, live: "LiveModel"):
+    def __init__(self, live: Reloadable):
         self.live = live
         self._lock = threading.Lock()
         self.history: collections.deque[ReloadEvent] = collections.deque(maxlen=HISTORY)

@@ -1,7 +1,7 @@
 """Trace (where one request's time went) and Report (what many traces add up to).
 
 Plain data: timestamps are `time.perf_counter()` seconds; every derived figure is milliseconds.
-Drawing lives in render.py / plots.py; these classes only delegate `_repr_mimebundle_` to them.
+Drawing lives in display/ (render.py, plots.py); these classes only delegate `_repr_mimebundle_` to it.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Trace:
         return self.summary()
 
     def _repr_mimebundle_(self, include=None, exclude=None):
-        from . import render
+        from .display import render
 
         return render.bundle(self)
 
@@ -252,7 +252,7 @@ class Report:
         return self.table()
 
     def _repr_mimebundle_(self, include=None, exclude=None):
-        from . import render
+        from .display import render
 
         return render.bundle(self)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .render import _STYLE, esc
-from .trace import Report
+from .style import STYLE, esc
+from ..trace import Report
 
 # (name, unit, how to read it from a Report, True when higher is better)
 METRICS = (
@@ -97,7 +97,7 @@ class Comparison:
             if rep.traces
         )
         return (
-            f'<div class="truss-lab truss-lab-compare">{_STYLE}'
+            f'<div class="truss-lab truss-lab-compare">{STYLE}'
             f"<table><tr><th class='k'></th><th>{la}</th><th>{lb}</th><th>b / a</th></tr>{rows}</table>"
             f'<div class="tl-cols" style="margin-top:8px">{pics}</div></div>'
         )

@@ -23,14 +23,17 @@ import json
 import socket
 import threading
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from .errors import ModelError, TrussLabError
-from .jsoncheck import first_non_json
+from ..errors import ModelError, TrussLabError
+from ..jsoncheck import first_non_json
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024  # bytes; a bigger request body is refused with 413
 PREDICT_ROUTE = "/v1/models/model:predict"
@@ -231,12 +234,21 @@ def serve(live, host: str = "127.0.0.1", port: int = 0, max_body: int = DEFAULT_
     return Server(LiveBackend(live), host, port, max_body).start()
 
 
-def serve_path(path: str, host: str = "127.0.0.1", port: int = 8080, max_body: int = DEFAULT_MAX_BODY, watch: bool = True) -> None:
-    """`truss-lab serve PATH`: answer liveness at once, load in the background, serve until Ctrl-C."""
+def serve_path(
+    path: str,
+    make_model: Callable[[Bundle], Any],
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    max_body: int = DEFAULT_MAX_BODY,
+    watch: bool = True,
+) -> None:
+    """`truss-lab serve PATH`: answer liveness at once, load in the background, serve until Ctrl-C.
+
+    `make_model(bundle)` builds the model (a LiveModel) on a background thread while liveness answers.
+    """
     import uvicorn
 
-    from .bundle import read_bundle
-    from .runner import LiveModel
+    from ..bundle import read_bundle
 
     bundle = read_bundle(path)  # a bad folder is a usage error before any port is taken
     backend = LiveBackend(name=bundle.model_name)
@@ -244,7 +256,7 @@ def serve_path(path: str, host: str = "127.0.0.1", port: int = 8080, max_body: i
 
     def load() -> None:
         try:
-            live = LiveModel(bundle)
+            live = make_model(bundle)
             if watch:
                 live.watch()
             backend.live = live

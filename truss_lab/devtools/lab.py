@@ -12,12 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 PRELOAD = "digits"  # the variable every kernel starts with
 EXAMPLE = PROJECT / "examples" / "digits"
 
 KERNEL_CONFIG = """\
-# Written by `make lab` (truss_lab/lab.py): the example truss, loaded in every kernel of that JupyterLab.
+# Written by `make lab` (truss_lab/devtools/lab.py): the example truss, loaded in every kernel of that JupyterLab.
 c = get_config()  # noqa: F821
 c.InteractiveShellApp.exec_lines = [
     "import truss_lab as _truss_lab",

@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 import ipywidgets as W
 
-from . import render
-from .render import esc
+from ..display import render
+from ..display.style import STYLE, esc
 
 HISTORY = 20  # runs kept in the history list
 IMAGE_HINTS = ("image", "img", "url", "path", "file", "photo", "picture")
@@ -282,7 +282,7 @@ class Panel:
 
 def widget(live) -> Panel:
     """An interactive panel for `live` (a LiveModel): input, examples, image upload, Run, Run ×N."""
-    from .runner import LiveModel
+    from ..live import LiveModel
 
     if not isinstance(live, LiveModel):
         raise TypeError(f"widget() takes a LiveModel (tr = truss_lab.load(path)), not {type(live).__name__}")
@@ -338,6 +338,6 @@ def shape_like_examples(data: bytes, name: str, examples: list[Any]) -> Any:
 
 def _panel_error(message: str) -> str:
     return (
-        f"<div class='truss-lab'>{render._STYLE}<div class='tl-error'><b>panel error</b>"
+        f"<div class='truss-lab'>{STYLE}<div class='tl-error'><b>panel error</b>"
         f"<pre>{esc(message)}</pre></div></div>"
     )

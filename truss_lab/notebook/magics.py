@@ -1,4 +1,4 @@
-"""`%truss` and `%%truss`: a thin IPython front end over LiveModel (everything drawn by render.py).
+"""`%truss` and `%%truss`: a thin IPython front end over LiveModel (everything drawn by display/).
 
     %load_ext truss_lab
     %truss load my-truss            # -> variable `my_truss`, watching for edits
@@ -19,7 +19,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
 
-from .errors import ModelError, TrussLabError
+from ..errors import ModelError, TrussLabError
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a mistake as one UsageError line instead of exiting the kernel."""
@@ -144,7 +144,7 @@ class TrussMagics(Magics):
     # ------------------------------------------------------------------ helpers
 
     def model(self, var: str | None):
-        from .runner import LiveModel
+        from ..live import LiveModel
 
         if var is None:
             if self.current is not None:
@@ -200,13 +200,13 @@ class TrussMagics(Magics):
     # ------------------------------------------------------------------ commands
 
     def cmd_init(self, args, cell):
-        from .bundle import init
+        from ..scaffold import init
 
         path = init(args.path, name=args.name)
         print(f"wrote a new Truss at {path} (edit model/model.py, then %truss load {args.path})")
 
     def cmd_load(self, args, cell):
-        from .runner import LiveModel, load
+        from ..live import LiveModel, load
 
         var = args.var or variable_name(args.path)
         if not var.isidentifier() or keyword.iskeyword(var):
@@ -261,7 +261,7 @@ class TrussMagics(Magics):
         display(report)
 
     def cmd_timeline(self, args, cell):
-        from .plots import timeline
+        from ..display.plots import timeline
 
         live = self.model(args.model)
         if self.last_bench is not None and args.last is None:
@@ -274,7 +274,7 @@ class TrussMagics(Magics):
         display(timeline(source, by=args.by))
 
     def cmd_compare(self, args, cell):
-        from .compare import compare
+        from ..display.compare import compare
 
         reports = []
         for name in (args.a, args.b):
@@ -312,7 +312,7 @@ class _Notice:
         self.text = text
 
     def _repr_mimebundle_(self, include=None, exclude=None):
-        from .render import esc
+        from ..display.style import esc
 
         return {"text/plain": self.text, "text/html": f'<div class="truss-lab" style="color:#666;font-family:monospace;font-size:12px">⟳ {esc(self.text)}</div>'}
 
@@ -337,7 +337,7 @@ class LoadSummary:
         ]
 
     def _repr_mimebundle_(self, include=None, exclude=None):
-        from .render import esc
+        from ..display.style import esc
 
         rows = self.lines()
         text = "\n".join(f"{k:<9} {v}" for k, v in rows)
@@ -380,7 +380,7 @@ def load_ipython_extension(ip) -> None:
 
 
 def unload_ipython_extension(ip) -> None:
-    from .runner import LiveModel
+    from ..live import LiveModel
 
     for magics in _registered:
         for _handle, unsubscribe in magics._notices.values():

@@ -16,8 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .render import STAGE_COLOURS, STAGE_LABELS, esc
-from .trace import Report, Trace, max_concurrent
+from .style import STAGE_COLOURS, STAGE_LABELS, esc
+from ..trace import Report, Trace, max_concurrent
 
 SEGMENT_STAGES = ("preprocess", "lock_wait", "predict", "postprocess")
 ERROR_COLOUR = "#c62828"

@@ -239,7 +239,7 @@ def test_predict_expr_keeps_its_quotes_and_spacing(ip, make_truss):
     ):
         text = run(ip, line).outputs[-1].data["text/plain"]
         assert text.splitlines()[1] == f"  output: {expected}", text
-    from truss_lab.magics import split_line
+    from truss_lab.notebook.magics import split_line
 
     tokens, starts = split_line('predict -n 3  "a b" c')
     assert tokens == ["predict", "-n", "3", "a b", "c"] and starts == [0, 8, 11, 14, 20]

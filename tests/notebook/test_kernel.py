@@ -67,7 +67,7 @@ def test_watcher_notice_updates_the_load_cell(kernel, make_truss):
 def test_make_lab_kernels_start_with_the_example_truss(tmp_path):
     """`make lab`'s kernels: `digits` is loaded and watched before the first cell; the magics find it."""
     pytest.importorskip("tensorflow")
-    from truss_lab.lab import lab_environment, write_profile
+    from truss_lab.devtools.lab import lab_environment, write_profile
 
     ipython_dir = tmp_path / "ipython"
     write_profile(ipython_dir)

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 import truss_lab
-from truss_lab import render
+from truss_lab.display import media, render, style
+from truss_lab.display import text as plain_text
 from truss_lab.trace import Trace
 
 XSS = "<script>alert(1)</script>"
@@ -38,7 +39,7 @@ def decoded_images(html: str) -> list[Image.Image]:
     ],
 )
 def test_images_render_inline_with_shape(value, size, caption):
-    html = render.image_html(value)
+    html = media.image_html(value)
     assert html is not None and caption in html
     (img,) = decoded_images(html)
     assert img.size == size
@@ -47,51 +48,51 @@ def test_images_render_inline_with_shape(value, size, caption):
 def test_image_file_path_and_big_images_scaled(tmp_path):
     p = tmp_path / "cat.png"
     Image.new("RGB", (2000, 1000)).save(p)
-    html = render.image_html(str(p))
+    html = media.image_html(str(p))
     (img,) = decoded_images(html)
-    assert max(img.size) <= 2 * render.MAX_IMAGE_SIDE and "cat.png PNG 2000x1000" in html
+    assert max(img.size) <= 2 * media.MAX_IMAGE_SIDE and "cat.png PNG 2000x1000" in html
     assert 'width="256"' in html
 
 
 def test_float_ranges_scaled_not_clipped():
     ramp = np.linspace(-1, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
-    out = render.to_uint8(ramp)
+    out = media.to_uint8(ramp)
     assert out.min() == 0 and out.max() == 255
     unit = np.linspace(0, 1, 64 * 64).reshape(64, 64)
-    assert render.to_uint8(unit).max() == 255
+    assert media.to_uint8(unit).max() == 255
     wide = np.linspace(-500, 900, 64 * 64).reshape(64, 64)
-    assert render.to_uint8(wide).min() == 0 and render.to_uint8(wide).max() == 255
+    assert media.to_uint8(wide).min() == 0 and media.to_uint8(wide).max() == 255
 
 
 def test_non_images_are_not_images():
-    assert render.image_html(np.zeros((3, 3))) is None  # too small to be a picture
-    assert render.image_html(np.zeros((100, 10, 7))) is None  # 7 channels
-    assert render.image_html([[1, 2], [3, 4]]) is None
-    assert render.image_html("just text") is None
-    assert render.image_html(b"not an image") is None
+    assert media.image_html(np.zeros((3, 3))) is None  # too small to be a picture
+    assert media.image_html(np.zeros((100, 10, 7))) is None  # 7 channels
+    assert media.image_html([[1, 2], [3, 4]]) is None
+    assert media.image_html("just text") is None
+    assert media.image_html(b"not an image") is None
 
 
 def test_label_bars_sorted_and_escaped():
-    html = render.value_html({"tabby": 12.5, XSS: 80.1, "lynx": 7.4})
+    html = media.value_html({"tabby": 12.5, XSS: 80.1, "lynx": 7.4})
     labels = re.findall(r"<td class='k'>(.*?)</td>", html)
-    assert labels == [render.esc(XSS), "tabby", "lynx"]
+    assert labels == [style.esc(XSS), "tabby", "lynx"]
     assert "<script>" not in html
-    listed = render.value_html([{"label": "a", "score": 0.1}, {"label": "b", "score": 0.9}])
+    listed = media.value_html([{"label": "a", "score": 0.1}, {"label": "b", "score": 0.9}])
     assert re.findall(r"<td class='k'>(.*?)</td>", listed) == ["b", "a"]
 
 
 def test_nested_output_finds_images_and_labels():
     out = {"image": np.zeros((16, 16), np.uint8), "top5": {"cat": 0.9, "dog": 0.1}, "note": XSS}
-    html = render.value_html(out)
+    html = media.value_html(out)
     assert len(decoded_images(html)) == 1 and "truss-lab-labels" in html
     assert "<script>" not in html and "&lt;script&gt;" in html
 
 
 def test_long_arrays_summarised():
-    text = render.short(list(range(1000)))
+    text = plain_text.short(list(range(1000)))
     assert text == '"[1000 numbers, min 0, max 999]"'
-    assert "shape=(500, 3) dtype=float64" in render.short(np.zeros((500, 3)))
-    html = render.value_html({"predictions": list(range(1000))})
+    assert "shape=(500, 3) dtype=float64" in plain_text.short(np.zeros((500, 3)))
+    html = media.value_html({"predictions": list(range(1000))})
     assert "1000 numbers" in html and "999," not in html
 
 
@@ -105,7 +106,7 @@ def _result(output, error=None, name="m"):
 
 def test_result_text_plain_golden():
     r = _result({"label": "cat", "score": 0.5})
-    assert render.plain(r) == 'Result from m v3: ok in 37.0 ms\n  output: {"label": "cat", "score": 0.5}'
+    assert plain_text.plain(r) == 'Result from m v3: ok in 37.0 ms\n  output: {"label": "cat", "score": 0.5}'
 
 
 def test_timing_bar_has_four_stages_and_lock_share():

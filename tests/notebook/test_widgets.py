@@ -14,7 +14,8 @@ pytest.importorskip("ipywidgets")
 PIL = pytest.importorskip("PIL.Image")
 
 import truss_lab
-from truss_lab.widgets import parse_input, shape_like_examples
+from truss_lab.display import render
+from truss_lab.notebook.widgets import parse_input, shape_like_examples
 
 IMAGE_MODEL = """
 import base64, io
@@ -84,7 +85,7 @@ def test_run_shows_result_timing_and_history(panel):
     assert "bright" in panel.output.value and "<img" in panel.output.value  # input image, output bars
     assert len(panel.runs) == 2
     panel.history.value = 1  # click the older run: it is shown again
-    assert panel.output.value == truss_lab.render.result_html(panel.runs[1].result)
+    assert panel.output.value == render.result_html(panel.runs[1].result)
     assert panel.runs[1].result.input == [1, 2, 3] and "bright" not in panel.output.value
 
 

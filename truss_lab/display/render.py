@@ -1,0 +1,168 @@
+"""Turn truss_lab's values (Result, Trace, Report, ReloadEvent) into MIME bundles: `text/plain` always
+(stable, for nbval and terminals; see text.py) and `text/html` for notebooks. Every string that comes
+from a model goes through `esc()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .media import search_dirs, value_html
+from .style import STAGE_COLOURS, STAGE_LABELS, STYLE, esc
+from .text import plain
+
+
+def bundle(value: Any) -> dict[str, str]:
+    """The MIME bundle for a Result, Trace, Report or ReloadEvent."""
+    return {"text/plain": plain(value), "text/html": to_html(value)}
+
+
+# ----------------------------------------------------------------------------------- html
+
+
+def to_html(value: Any) -> str:
+    from ..reload import ReloadEvent
+    from ..runner import Result
+    from ..trace import Report, Trace
+
+    if isinstance(value, Result):
+        return result_html(value)
+    if isinstance(value, Trace):
+        return f'<div class="truss-lab-trace">{timing_bar(value)}</div>'
+    if isinstance(value, Report):
+        return report_html(value)
+    if isinstance(value, ReloadEvent):
+        return reload_html(value)
+    return f"<pre>{esc(repr(value))}</pre>"
+
+
+def result_html(result) -> str:
+    with search_dirs(getattr(result, "search_dirs", ())):
+        return _result_html(result)
+
+
+def _result_html(result) -> str:
+    t = result.trace
+    status = "ok" if result.ok else f"{esc(result.error.stage)} error"
+    head = (
+        f'<div class="tl-head">{esc(result.model_name or "model")} '
+        f'<span class="tl-muted">v{t.version} · {status} · {t.total_ms:.1f} ms</span></div>'
+    )
+    if result.ok:
+        right = value_html(result.output)
+        warns = "".join(f'<div class="tl-muted">⚠ {esc(w)}</div>' for w in t.warnings)
+        right += warns
+    else:
+        right = error_html(result.error)
+    right += findings_html(t.findings)
+    body = (
+        '<div class="tl-cols">'
+        f'<div class="tl-col"><div class="tl-head">input</div>{value_html(result.input, labels=False)}</div>'
+        f'<div class="tl-col"><div class="tl-head">output</div>{right}</div>'
+        "</div>"
+    )
+    return f'<div class="truss-lab truss-lab-result">{STYLE}{head}{body}{timing_bar(t)}</div>'
+
+
+def findings_html(findings) -> str:
+    """Lock-misuse findings (guard.py) as an amber note: the advice is the point, so say it plainly."""
+    if not findings:
+        return ""
+    return misuse_panel([f.message for f in findings])
+
+
+def misuse_panel(lines: list[str]) -> str:
+    items = "".join(f"<li>{esc(line)}</li>" for line in lines)
+    return f'<div class="tl-warn"><b>lock misuse</b><ul>{items}</ul></div>' if items else ""
+
+
+def error_html(error) -> str:
+    where = f" at {esc(error.location)}" if getattr(error, "location", None) else ""
+    tb = error.model_traceback() if hasattr(error, "model_traceback") else None
+    detail = f"<details><summary>model traceback</summary><pre>{esc(tb)}</pre></details>" if tb else ""
+    return (
+        f'<div class="tl-error"><b>{esc(error.stage)} error</b>{where}'
+        f"<pre>{esc(error)}</pre>{detail}</div>"
+    )
+
+
+def timing_bar(trace, width: int = 480) -> str:
+    """One stacked bar: pre / lock wait / predict / post, in ms, with the lock's share marked."""
+    parts = [
+        ("preprocess", trace.pre_ms),
+        ("lock_wait", trace.lock_wait_ms),
+        ("predict", trace.predict_ms),
+        ("postprocess", trace.post_ms),
+    ]
+    total = sum(ms for _, ms in parts) or 1.0
+    segs = []
+    for stage, ms in parts:
+        if ms <= 0:
+            continue
+        pct = 100.0 * ms / total
+        segs.append(
+            f'<div title="{STAGE_LABELS[stage]}: {ms:.2f} ms" style="width:{pct:.3f}%;'
+            f'background:{STAGE_COLOURS[stage]};height:14px"></div>'
+        )
+    lock_share = 100.0 * (trace.lock_wait_ms + trace.predict_ms) / total
+    legend = " · ".join(
+        f'<span style="color:{STAGE_COLOURS[s]}">■</span> {STAGE_LABELS[s]} {ms:.2f} ms' for s, ms in parts
+    )
+    return (
+        f'<div class="truss-lab-timing" style="margin-top:6px">'
+        f'<div style="display:flex;width:{width}px;max-width:100%;border:1px solid #ccc">{"".join(segs)}</div>'
+        f'<div class="tl-muted">{legend} · total {trace.total_ms:.2f} ms · '
+        f"lock (wait + predict) {lock_share:.0f}% of the stages</div></div>"
+    )
+
+
+def reload_html(event) -> str:
+    colour = {"methods": "#2e7d32", "full": "#1565c0", "unchanged": "#666", "failed": "#c62828"}[event.kind]
+    return (
+        f'<div class="truss-lab truss-lab-reload" style="color:{colour};font-family:monospace;font-size:12px">'
+        f"⟳ {esc(event.summary())}</div>"
+    )
+
+
+def report_html(report) -> str:
+    from ..trace import STAGES
+
+    if not report.count:
+        return f'<div class="truss-lab truss-lab-report">{STYLE}<div class="tl-muted">{esc(report.table())}</div></div>'
+
+    rows = "".join(
+        f"<tr><td class='k'>{name}</td>"
+        + "".join(f"<td>{getattr(report.stages[name], k):.2f}</td>" for k in ("mean", "p50", "p95", "p99", "max"))
+        + "</tr>"
+        for name in STAGES
+    )
+    from .plots import timeline
+
+    failures = ", ".join(f"{esc(k)} {v}" for k, v in sorted(report.failures.items())) or "none"
+    head = f"{report.count} requests · failures: {failures}"
+    if getattr(report, "concurrency", None):
+        head = f"bench {esc(report.label)} · {report.concurrency} workers · " + head
+    waits = report.lock_wait_distribution() if report.count else []
+    most = max((n for _, n in waits), default=0) or 1
+    wait_rows = "".join(
+        f"<tr><td class='k'>{esc(label)}</td><td style='text-align:left;width:160px'>"
+        f"<div style='background:{STAGE_COLOURS['lock_wait']};height:10px;width:{100 * n / most:.1f}%'></div></td>"
+        f"<td>{n}</td></tr>"
+        for label, n in waits
+    )
+    misuse = misuse_panel(
+        [f"{n} requests: {report.finding_messages[kind]}" for kind, n in sorted(report.findings.items())]
+    )
+    picture = timeline(report, last=200).svg() if report.traces else ""
+    return (
+        f'<div class="truss-lab truss-lab-report">{STYLE}'
+        f'<div class="tl-head">{head}</div>'
+        '<div class="tl-cols"><div>'
+        f"<table><tr><th class='k'>ms</th><th>mean</th><th>p50</th><th>p95</th><th>p99</th><th>max</th></tr>{rows}</table>"
+        "</div><div><div class='tl-muted'>lock wait (requests)</div>"
+        f"<table>{wait_rows}</table></div></div>"
+        f'<div style="margin-top:4px">throughput <b>{report.throughput:.2f}</b> req/s · bound {report.bound:.2f} req/s '
+        f"(lock {report.lock_size} / mean predict) · efficiency <b>{report.efficiency:.2f}</b> · "
+        f"lock utilization {report.lock_utilization:.0%} · max holders {report.max_lock_holders}/{report.lock_size}</div>"
+        f"{misuse}{picture}</div>"
+    )

@@ -1,0 +1,317 @@
+"""LiveModel: a Truss loaded in this process, answering requests as a Truss server would.
+
+A `Runner` (runner.py: stages, lock, traces) plus what a developer needs around it: loading the code
+(loader.py, wrapper.py), hot reload (reload.py), and the conveniences - many inputs at once
+(`predict_batch`), a load test (`bench`), HTTP (`serve`).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+from . import loader, wrapper
+from .bundle import Bundle, read_bundle, resolve_secrets
+from .errors import TrussLabError
+from .reload import Reloader
+from .runner import DEFAULT_TRACE_CAPACITY, Result, Runner
+from .trace import BenchReport, Trace
+
+if TYPE_CHECKING:
+    from .reload import ReloadEvent
+
+
+class LiveModel(Runner):
+    """A Truss loaded in this process. Thread-safe: call it from as many threads as you like."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        concurrency: int | None = None,
+        secrets: Mapping[str, str] | None = None,
+        environment: Any = None,
+        trace_capacity: int = DEFAULT_TRACE_CAPACITY,
+        guard: bool = True,
+    ):
+        self.bundle = bundle
+        super().__init__(
+            concurrency=bundle.predict_concurrency if concurrency is None else concurrency,
+            trace_capacity=trace_capacity,
+            guard=guard,
+            loop_name=f"truss-lab-loop[{bundle.model_name}]",
+        )
+        self._secret_overrides = dict(secrets or {})
+        self.environment = environment
+        self._concurrency_override = concurrency
+        self._serving: wrapper.Serving | None = None
+        self._servers: list[Any] = []  # HTTP servers started by serve(); close() stops them
+        self.load_ms: float = 0.0
+        self.roots = loader.user_roots(bundle)
+        self._start()
+
+    # ------------------------------------------------------------------ loading
+
+    def _build(self, bundle: Bundle, version: int) -> tuple[wrapper.Serving, float]:
+        """Import, construct and load() one version of the model; raise LoadError on any failure."""
+        loader.apply_environment_variables(bundle)
+        with loader.imported(bundle, version) as module:
+            model_cls = wrapper.model_class(bundle, module)
+            methods = wrapper.ModelMethods.check(bundle, model_cls)  # before load(): it may take minutes
+            kwargs = wrapper.model_kwargs(bundle, resolve_secrets(bundle, self._secret_overrides), self.environment)
+            instance = wrapper.build_instance(bundle, model_cls, kwargs)
+            load_ms = wrapper.run_load(bundle, instance, self._loop.run)
+            return wrapper.Serving.bind(version, instance, module, model_cls, methods), load_ms
+
+    def _rebind(self, bundle: Bundle, version: int) -> wrapper.Serving:
+        """Import a new version of the code and bind it to the live instance's state (no load())."""
+        with loader.imported(bundle, version) as module:
+            model_cls = wrapper.model_class(bundle, module)
+            methods = wrapper.ModelMethods.check(bundle, model_cls)
+            instance = wrapper.share_state(self._serving.instance, model_cls, bundle)
+            return wrapper.Serving.bind(version, instance, module, model_cls, methods)
+
+    def _switch(self, serving: wrapper.Serving, bundle: Bundle) -> None:
+        """Make `serving` the code for every request that starts from now on (one reference swap)."""
+        self.bundle = bundle
+        if self._concurrency_override is None and bundle.predict_concurrency != self._lock_size:
+            self.concurrency = bundle.predict_concurrency
+        self._serving = serving
+        self._warner.reset()  # a new version warns again about a misuse it still has
+
+    def _start(self) -> None:
+        try:
+            self._serving, self.load_ms = self._build(self.bundle, 1)
+            self.reloader = Reloader(self)
+        except BaseException:
+            self._loop.close()
+            raise
+
+    # ------------------------------------------------------------------ hot reload
+
+    def reload(self, full: bool = False) -> "ReloadEvent":
+        """Reload edited code now: swap changed methods, or rebuild and load() when needed (full=True forces it)."""
+        return self.reloader.reload(full=full)
+
+    def watch(self) -> "_Watching":
+        """Reload on every save, from a background thread. Also a context manager: `with tr.watch(): ...`."""
+        self.reloader.watch()
+        return _Watching(self)
+
+    def unwatch(self) -> None:
+        self.reloader.unwatch()
+
+    @property
+    def watching(self) -> bool:
+        return self.reloader.watching
+
+    def on_reload(self, callback: Callable[["ReloadEvent"], None]) -> Callable[[], None]:
+        """Call `callback(event)` after each reload; returns a function that unsubscribes it."""
+        return self.reloader.on_reload(callback)
+
+    @property
+    def reload_history(self) -> list["ReloadEvent"]:
+        return list(self.reloader.history)
+
+    @property
+    def reload_count(self) -> int:
+        """How many reloads (of any kind, failed ones too) have happened; see `wait_for_reload`."""
+        return self.reloader.count
+
+    def wait_for_reload(self, since: int, timeout: float = 10.0) -> "ReloadEvent":
+        """Block until the watcher has reloaded after `since` (a `reload_count` read before your edit).
+
+            n = tr.reload_count
+            path.write_text(new_code)
+            event = tr.wait_for_reload(since=n)
+        """
+        event = self.reloader.wait(since, timeout)
+        if event is None:
+            hint = "" if self.watching else " (the watcher is off: tr.watch() or %truss watch on)"
+            raise TrussLabError(f"{self.name}: no reload within {timeout:g} s{hint}")
+        return event
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def name(self) -> str:
+        return self.bundle.model_name
+
+    @property
+    def path(self) -> Path:
+        return self.bundle.path
+
+    @property
+    def model(self) -> Any:
+        """The live Model instance (its loaded weights, its state)."""
+        return self._serving.instance
+
+    @property
+    def version(self) -> int:
+        return self._serving.version
+
+    @property
+    def serving(self) -> wrapper.Serving:
+        return self._serving
+
+    @property
+    def examples(self) -> dict[str, Any]:
+        return {e.name: e.input for e in self.bundle.examples}
+
+    def example(self, name: str) -> Any:
+        return self.bundle.example(name)
+
+    def methods(self) -> list[str]:
+        s = self._serving
+        found = ["load"] if callable(getattr(s.model_cls, "load", None)) else []
+        found += [m for m in ("preprocess", "predict", "postprocess") if getattr(s, m) is not None]
+        return found
+
+    def __repr__(self) -> str:
+        return (
+            f"<LiveModel {self.name!r} v{self.version} from {self.path} | "
+            f"{self._serving.model_cls.__name__}, lock {self._lock_size}, load {self.load_ms:.0f} ms>"
+        )
+
+    # ------------------------------------------------------------------ conveniences
+
+    def predict_batch(self, inputs: Iterable[Any], workers: int = 8) -> list[Result]:
+        """Run every input with `workers` concurrent threads; results come back in input order.
+
+        A model error in one input is kept in that Result; it does not stop the others.
+        """
+        inputs = list(inputs)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise TrussLabError(f"workers must be a positive integer, got {workers!r}")
+        if not inputs:
+            return []
+        with ThreadPoolExecutor(max_workers=min(workers, len(inputs)), thread_name_prefix="truss-lab-worker") as pool:
+            futures = [pool.submit(self.run, x) for x in inputs]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+
+    def bench(
+        self,
+        inputs: Iterable[Any] | None = None,
+        n: int = 100,
+        concurrency: int = 8,
+        *,
+        progress: bool = True,
+        label: str = "",
+        on_result: Callable[[Result], None] | None = None,
+    ) -> BenchReport:
+        """Send `n` requests (cycling over `inputs`, or the truss's examples) from `concurrency` workers.
+
+        Shows a tqdm progress bar (a widget in Jupyter, text in a terminal) unless `progress=False`.
+        A model error in one request is counted in the report's failures; it does not stop the bench.
+        `on_result(result)` is called (in this thread) as each request ends, e.g. to drive a progress widget.
+        """
+        inputs = list(self.examples.values()) if inputs is None else list(inputs)
+        if not inputs:
+            raise TrussLabError(f"{self.bundle.examples_path}: no inputs given and no examples to cycle over")
+        for name, value in (("n", n), ("concurrency", concurrency)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TrussLabError(f"{name} must be a positive integer, got {value!r}")
+        traces: list[Trace] = []
+        failed = 0
+        bar = _progress_bar(n, f"{self.name} ×{concurrency}", progress)
+        try:
+            with ThreadPoolExecutor(max_workers=min(concurrency, n), thread_name_prefix="truss-lab-bench") as pool:
+                futures = [pool.submit(self.run, inputs[i % len(inputs)]) for i in range(n)]
+                try:
+                    for future in as_completed(futures):
+                        result = future.result()
+                        traces.append(result.trace)
+                        if on_result is not None:
+                            on_result(result)
+                        if not result.ok:
+                            failed += 1
+                            bar.set_postfix(failed=failed, refresh=False)
+                        bar.update(1)
+                except BaseException:  # Ctrl-C in the notebook: drop what has not started
+                    for f in futures:
+                        f.cancel()
+                    raise
+        finally:
+            bar.close()
+        return BenchReport.from_traces(traces, self._lock_size, concurrency=concurrency, label=label or self.name)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None):
+        """Serve this model over HTTP with the Truss server's routes, from a background thread.
+
+        Returns the running server (`.url`, `.stop()`); port 0 picks a free port. Same lock, traces and
+        hot reload as in the notebook. Needs the `serve` extra (FastAPI, uvicorn).
+        """
+        try:
+            from .serving.http import DEFAULT_MAX_BODY, serve
+        except ImportError as exc:
+            raise TrussLabError(f"serve() needs FastAPI and uvicorn: pip install 'truss_lab[serve]' ({exc})") from None
+        server = serve(self, host, port, DEFAULT_MAX_BODY if max_body is None else max_body)
+        self._servers.append(server)
+        return server
+
+    def close(self) -> None:
+        """Stop the HTTP servers started by serve(), the watcher and the event loop thread."""
+        for server in self._servers:
+            server.stop()
+        self._servers.clear()
+        self.reloader.unwatch()
+        self._loop.close()
+
+    def __enter__(self) -> "LiveModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Watching:
+    """What `LiveModel.watch()` returns: leaving a `with` block stops watching."""
+
+    def __init__(self, live: LiveModel):
+        self.live = live
+
+    def __enter__(self) -> LiveModel:
+        return self.live
+
+    def __exit__(self, *exc) -> None:
+        self.live.unwatch()
+
+    def __repr__(self) -> str:
+        return f"<watching {self.live.path} for changes>" if self.live.watching else "<not watching>"
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """tqdm.auto's bar (notebook widget or terminal text), imported only when a bench runs."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", disable=not enabled, leave=True)
+
+
+def load(
+    path: str,
+    *,
+    concurrency: int | None = None,
+    secrets: Mapping[str, str] | None = None,
+    environment: Any = None,
+    trace_capacity: int = DEFAULT_TRACE_CAPACITY,
+    guard: bool = True,
+) -> LiveModel:
+    """Load the Truss at `path`: read config.yaml, import model.py, build Model, run load() once.
+
+    `guard=False` turns off the lock-misuse guard (guard.py) for this model.
+    """
+    bundle = read_bundle(path)
+    return LiveModel(
+        bundle,
+        concurrency=concurrency,
+        secrets=secrets,
+        environment=environment,
+        trace_capacity=trace_capacity,
+        guard=guard,
+    )

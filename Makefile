@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS := notebook,tf,serve,ray,test
 
-.PHONY: install browser lab test bench clean
+.PHONY: install browser truss-server lab test bench clean
 
 install: $(VENV)/.installed
 
@@ -27,7 +27,11 @@ browser:
 	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	  else echo "note: no chromium and no apt-get here; the browser test will be skipped (install chromium to run it)"; fi; }
 
-test: install browser
+# The real Truss server (the oracle of tests/conformance), in venvs of its own, cached in ~/.cache/truss_lab.
+truss-server: install
+	$(BIN)/python -m truss_lab.serving.truss_server
+
+test: install browser truss-server
 	$(BIN)/python -m pytest
 
 bench: install

@@ -90,3 +90,14 @@ def live(make_truss):
     yield load
     for tr in opened:
         tr.close()
+
+
+@pytest.fixture(scope="session")
+def truss_env():
+    """The real Truss server (pinned), the oracle of tests/conformance: venvs made once and cached.
+
+    `make test` makes them before pytest starts (`make truss-server`); a bare pytest makes them here.
+    """
+    from truss_lab.serving.truss_server import ServerEnv
+
+    return ServerEnv.ensure()

@@ -137,12 +137,8 @@ def test_async_load(make_truss):
             {"model/model.py": "class Model:\n    def load(self):\n        1 / 0\n    def predict(self, x):\n        return x\n"},
             "load() failed at t/model/model.py:3: ZeroDivisionError",
         ),
-        (
-            {"model/model.py": "class Model:\n    def predict(self, x):\n        yield x\n    def postprocess(self, y):\n        return y\n"},
-            "model.py:4: predict is a generator (streaming), so postprocess cannot be defined",
-        ),
     ],
-    ids=["missing-model-py", "syntax-error", "import-error", "class-missing", "no-predict", "init-raises", "load-raises", "generator-with-postprocess"],
+    ids=["missing-model-py", "syntax-error", "import-error", "class-missing", "no-predict", "init-raises", "load-raises"],
 )
 def test_load_errors(make_truss, files, expected):
     root = make_truss()

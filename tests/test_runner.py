@@ -235,15 +235,18 @@ def test_output_check_warns_with_path(live):
         import numpy as np
         class Model:
             def predict(self, x):
-                return {"predictions": [[1.0, 2.0, 3.0, np.float32(4)]], "ok": np.float64(1)}
+                if x == "numpy":  # the Truss server's encoder sends these: no warning
+                    return {"predictions": np.arange(3.0), "n": np.int64(3), "p": [np.float32(4)], "nan": float("nan")}
+                return {"predictions": [[1.0, np.float32(4), np.bool_(True)]], "ok": np.float64(1)}
         """
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        assert tr.predict("numpy").ok
         r = tr.predict(None)
     assert r.ok
     messages = [str(w.message) for w in caught if issubclass(w.category, OutputWarning)]
-    assert len(messages) == 1 and "predictions[0][3]: numpy.float32" in messages[0]
+    assert len(messages) == 1 and "predictions[0][2]: numpy.bool" in messages[0]
     assert r.trace.warnings == messages
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -299,3 +302,36 @@ def test_many_threads_calling_predict_directly(live):
         t.join(timeout=10)
     assert out == {i: {"post": {"pred": {"pre": i}}} for i in range(16)}
     assert len({t.thread for t in tr.traces}) == 16
+
+
+def test_stream_decided_by_the_returned_value(live):
+    """As on a Truss server: a generator *returned* by predict (sync or async) streams; anything else does not."""
+    tr = live(
+        """
+        class Model:
+            async def predict(self, x):
+                if x == "plain":
+                    return {"plain": True}
+                async def gen():
+                    for i in range(3):
+                        yield f"{i},"
+                return gen()
+        """
+    )
+    assert list(tr.stream("go")) == ["0,", "1,", "2,"]
+    assert tr.traces[-1].chunks == 3 and tr.traces[-1].first_chunk is not None
+    assert list(tr.stream("plain")) == [{"plain": True}]
+    assert tr.predict("go").output == "0,1,2,"  # joined as the Truss server gathers for Accept: application/json
+    assert tr.lock_available == 1
+
+
+def test_generator_with_postprocess_loads_warns_and_fails_each_request(live):
+    """Truss loads this model and answers every request with a 500: truss_lab does too, and says so at load."""
+    from truss_lab.wrapper import ModelDefinitionWarning
+
+    with pytest.warns(ModelDefinitionWarning, match=r"model\.py:4: predict is a generator .* every request will fail"):
+        tr = live("class Model:\n    def predict(self, x):\n        yield x\n    def postprocess(self, y):\n        return y\n")
+    r = tr.run(1)
+    assert r.error is not None and r.error.stage == "predict"
+    assert "you cannot use postprocessing" in str(r.error)
+    assert tr.lock_available == 1

@@ -12,8 +12,12 @@ def type_name(value: Any) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
-def first_non_json(value: Any, path: str = "") -> tuple[str, str] | None:
-    """(path, type name) of the first value json.dumps would refuse, e.g. ('predictions[0][3]', 'numpy.float32')."""
+def first_non_json(value: Any, path: str = "", numpy: bool = False) -> tuple[str, str] | None:
+    """(path, type name) of the first value json.dumps would refuse, e.g. ('predictions[0][3]', 'numpy.float32').
+
+    `numpy=True`: numpy integers, floats and numeric arrays pass, as the Truss server's JSON encoder
+    (`DeepNumpyEncoder`: int(), float(), .tolist()) sends them; numpy.bool_ does not.
+    """
     stack = [(path, value)]
     while stack:
         where, v = stack.pop()
@@ -31,6 +35,22 @@ def first_non_json(value: Any, path: str = "") -> tuple[str, str] | None:
             stack.extend(reversed(items))
         elif isinstance(v, _SCALARS):  # subclasses (IntEnum, numpy.float64 is a float subclass)
             continue
+        elif numpy and t.__module__ == "numpy":
+            kind = _numpy_kind(v)
+            if kind == "array":
+                stack.append((where, v.tolist()))
+            elif kind != "number":
+                return (where or "<output>", type_name(v))
         else:
             return (where or "<output>", type_name(v))
     return None
+
+
+def _numpy_kind(v: Any) -> str:
+    import numpy as np  # only reached for a numpy value, so numpy is already imported
+
+    if isinstance(v, np.ndarray):
+        return "array"
+    if isinstance(v, (np.integer, np.floating)):
+        return "number"
+    return "other"

@@ -27,10 +27,9 @@ from . import guard as lockguard
 from .aio import LoopThread
 from .bundle import Bundle, validate_concurrency
 from .errors import STAGE_ERRORS, ModelError, TrussLabError, describe
-from .jsoncheck import first_non_json
 from .lock import FairLock
 from .trace import Report, Trace
-from .wrapper import Serving, is_stream, join_chunks
+from .wrapper import Serving, is_stream, join_chunks, refuse_postprocess, truss_json_check
 
 DEFAULT_TRACE_CAPACITY = 1000
 
@@ -211,6 +210,7 @@ class Runner:
                 try:
                     y = self._call(s.predict, x, watch)
                     if is_stream(y):
+                        refuse_postprocess(s, y)
                         y = self._drain(y, t, watch)
                     return y
                 finally:
@@ -267,16 +267,23 @@ class Runner:
     def stream(self, model_input: Any) -> Iterator[Any]:
         """Yield a streaming predict's chunks as they come; the lock is held until the stream ends.
 
-        Close it early (break, `close()`, leaving a `with closing(...)`) and the lock is released.
-        A predict that does not stream yields its one (postprocessed) output.
+        Streaming is decided by the value predict returns, as in a Truss server: a generator (or
+        async generator), whether predict is a generator function or returns one. Any other value
+        is postprocessed and yielded as the one output. Close the stream early (break, `close()`)
+        and the lock is released.
         """
+        chunks = self.open_stream(model_input)
+        next(chunks)  # whether it streams: this caller takes the values the same way
+        yield from chunks
+
+    def open_stream(self, model_input: Any) -> Iterator[Any]:
+        """`stream()`, led by one bool: True if predict returned a stream (chunks follow), False if not
+        (one postprocessed output follows). An HTTP front end needs to know before the first chunk."""
         s = self._serving
-        if not s.streaming:
-            yield self.predict(model_input).output
-            return
         t = Trace(next(self._ids), s.version, threading.current_thread().name, perf_counter())
         stage = "preprocess"
         count = 0
+        streamed = False
         try:
             x = self._preprocess(s, model_input, t)
             stage = "predict"
@@ -285,27 +292,36 @@ class Runner:
             with lock:
                 t.lock_acquired = t.predict_start = perf_counter()
                 watch = lockguard.begin() if self._guard else None
-                if watch is not None:
-                    watch.idle_check = False  # the caller's own code runs between chunks
                 try:
-                    if watch is None:
-                        chunks = self._iterate(self._call(s.predict, x))
-                    else:
-                        token = lockguard.enter(watch)
-                        try:
-                            stream = self._call(s.predict, x, watch)
-                        finally:
+                    token = lockguard.enter(watch) if watch is not None else None
+                    try:
+                        y = self._call(s.predict, x, watch)
+                    finally:
+                        if token is not None:
                             lockguard.leave(token)
-                        chunks = lockguard.iterate(watch, self._iterate(stream, watch))
-                    for chunk in chunks:
-                        if t.first_chunk is None:
-                            t.first_chunk = perf_counter()
-                        count += 1
-                        yield chunk
+                    streamed = is_stream(y)
+                    if streamed:
+                        refuse_postprocess(s, y)
+                        if watch is not None:
+                            watch.idle_check = False  # the caller's own code runs between chunks
+                        chunks = self._iterate(y, watch)
+                        yield True
+                        for chunk in chunks if watch is None else lockguard.iterate(watch, chunks):
+                            if t.first_chunk is None:
+                                t.first_chunk = perf_counter()
+                            count += 1
+                            yield chunk
                 finally:
                     t.predict_end = perf_counter()
                     if watch is not None:
                         self._found(s, t, lockguard.end(watch, t.predict_ms))
+            t.lock_released = perf_counter()
+            if not streamed:
+                stage = "postprocess"
+                output = self._postprocess(s, y, t)
+                self._check_output(output, t)
+                yield False
+                yield output
         except Exception as exc:
             raise self._fail(t, stage, exc) from exc
         except BaseException as exc:  # GeneratorExit (closed early), KeyboardInterrupt
@@ -313,9 +329,10 @@ class Runner:
                 t.error, t.error_stage = describe(exc), stage
             raise
         finally:
-            if t.lock_acquired is not None:
+            if t.lock_acquired is not None and t.lock_released is None:
                 t.lock_released = perf_counter()
-            t.chunks = count
+            if streamed:
+                t.chunks = count
             t.end = perf_counter()
             self._traces.append(t)
 
@@ -325,12 +342,12 @@ class Runner:
         return err
 
     def _check_output(self, output: Any, t: Trace) -> None:
-        bad = first_non_json(output)
+        bad = truss_json_check(output)
         if bad is not None:
             path, tname = bad
             message = (
-                f"{self.bundle.model_name}: output is not JSON-serialisable at {path}: {tname} "
-                f"(a Truss server could not send it; convert it, e.g. with .tolist() or float())"
+                f"{self.bundle.model_name}: output is not JSON a Truss server can send, at {path}: {tname} "
+                f"(it would answer 500; convert it, e.g. with .tolist() or float())"
             )
             t.warnings.append(message)
             warnings.warn(message, OutputWarning, stacklevel=4)

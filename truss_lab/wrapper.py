@@ -9,16 +9,31 @@ The runner (runner.py) executes requests with these; the loader (loader.py) only
 from __future__ import annotations
 
 import inspect
+import json
 import time
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .bundle import Bundle, Secrets
 from .errors import LoadError
+from .jsoncheck import first_non_json
 from .loader import load_error
 
 MODEL_KWARGS = ("config", "data_dir", "secrets", "environment")
+STREAM_WITH_POSTPROCESS = (
+    "If the predict function returns a generator (streaming), you cannot use postprocessing. "
+    "Include all processing in the predict method."
+)  # Truss's ModelDefinitionError message, word for word
+
+
+class ModelDefinitionWarning(UserWarning):
+    """The model loads, but a Truss server would refuse some or all of its requests."""
+
+
+class ModelDefinitionError(TypeError):
+    """A request the model's own definition makes fail on a Truss server (raised in the stage)."""
 
 
 def model_class(bundle: Bundle, module: types.ModuleType) -> type:
@@ -49,10 +64,13 @@ class ModelMethods:
         is_gen = inspect.isgeneratorfunction(predict) or inspect.isasyncgenfunction(predict)
         has_post = callable(getattr(model_cls, "postprocess", None))
         if is_gen and has_post:
+            # Truss loads this model and answers every request with a 500: so do we, but say so now.
             line = _def_line(model_cls, "postprocess")
-            raise LoadError(
-                f"{bundle.model_file}{line}: predict is a generator (streaming), so postprocess "
-                f"cannot be defined: a Truss server refuses this model"
+            warnings.warn(
+                f"{bundle.model_file}{line}: predict is a generator (streaming) and postprocess is "
+                f"defined: every request will fail, here as on a Truss server ({STREAM_WITH_POSTPROCESS})",
+                ModelDefinitionWarning,
+                stacklevel=2,
             )
         return cls(
             has_preprocess=callable(getattr(model_cls, "preprocess", None)),
@@ -177,10 +195,54 @@ def is_stream(y: Any) -> bool:
     return inspect.isgenerator(y) or inspect.isasyncgen(y)
 
 
-def join_chunks(chunks: list[Any]) -> Any:
-    """A streamed output as one value: text joined, bytes joined, anything else as a list."""
-    if chunks and all(isinstance(c, str) for c in chunks):
-        return "".join(chunks)
-    if chunks and all(isinstance(c, (bytes, bytearray)) for c in chunks):
-        return b"".join(chunks)
-    return chunks
+def refuse_postprocess(s: "Serving", stream: Any) -> None:
+    """A stream returned next to a postprocess: Truss fails the request (500); close the stream first."""
+    if s.postprocess is not None:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+        raise ModelDefinitionError(STREAM_WITH_POSTPROCESS)
+
+
+def join_chunks(chunks: list[Any]) -> str:
+    """A stream as one value, as the Truss server gathers it for `Accept: application/json`: bytes
+    joined and decoded, any other chunk as str(chunk)."""
+    return b"".join(c if isinstance(c, (bytes, bytearray)) else str(c).encode() for c in chunks).decode()
+
+
+class _TrussEncoder(json.JSONEncoder):
+    """The Truss server's DeepNumpyEncoder: numpy integers, floats and arrays as JSON; NaN as NaN."""
+
+    def default(self, obj: Any) -> Any:
+        if type(obj).__module__ == "numpy":
+            import numpy as np
+
+            if isinstance(obj, np.integer):
+                return int(obj)
+            if isinstance(obj, np.floating):
+                return float(obj)
+            if isinstance(obj, np.ndarray):
+                return obj.tolist()
+        return super().default(obj)
+
+
+def is_pydantic(value: Any) -> bool:
+    return any(c.__module__.startswith("pydantic") and c.__name__ == "BaseModel" for c in type(value).__mro__)
+
+
+def truss_json(output: Any) -> str:
+    """The JSON body a Truss server sends for `output` (a pydantic model as its own .json())."""
+    if is_pydantic(output):
+        return output.model_dump_json() if hasattr(output, "model_dump_json") else output.json()
+    return json.dumps(output, cls=_TrussEncoder)
+
+
+def truss_json_check(output: Any) -> tuple[str, str] | None:
+    """(path, type) of the first value the Truss server's JSON encoder refuses, or None if it can send it."""
+    if is_pydantic(output) or _is_response(output):
+        return None
+    return first_non_json(output, numpy=True)
+
+
+def _is_response(value: Any) -> bool:
+    return any(c.__module__.startswith("starlette.") and c.__name__ == "Response" for c in type(value).__mro__)

@@ -1,20 +1,22 @@
 """Serve a LiveModel over HTTP with the Truss server's routes (FastAPI on uvicorn).
 
-    GET  /                            liveness: 200 as soon as the server runs
-    GET  /v1/models/model             readiness: 200 once load() has finished, 503 before
-    POST /v1/models/model:predict     JSON in, JSON out (a streaming predict streams)
+    GET  /                                 liveness: `true` as soon as the server runs
+    GET  /v1/models/{name}[/loaded]        readiness: 200 `{}` once load() has finished, 503 before
+    POST /v1/models/{name}:predict         JSON in, JSON out; a returned stream streams
 
 Requests go through the same runner as the notebook - the same lock, traces and hot reload - so
-`tr.report()` and the timeline include HTTP traffic. Errors are JSON naming the stage, never a
-traceback: 400 for a body that is not JSON or an input preprocess rejects, 500 for predict or
-postprocess errors (and outputs that are not JSON), 413 for a body over the limit, 503 before ready.
+`tr.report()` and the timeline include HTTP traffic. Statuses and `x-baseten-error-*` headers are the
+Truss server's (tests/conformance compares them with the real server): 400 for a body that is not
+JSON, 500 for an exception in any stage or an output its encoder cannot send, 503 before ready; plus
+413 for a body over the limit. Error bodies name the stage and file:line, never a traceback.
 
     server = tr.serve(port=8080)        # a background thread, from a notebook
     server.url, server.stop()
     truss-lab serve my-truss --port 8080
 
-This module imports FastAPI: the core imports it only when you serve. `Backend` is what the routes call; the Ray Serve deployment (ray_serve.py) provides its own, so both
-servers answer the same requests the same way.
+This module imports FastAPI: the core imports it only when you serve. `Backend` is what the routes
+call; the Ray Serve deployment (ray_serve.py) provides its own, so both servers answer the same
+requests the same way.
 """
 
 from __future__ import annotations
@@ -23,21 +25,38 @@ import json
 import socket
 import threading
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from ..errors import ModelError, TrussLabError
-from ..jsoncheck import first_non_json
+from ..wrapper import _is_response, join_chunks, truss_json, truss_json_check
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024  # bytes; a bigger request body is refused with 413
-PREDICT_ROUTE = "/v1/models/model:predict"
+PREDICT_ROUTE = "/v1/models/model:predict"  # what clients use; any model name is accepted, as on Truss
 READY_ROUTE = "/v1/models/model"
+PREDICT_ROUTES = ("/v1/models/{model_name}:predict",)
+READY_ROUTES = ("/v1/models/{model_name}", "/v1/models/{model_name}/loaded")
+
+
+# The Truss server's error headers (its errors.py): which service answered, and whose fault it was.
+ERROR_SOURCE = "04"  # the Truss server
+CODE_UNEXPECTED, CODE_DOWNSTREAM, CODE_CLIENT = "500", "600", "700"
+
+
+@dataclass
+class Answer:
+    """What the model gave for one request: an output, an error, or a stream of chunks."""
+
+    output: Any = None
+    error: ModelError | None = None
+    chunks: Iterator[Any] | None = None  # set when predict returned a stream
 
 
 class Backend(Protocol):
@@ -47,11 +66,7 @@ class Backend(Protocol):
 
     def ready(self) -> bool: ...
 
-    def streaming(self) -> bool: ...
-
-    async def run(self, model_input: Any) -> tuple[Any, ModelError | None]: ...
-
-    def stream(self, model_input: Any) -> Iterator[Any]: ...
+    async def answer(self, model_input: Any) -> Answer: ...
 
 
 class LiveBackend:
@@ -65,84 +80,120 @@ class LiveBackend:
     def ready(self) -> bool:
         return self.live is not None
 
-    def streaming(self) -> bool:
-        return self.live.serving.streaming
+    async def answer(self, model_input: Any) -> Answer:
+        return await run_in_threadpool(self._answer, model_input)
 
-    async def run(self, model_input: Any) -> tuple[Any, ModelError | None]:
-        result = await run_in_threadpool(self.live.run, model_input)
-        return result.output, result.error
-
-    def stream(self, model_input: Any) -> Iterator[Any]:
-        return self.live.stream(model_input)
+    def _answer(self, model_input: Any) -> Answer:
+        chunks = self.live.open_stream(model_input)
+        try:
+            if next(chunks):  # predict returned a stream: the lock stays held while it is read
+                return Answer(chunks=chunks)
+            return Answer(output=next(chunks))
+        except ModelError as error:
+            return Answer(error=error)
 
 
 # ---------------------------------------------------------------------------------------- routes
 
 
-def error_body(status: int, stage: str, message: str, model: str, location: str | None = None):
+def error_body(status: int, stage: str, message: str, model: str, location: str | None = None, code: str = CODE_DOWNSTREAM):
+    """An error answer: the Truss server's status and headers; the body adds the stage and file:line."""
     body = {"error": message, "stage": stage, "model": model}
     if location:
         body["location"] = location
-    return JSONResponse(body, status_code=status)
+    headers = {"X-BASETEN-ERROR-SOURCE": ERROR_SOURCE, "X-BASETEN-ERROR-CODE": code}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def read_json(request, backend: Backend, max_body: int) -> tuple[Any, Any]:
     """(model_input, None), or (None, an error response): 413 over the limit, 400 if not JSON."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
-        return None, error_body(413, "request", f"body of {int(declared)} bytes is over the {max_body}-byte limit", backend.name)
+        return None, error_body(413, "request", f"body of {int(declared)} bytes is over the {max_body}-byte limit", backend.name, code=CODE_CLIENT)
     body = bytearray()
     async for chunk in request.stream():  # a body without Content-Length is counted as it arrives
         body += chunk
         if len(body) > max_body:
-            return None, error_body(413, "request", f"body is over the {max_body}-byte limit", backend.name)
+            return None, error_body(413, "request", f"body is over the {max_body}-byte limit", backend.name, code=CODE_CLIENT)
     try:
         return json.loads(body), None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, error_body(400, "request", f"body is not JSON: {exc}", backend.name)
+        return None, error_body(400, "request", f"Invalid JSON payload: {exc}", backend.name, code=CODE_CLIENT)
+    except RecursionError:
+        return None, error_body(400, "request", "Invalid JSON payload: nested too deeply", backend.name, code=CODE_CLIENT)
+
+
+def gathers(request) -> bool:
+    """Whether a stream is answered as one JSON string, as the Truss server decides (Accept, not OpenAI's SDK)."""
+    if "openai" in request.headers.get("user-agent", "").lower():
+        return False
+    return request.headers.get("accept") == "application/json"
 
 
 async def predict_response(request, backend: Backend, max_body: int):
-    """POST /v1/models/model:predict, for any Backend."""
+    """POST /v1/models/{name}:predict, for any Backend."""
     if not backend.ready():
-        return error_body(503, "load", "the model is still loading", backend.name)
+        return error_body(503, "load", f"Model with name {backend.name} is not ready.", backend.name)
     model_input, problem = await read_json(request, backend, max_body)
     if problem is not None:
         return problem
-    if backend.streaming():
-        return StreamingResponse(_encode_stream(backend.stream(model_input)), media_type="application/octet-stream")
-    output, error = await backend.run(model_input)
-    if error is not None:
-        status = 400 if error.stage == "preprocess" else 500
-        return error_body(status, error.stage, str(error), backend.name, error.location)
-    bad = first_non_json(output)
+    answer = await backend.answer(model_input)
+    if answer.error is not None:
+        error = answer.error
+        return error_body(500, error.stage, str(error), backend.name, error.location)
+    if answer.chunks is not None:
+        if gathers(request):
+            chunks = await run_in_threadpool(list, answer.chunks)
+            return Response(json.dumps(join_chunks(chunks)), media_type="application/json")
+        return StreamingResponse(_encode_stream(answer.chunks), media_type="application/octet-stream")
+    output = answer.output
+    if _is_response(output):
+        if output.status_code >= 300:
+            output.headers.update({"X-BASETEN-ERROR-SOURCE": ERROR_SOURCE, "X-BASETEN-ERROR-CODE": CODE_CLIENT})
+        return output
+    bad = truss_json_check(output)
     if bad is not None:
         path, tname = bad
-        return error_body(500, "postprocess", f"output is not JSON-serialisable at {path}: {tname}", backend.name)
-    return JSONResponse(output)
+        return error_body(500, "postprocess", f"output is not JSON-serialisable at {path}: {tname}", backend.name, code=CODE_UNEXPECTED)
+    return Response(truss_json(output), media_type="application/json")
 
 
 async def _encode_stream(chunks: Iterator[Any]) -> AsyncIterator[bytes]:
-    """Chunks as the Truss server sends them: str as UTF-8, bytes as is, anything else as a JSON line."""
-    async for chunk in iterate_in_threadpool(chunks):
-        if isinstance(chunk, bytes):
-            yield chunk
-        elif isinstance(chunk, str):
-            yield chunk.encode()
-        else:
-            yield (json.dumps(chunk) + "\n").encode()
+    """Chunks as the Truss server sends them: str as UTF-8, bytes as is, anything else as a JSON line.
+
+    An error mid-stream ends the stream (the Truss server logs it and closes the body normally). A
+    client that hangs up stops the stream and frees the lock at once: the generator is closed here.
+    """
+    try:
+        async for chunk in iterate_in_threadpool(chunks):
+            if isinstance(chunk, bytes):
+                yield chunk
+            elif isinstance(chunk, str):
+                yield chunk.encode()
+            else:
+                yield (json.dumps(chunk) + "\n").encode()
+    except ModelError:
+        return
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            try:
+                await run_in_threadpool(close)
+            except ValueError:  # still running in a worker thread: it ends when that pull returns
+                pass
 
 
 def readiness(backend: Backend):
-    if getattr(backend, "load_error", None):
-        return JSONResponse({"name": backend.name, "ready": False, "error": backend.load_error}, status_code=503)
+    """Truss's readiness answer: 200 `{}` once loaded, 503 before (and after a failed load, with why)."""
     if not backend.ready():
-        return JSONResponse({"name": backend.name, "ready": False}, status_code=503)
-    return JSONResponse({"name": backend.name, "ready": True})
+        why = getattr(backend, "load_error", None)
+        message = f"Model with name {backend.name} is not ready." + (f" load() failed: {why}" if why else "")
+        return error_body(503, "load", message, backend.name)
+    return JSONResponse({})
 
 
 def create_app(backend: Backend, max_body: int = DEFAULT_MAX_BODY, on_startup=None):
-    """The FastAPI app for `backend`, with the Truss server's three routes."""
+    """The FastAPI app for `backend`, with the Truss server's routes."""
     @asynccontextmanager
     async def lifespan(app):
         if on_startup is not None:
@@ -151,18 +202,20 @@ def create_app(backend: Backend, max_body: int = DEFAULT_MAX_BODY, on_startup=No
 
     app = FastAPI(title=f"truss_lab: {backend.name}", lifespan=lifespan, docs_url=None, redoc_url=None)
 
-    @app.get("/")
     async def liveness():
-        return {"alive": True}
+        return True
 
-    @app.get(READY_ROUTE)
-    async def ready():
+    async def ready(model_name: str):
         return readiness(backend)
 
-    @app.post(PREDICT_ROUTE)
-    async def predict(request: Request):
+    async def predict(model_name: str, request: Request):
         return await predict_response(request, backend, max_body)
 
+    app.add_api_route("/", liveness, methods=["GET"])
+    for route in READY_ROUTES:
+        app.add_api_route(route, ready, methods=["GET"])
+    for route in PREDICT_ROUTES:
+        app.add_api_route(route, predict, methods=["POST"])
     return app
 
 

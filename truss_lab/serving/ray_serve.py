@@ -32,8 +32,8 @@ from ray import serve
 from starlette.concurrency import run_in_threadpool
 
 from ..bundle import read_bundle
-from ..errors import STAGE_ERRORS, ModelError
-from .http import DEFAULT_MAX_BODY, PREDICT_ROUTE, READY_ROUTE, predict_response, readiness
+from ..errors import STAGE_ERRORS
+from .http import DEFAULT_MAX_BODY, PREDICT_ROUTE, Answer, predict_response, readiness
 
 APP_NAME = "truss_lab"
 
@@ -93,20 +93,16 @@ class RayBackend:
     def ready(self) -> bool:
         return True
 
-    def streaming(self) -> bool:
-        return False  # a stream cannot cross the deployment boundary chunk by chunk here: joined instead
-
-    async def run(self, model_input: Any) -> tuple[Any, ModelError | None]:
+    async def answer(self, model_input: Any) -> Answer:
+        # A stream cannot cross the deployment boundary chunk by chunk here: predict joins it.
         x, error = await run_in_threadpool(self.live.run_stage, "preprocess", model_input)
         if error is not None:
-            return None, error
+            return Answer(error=error)
         reply = await self.predictor.predict.remote(x)
         if "error" in reply:
-            return None, STAGE_ERRORS["predict"](reply["error"], location=reply["location"])
-        return await run_in_threadpool(self.live.run_stage, "postprocess", reply["output"])
-
-    def stream(self, model_input: Any):
-        raise NotImplementedError
+            return Answer(error=STAGE_ERRORS["predict"](reply["error"], location=reply["location"]))
+        output, error = await run_in_threadpool(self.live.run_stage, "postprocess", reply["output"])
+        return Answer(output=output, error=error)
 
 
 ingress = FastAPI(title="truss_lab on Ray Serve", docs_url=None, redoc_url=None)
@@ -123,14 +119,14 @@ class Stages:
 
     @ingress.get("/")
     async def liveness(self):
-        return {"alive": True}
+        return True
 
-    @ingress.get(READY_ROUTE)
-    async def ready(self):
+    @ingress.get("/v1/models/{model_name}")
+    async def ready(self, model_name: str):
         return readiness(self.backend)
 
-    @ingress.post(PREDICT_ROUTE)
-    async def predict(self, request: Request):
+    @ingress.post("/v1/models/{model_name}:predict")
+    async def predict(self, model_name: str, request: Request):
         return await predict_response(request, self.backend, self.max_body)
 
 

@@ -1,0 +1,250 @@
+"""The real Truss server, run here without Docker: the oracle truss_lab's semantics are checked against.
+
+The `truss` package on PyPI ships its server (`truss_server.py`, `model_wrapper.py`, helpers) and
+writes it into an image's build context. This module does what the image would, with no Docker:
+
+1. a venv with `truss==<pin>` ("cli"); `truss image build-context` writes the server code once;
+2. a second venv with the server's own `requirements.txt` / `constraints.txt` ("server": numpy < 2,
+   an older FastAPI - never truss_lab's own environment);
+3. one app folder per truss laid out as the image's `APP_HOME` (`server/*`, `model/`, `data/`,
+   `config.yaml` as Truss writes it, with every default filled in; `packages/` on the path), and
+   the server's FastAPI app started by uvicorn on 127.0.0.1 from a small launcher (its `main.py`
+   binds 0.0.0.0).
+
+Both venvs are made once and cached under `cache_dir()` (`$TRUSS_LAB_CACHE`, else
+`~/.cache/truss_lab`), so only the first use pays the install (about a minute each).
+
+    env = ServerEnv.ensure()                     # venvs + server code, cached
+    with env.start("my-truss") as server:        # a real Truss server on 127.0.0.1
+        httpx.post(server.url + "/v1/models/model:predict", json=...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.error import URLError
+from urllib.request import urlopen
+
+from ..errors import TrussLabError
+
+TRUSS_VERSION = "0.18.36"  # the pinned server: every parity claim in README is against this version
+
+# Runs inside the server's venv, with the app folder as the working directory (as APP_HOME is).
+LAUNCHER = """\
+import asyncio, os, sys
+app_home = os.getcwd()
+sys.path.insert(0, app_home)                       # the image runs `python3 /app/main.py`
+packages = os.path.join(app_home, "packages")
+if os.path.isdir(packages):
+    sys.path.append(packages)                      # the image's /packages
+import uvicorn
+from truss_server import TrussServer
+
+port = int(sys.argv[1])
+server = TrussServer(port, "config.yaml")
+app = server.create_application()
+config = uvicorn.Config(app, host="127.0.0.1", port=port, http="h11", workers=1,
+                        log_level="warning", timeout_graceful_shutdown=3)
+server._server = uvicorn.Server(config=config)
+asyncio.run(server._server.serve())
+"""
+
+# Runs inside the cli venv: Truss's own config normalisation (every default filled in).
+NORMALISE = """\
+import sys, pathlib
+from truss.base.truss_config import TrussConfig
+TrussConfig.from_yaml(pathlib.Path(sys.argv[1])).write_to_yaml_file(pathlib.Path(sys.argv[2]))
+"""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TRUSS_LAB_CACHE") or Path.home() / ".cache" / "truss_lab"
+    return Path(root).expanduser()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-5:]
+        raise TrussLabError(f"{what} failed (exit {out.returncode}): " + " | ".join(tail))
+    return out
+
+
+@dataclass
+class ServerEnv:
+    """The cached venvs and server code of one pinned Truss version."""
+
+    root: Path
+    version: str
+
+    @property
+    def cli_python(self) -> Path:
+        return self.root / "venv-cli" / "bin" / "python"
+
+    @property
+    def server_python(self) -> Path:
+        return self.root / "venv-server" / "bin" / "python"
+
+    @property
+    def server_code(self) -> Path:
+        return self.root / "build" / "server"
+
+    @property
+    def ready(self) -> bool:
+        return (self.root / ".ready").is_file()
+
+    @classmethod
+    def ensure(cls, version: str = TRUSS_VERSION, note: Callable[[str], None] | None = None) -> "ServerEnv":
+        """The environment for `version`, made now if it is not cached (a few minutes, once)."""
+        env = cls(cache_dir() / f"truss-{version}", version)
+        if env.ready:
+            return env
+        say = note or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        env.root.mkdir(parents=True, exist_ok=True)
+        say(f"truss_lab: installing the Truss {version} server once, into {env.root} (about two minutes)")
+        if not env.cli_python.exists():
+            _run([sys.executable, "-m", "venv", str(env.cli_python.parent.parent)], "creating the truss venv")
+        _run([str(env.cli_python), "-m", "pip", "install", "-q", f"truss=={version}"], f"pip install truss=={version}")
+        seed = env.root / "seed"
+        shutil.rmtree(seed, ignore_errors=True)
+        (seed / "model").mkdir(parents=True)
+        (seed / "model" / "model.py").write_text("class Model:\n    def predict(self, x):\n        return x\n")
+        (seed / "config.yaml").write_text("model_name: seed\n")
+        shutil.rmtree(env.root / "build", ignore_errors=True)
+        truss_cli = env.cli_python.parent / "truss"
+        _run([str(truss_cli), "image", "build-context", str(env.root / "build"), str(seed)], "truss image build-context")
+        if not env.server_python.exists():
+            _run([sys.executable, "-m", "venv", str(env.server_python.parent.parent)], "creating the server venv")
+        reqs, cons = env.server_code / "requirements.txt", env.server_code / "constraints.txt"
+        _run([str(env.server_python), "-m", "pip", "install", "-q", "-r", str(reqs), "-c", str(cons)],
+             "installing the Truss server's requirements")
+        (env.root / ".ready").write_text(version)
+        return env
+
+    # ---------------------------------------------------------------------------------- apps
+
+    def app_folder(self, truss_dir: str | os.PathLike, apps: Path | None = None) -> Path:
+        """The truss laid out as the image's APP_HOME (rebuilt when the truss's files change)."""
+        src = Path(truss_dir).resolve()
+        if not (src / "config.yaml").is_file():
+            raise TrussLabError(f"{src}: not a Truss folder (no config.yaml)")
+        digest = _tree_digest(src)
+        app = (apps or self.root / "apps") / f"{src.name}-{digest[:12]}"
+        if (app / ".ready").is_file():
+            return app
+        shutil.rmtree(app, ignore_errors=True)
+        app.mkdir(parents=True)
+        for item in self.server_code.iterdir():
+            target = app / item.name
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)
+        import yaml
+
+        raw = yaml.safe_load((src / "config.yaml").read_text()) or {}
+        for key, default in (("model_module_dir", "model"), ("data_dir", "data"), ("bundled_packages_dir", "packages")):
+            folder = src / str(raw.get(key) or default)
+            if folder.is_dir():
+                shutil.copytree(folder, app / ("packages" if key == "bundled_packages_dir" else str(raw.get(key) or default)),
+                                ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+        _run([str(self.cli_python), "-c", NORMALISE, str(src / "config.yaml"), str(app / "config.yaml")],
+             f"{src / 'config.yaml'}: Truss could not read it")
+        (app / ".ready").write_text(digest)
+        return app
+
+    def start(self, truss_dir: str | os.PathLike, *, env: dict[str, str] | None = None,
+              timeout: float = 120.0, apps: Path | None = None) -> "RunningServer":
+        """Start the real Truss server on the truss at `truss_dir`; returns once it is ready (or failed)."""
+        app = self.app_folder(truss_dir, apps)
+        port = _free_port()
+        log = app / "server.log"
+        proc_env = dict(os.environ, **(env or {}))
+        proc_env.pop("PYTHONHOME", None)
+        with log.open("w") as out:
+            proc = subprocess.Popen([str(self.server_python), "-c", LAUNCHER, str(port)], cwd=app,
+                                    stdout=out, stderr=subprocess.STDOUT, env=proc_env)
+        server = RunningServer(proc, f"http://127.0.0.1:{port}", app, log)
+        try:
+            server.wait_ready(timeout)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+
+@dataclass
+class RunningServer:
+    """A real Truss server process on 127.0.0.1 (a context manager: leaving it stops the server)."""
+
+    proc: subprocess.Popen
+    url: str
+    app: Path
+    log: Path
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait for readiness (200 on /v1/models/model); False when load() failed (the server exits)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False  # a failed load() shuts the real server down
+            try:
+                with urlopen(f"{self.url}/v1/models/model", timeout=2) as r:
+                    if r.status == 200:
+                        return True
+            except URLError as exc:
+                if getattr(exc, "code", None) not in (None, 503):
+                    return False
+            except (ConnectionError, OSError):
+                pass
+            time.sleep(0.05)
+        raise TrussLabError(f"the Truss server for {self.app.name} was not ready within {timeout:g} s; see {self.log}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def __enter__(self) -> "RunningServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha1()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts and ".ipynb_checkpoints" not in p.parts:
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def main() -> None:
+    """`python -m truss_lab.serving.truss_server`: make (or find) the cached Truss server environment."""
+    env = ServerEnv.ensure()
+    print(f"Truss {env.version} server ready: {env.server_python}")
+
+
+if __name__ == "__main__":
+    main()

@@ -237,6 +237,8 @@ def test_output_check_warns_with_path(live):
             def predict(self, x):
                 if x == "numpy":  # the Truss server's encoder sends these: no warning
                     return {"predictions": np.arange(3.0), "n": np.int64(3), "p": [np.float32(4)], "nan": float("nan")}
+                if x == "objects":  # an object array is walked: its set is what the encoder refuses
+                    return {"rows": np.array([1, {2}], dtype=object)}
                 return {"predictions": [[1.0, np.float32(4), np.bool_(True)]], "ok": np.float64(1)}
         """
     )
@@ -247,6 +249,8 @@ def test_output_check_warns_with_path(live):
     assert r.ok
     messages = [str(w.message) for w in caught if issubclass(w.category, OutputWarning)]
     assert len(messages) == 1 and "predictions[0][2]: numpy.bool" in messages[0]
+    with pytest.warns(OutputWarning, match=r"rows\[1\]: set"):
+        tr.predict("objects")
     assert r.trace.warnings == messages
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -37,9 +37,9 @@ def first_non_json(value: Any, path: str = "", numpy: bool = False) -> tuple[str
             continue
         elif numpy and t.__module__ == "numpy":
             kind = _numpy_kind(v)
-            if kind == "array":
+            if kind == "object array":  # only these can hold something the encoder refuses
                 stack.append((where, v.tolist()))
-            elif kind != "number":
+            elif kind == "other":
                 return (where or "<output>", type_name(v))
         else:
             return (where or "<output>", type_name(v))
@@ -50,7 +50,8 @@ def _numpy_kind(v: Any) -> str:
     import numpy as np  # only reached for a numpy value, so numpy is already imported
 
     if isinstance(v, np.ndarray):
-        return "array"
+        # bool/int/uint/float/str arrays .tolist() to JSON scalars: accept them without converting
+        return "number" if v.dtype.kind in "biufU" else "object array"
     if isinstance(v, (np.integer, np.floating)):
         return "number"
     return "other"

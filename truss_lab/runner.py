@@ -14,6 +14,7 @@ reload and the conveniences (batch, bench, serve).
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import itertools
 import threading
@@ -199,28 +200,38 @@ class Runner:
             t.end = perf_counter()
             self._traces.append(t)
 
-    def _locked_predict(self, s: Serving, x: Any, t: Trace) -> Any:
+    @contextlib.contextmanager
+    def _predict_slot(self, s: Serving, t: Trace) -> Iterator[lockguard.Watch | None]:
+        """Hold one lock slot for predict: the trace's lock and predict times, and the guard's watch
+        (None when the guard is off), whose findings are attached when the slot is given back."""
         lock = self._lock  # a concurrency change swaps the semaphore; release the one we took
         t.lock_requested = perf_counter()
         try:
             with lock:  # `with`: no instruction between acquiring and the guaranteed release
                 t.lock_acquired = t.predict_start = perf_counter()
                 watch = lockguard.begin() if self._guard else None
-                token = lockguard.enter(watch) if watch is not None else None
                 try:
-                    y = self._call(s.predict, x, watch)
-                    if is_stream(y):
-                        refuse_postprocess(s, y)
-                        y = self._drain(y, t, watch)
-                    return y
+                    yield watch
                 finally:
                     t.predict_end = perf_counter()
                     if watch is not None:
-                        lockguard.leave(token)
                         self._found(s, t, lockguard.end(watch, t.predict_ms))
         finally:
             if t.lock_acquired is not None:
                 t.lock_released = perf_counter()
+
+    def _locked_predict(self, s: Serving, x: Any, t: Trace) -> Any:
+        with self._predict_slot(s, t) as watch:
+            token = lockguard.enter(watch) if watch is not None else None
+            try:
+                y = self._call(s.predict, x, watch)
+                if is_stream(y):
+                    refuse_postprocess(s, y)
+                    y = self._drain(y, t, watch)
+                return y
+            finally:
+                if token is not None:
+                    lockguard.leave(token)
 
     def _call(self, fn: Callable, x: Any, watch: lockguard.Watch | None = None) -> Any:
         y = fn(x)
@@ -287,35 +298,25 @@ class Runner:
         try:
             x = self._preprocess(s, model_input, t)
             stage = "predict"
-            lock = self._lock
-            t.lock_requested = perf_counter()
-            with lock:
-                t.lock_acquired = t.predict_start = perf_counter()
-                watch = lockguard.begin() if self._guard else None
+            with self._predict_slot(s, t) as watch:
+                token = lockguard.enter(watch) if watch is not None else None
                 try:
-                    token = lockguard.enter(watch) if watch is not None else None
-                    try:
-                        y = self._call(s.predict, x, watch)
-                    finally:
-                        if token is not None:
-                            lockguard.leave(token)
-                    streamed = is_stream(y)
-                    if streamed:
-                        refuse_postprocess(s, y)
-                        if watch is not None:
-                            watch.idle_check = False  # the caller's own code runs between chunks
-                        chunks = self._iterate(y, watch)
-                        yield True
-                        for chunk in chunks if watch is None else lockguard.iterate(watch, chunks):
-                            if t.first_chunk is None:
-                                t.first_chunk = perf_counter()
-                            count += 1
-                            yield chunk
+                    y = self._call(s.predict, x, watch)
                 finally:
-                    t.predict_end = perf_counter()
+                    if token is not None:
+                        lockguard.leave(token)
+                streamed = is_stream(y)
+                if streamed:
+                    refuse_postprocess(s, y)
                     if watch is not None:
-                        self._found(s, t, lockguard.end(watch, t.predict_ms))
-            t.lock_released = perf_counter()
+                        watch.idle_check = False  # the caller's own code runs between chunks
+                    chunks = self._iterate(y, watch)
+                    yield True
+                    for chunk in chunks if watch is None else lockguard.iterate(watch, chunks):
+                        if t.first_chunk is None:
+                            t.first_chunk = perf_counter()
+                        count += 1
+                        yield chunk
             if not streamed:
                 stage = "postprocess"
                 output = self._postprocess(s, y, t)
@@ -329,8 +330,6 @@ class Runner:
                 t.error, t.error_stage = describe(exc), stage
             raise
         finally:
-            if t.lock_acquired is not None and t.lock_released is None:
-                t.lock_released = perf_counter()
             if streamed:
                 t.chunks = count
             t.end = perf_counter()

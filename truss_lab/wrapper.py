@@ -54,7 +54,6 @@ class ModelMethods:
 
     has_preprocess: bool
     has_postprocess: bool
-    predict_is_generator: bool
 
     @classmethod
     def check(cls, bundle: Bundle, model_cls: type) -> "ModelMethods":
@@ -75,7 +74,6 @@ class ModelMethods:
         return cls(
             has_preprocess=callable(getattr(model_cls, "preprocess", None)),
             has_postprocess=has_post,
-            predict_is_generator=is_gen,
         )
 
 
@@ -146,7 +144,6 @@ class Serving:
     preprocess: Callable | None
     predict: Callable
     postprocess: Callable | None
-    streaming: bool
 
     @classmethod
     def bind(cls, version: int, instance: Any, module, model_cls: type, methods: ModelMethods) -> "Serving":
@@ -158,7 +155,6 @@ class Serving:
             preprocess=_bound(model_cls, instance, "preprocess") if methods.has_preprocess else None,
             predict=_bound(model_cls, instance, "predict"),
             postprocess=_bound(model_cls, instance, "postprocess") if methods.has_postprocess else None,
-            streaming=methods.predict_is_generator,
         )
 
 
@@ -239,10 +235,10 @@ def truss_json(output: Any) -> str:
 
 def truss_json_check(output: Any) -> tuple[str, str] | None:
     """(path, type) of the first value the Truss server's JSON encoder refuses, or None if it can send it."""
-    if is_pydantic(output) or _is_response(output):
+    if is_pydantic(output) or is_response(output):
         return None
     return first_non_json(output, numpy=True)
 
 
-def _is_response(value: Any) -> bool:
+def is_response(value: Any) -> bool:
     return any(c.__module__.startswith("starlette.") and c.__name__ == "Response" for c in type(value).__mro__)

@@ -137,7 +137,7 @@ class Model:
     def postprocess(self, y):
         return y
 """),
-    Case("error-mid-stream", [Req(1)], model="""
+    Case("error-mid-stream", [Req(1), Req(1, headers={"accept": "application/json"})], model="""
 class Model:
     def predict(self, x):
         yield "first "

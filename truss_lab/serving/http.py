@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from ..errors import ModelError, TrussLabError
-from ..wrapper import _is_response, join_chunks, truss_json, truss_json_check
+from ..wrapper import is_response, join_chunks, truss_json, truss_json_check
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -143,19 +143,23 @@ async def predict_response(request, backend: Backend, max_body: int):
         return error_body(500, error.stage, str(error), backend.name, error.location)
     if answer.chunks is not None:
         if gathers(request):
-            chunks = await run_in_threadpool(list, answer.chunks)
+            try:
+                chunks = await run_in_threadpool(list, answer.chunks)
+            except ModelError as error:  # failed while gathering: Truss's unhandled-exception answer (code 500)
+                return error_body(500, error.stage, str(error), backend.name, error.location, code=CODE_UNEXPECTED)
             return Response(json.dumps(join_chunks(chunks)), media_type="application/json")
         return StreamingResponse(_encode_stream(answer.chunks), media_type="application/octet-stream")
     output = answer.output
-    if _is_response(output):
+    if is_response(output):
         if output.status_code >= 300:
             output.headers.update({"X-BASETEN-ERROR-SOURCE": ERROR_SOURCE, "X-BASETEN-ERROR-CODE": CODE_CLIENT})
         return output
-    bad = truss_json_check(output)
-    if bad is not None:
-        path, tname = bad
+    try:
+        body = truss_json(output)  # the runner already checked it: walk it again only to say where it fails
+    except (TypeError, ValueError, RecursionError):
+        path, tname = truss_json_check(output) or ("<output>", type(output).__name__)
         return error_body(500, "postprocess", f"output is not JSON-serialisable at {path}: {tname}", backend.name, code=CODE_UNEXPECTED)
-    return Response(truss_json(output), media_type="application/json")
+    return Response(body, media_type="application/json")
 
 
 async def _encode_stream(chunks: Iterator[Any]) -> AsyncIterator[bytes]:

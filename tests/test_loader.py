@@ -65,7 +65,7 @@ def test_kwargs_gets_all_and_environment(make_truss):
     )
     with truss_lab.load(root, environment={"name": "staging"}) as tr:
         keys, env, secret = tr.predict(None).output
-    assert keys == ["config", "data_dir", "environment", "secrets"]
+    assert keys == ["config", "data_dir", "environment", "lazy_data_resolver", "secrets"]
     assert env == {"name": "staging"} and secret == "v"
 
 
@@ -105,7 +105,8 @@ def test_load_runs_once_and_is_timed(make_truss):
         assert [tr.predict(None).output for _ in range(3)] == [1, 1, 1]
 
 
-def test_async_load(make_truss):
+def test_async_load_is_not_run_and_says_so(make_truss):
+    # The Truss server calls load() without awaiting it (tests/conformance: async-load): its body never runs.
     root = make_truss(
         """
         import asyncio
@@ -114,11 +115,32 @@ def test_async_load(make_truss):
                 await asyncio.sleep(0)
                 self.ready = True
             def predict(self, x):
-                return self.ready
+                return getattr(self, "ready", False)
         """
     )
-    with truss_lab.load(root) as tr:
-        assert tr.predict(None).output is True
+    with pytest.warns(truss_lab.wrapper.ModelDefinitionWarning, match=r"model.py:4: load\(\) is `async def`.*never runs"):
+        tr = truss_lab.load(root)
+    with tr:
+        assert tr.predict(None).output is False
+
+
+def test_failing_load_is_retried_once_as_truss_does(make_truss):
+    root = make_truss(
+        """
+        TRIES = []
+        class Model:
+            def load(self):
+                TRIES.append(1)
+                if len(TRIES) == 1:
+                    raise OSError("flaky disk")
+            def predict(self, x):
+                return len(TRIES)
+        """
+    )
+    with pytest.warns(RuntimeWarning, match="load\\(\\) failed \\(OSError: flaky disk\\); retrying once"):
+        tr = truss_lab.load(root)
+    with tr:
+        assert tr.predict(None).output == 2
 
 
 @pytest.mark.parametrize(
@@ -128,7 +150,7 @@ def test_async_load(make_truss):
         ({"model/model.py": "class Model:\n    def predict(self, x)\n        return x\n"}, "model/model.py:2"),
         ({"model/model.py": "import no_such_module_xyz\n"}, "ModuleNotFoundError"),
         ({"model/model.py": "class Other:\n    pass\n"}, "no class 'Model'"),
-        ({"model/model.py": "class Model:\n    def load(self):\n        pass\n"}, "has no predict() method"),
+        ({"model/model.py": "class Model:\n    def load(self):\n        pass\n"}, "must have a `predict` or `websocket` method"),
         (
             {"model/model.py": "class Model:\n    def __init__(self):\n        raise ValueError('bad init')\n    def predict(self, x):\n        return x\n"},
             "Model.__init__ failed at t/model/model.py:3: ValueError: bad init",

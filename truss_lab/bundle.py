@@ -185,12 +185,10 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     for name, value in env_vars.items():
         if isinstance(value, (dict, list)):
             raise BundleError(f"{key('environment_variables')}: {name!r} must be a scalar, got {_tname(value)}")
-    env_vars = {str(k): _env_str(v) for k, v in env_vars.items()}
+    env_vars = {str(k): env_str(v) for k, v in env_vars.items()}
 
     runtime = _mapping(config, "runtime", key)
-    concurrency = runtime.get("predict_concurrency", 1)
-    if concurrency is None:
-        concurrency = 1
+    concurrency = coerce_int(runtime.get("predict_concurrency"), 1)  # "2" is 2, as in Truss
     try:
         concurrency = validate_concurrency(concurrency)
     except ValueError as exc:
@@ -277,9 +275,21 @@ def _mapping(config: dict, name: str, key) -> dict:
     return value
 
 
-def _env_str(value: Any) -> str:
+def coerce_int(value: Any, default: int) -> Any:
+    """An int as pydantic's lax mode reads it in Truss's TrussConfig: "2" and 2.0 are 2; else as given."""
     if value is None:
-        return ""
+        return default
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def env_str(value: Any) -> str:
+    """An environment variable value as Truss's config writes it: true/false in lower case, null as 'None'."""
+    if value is None:
+        return "None"
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)

@@ -63,6 +63,12 @@ class LoadError(ModelError):
     stage = "load"
 
 
+class InputError(ModelError):
+    """The request's input does not fit what the model's signature asks for (a pydantic model)."""
+
+    stage = "input"
+
+
 class PreprocessError(ModelError):
     stage = "preprocess"
 
@@ -76,7 +82,7 @@ class PostprocessError(ModelError):
 
 
 STAGE_ERRORS: dict[str, type[ModelError]] = {
-    cls.stage: cls for cls in (LoadError, PreprocessError, PredictError, PostprocessError)
+    cls.stage: cls for cls in (LoadError, InputError, PreprocessError, PredictError, PostprocessError)
 }
 
 

@@ -49,6 +49,7 @@ class LiveModel(Runner):
         self._servers: list[Any] = []  # HTTP servers started by serve(); close() stops them
         self.load_ms: float = 0.0
         self.roots = loader.user_roots(bundle)
+        self.space = loader.Space(bundle)  # this model's own module names (loader.py)
         self._start()
 
     # ------------------------------------------------------------------ loading
@@ -56,17 +57,17 @@ class LiveModel(Runner):
     def _build(self, bundle: Bundle, version: int) -> tuple[wrapper.Serving, float]:
         """Import, construct and load() one version of the model; raise LoadError on any failure."""
         loader.apply_environment_variables(bundle)
-        with loader.imported(bundle, version) as module:
+        with loader.imported(bundle, version, self.space) as module:
             model_cls = wrapper.model_class(bundle, module)
             methods = wrapper.ModelMethods.check(bundle, model_cls)  # before load(): it may take minutes
             kwargs = wrapper.model_kwargs(bundle, resolve_secrets(bundle, self._secret_overrides), self.environment)
             instance = wrapper.build_instance(bundle, model_cls, kwargs)
-            load_ms = wrapper.run_load(bundle, instance, self._loop.run)
+            load_ms = wrapper.run_load(bundle, instance, self._loop.run, methods, self.environment)
             return wrapper.Serving.bind(version, instance, module, model_cls, methods), load_ms
 
     def _rebind(self, bundle: Bundle, version: int) -> wrapper.Serving:
         """Import a new version of the code and bind it to the live instance's state (no load())."""
-        with loader.imported(bundle, version) as module:
+        with loader.imported(bundle, version, self.space) as module:
             model_cls = wrapper.model_class(bundle, module)
             methods = wrapper.ModelMethods.check(bundle, model_cls)
             instance = wrapper.share_state(self._serving.instance, model_cls, bundle)

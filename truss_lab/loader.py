@@ -1,23 +1,29 @@
 """Import a Truss's model.py as a module of its own, as Truss's image lays it out (wrapper.py builds the Model).
 
-Each (truss folder, code version) gets its own package name, `_truss_lab.<slug>_<hash>.v<k>`, bound
-to the model folder: two trusses that both have `model/model.py` load side by side, relative imports
-inside the model folder (`from .helpers import x`) work, and a reload imports into fresh modules.
-`packages/` goes on sys.path, as it does in a Truss server.
+Each LiveModel has a `Space` of module names: `_truss_lab.<slug>_<hash>_<n>_v<k>` per code version
+(bound to the model folder) and `..._pk<g>` per generation of packages/. Two trusses that both have
+`model/model.py` or `packages/utils.py` load side by side, as do two LiveModels of one folder;
+relative imports inside the model folder (`from .helpers import x`) work; `from model.helper import
+x` works as in Truss's image (whose truss root is on the path) and stays within the version; a
+reload imports into fresh modules. packages/ is appended to sys.path as in a Truss server, for
+code outside the truss.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
+import itertools
 import os
 import re
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 from .bundle import Bundle
 from .errors import LoadError
@@ -34,7 +40,65 @@ class SourceLoader(importlib.machinery.SourceFileLoader):
     """
 
     def get_code(self, fullname):
-        return compile(self.get_data(self.path), self.path, "exec", dont_inherit=True)
+        source = self.get_data(self.path)
+        names = Space.import_map(fullname)
+        if names:
+            source = rewrite_imports(source, self.path, names)
+        return compile(source, self.path, "exec", dont_inherit=True)
+
+
+def rewrite_imports(source: bytes, filename: str, names: dict[str, str]) -> Any:
+    """`source` with absolute imports of `names` (top-level name -> this truss's module for it) made
+    to import this truss's own copy: `from model.helper import X` (the truss root is on the path in
+    Truss's image) and `import utils` (from packages/) stay inside this truss and this version.
+
+    Only an absolute import whose first name is in `names` changes; line numbers are kept. Returns
+    the source untouched (bytes) when no line can match, else an AST for compile().
+    """
+    text = source.decode("utf-8", errors="replace") if isinstance(source, bytes) else source
+    if not any(re.search(rf"\b(?:import|from)\s+{re.escape(n)}\b", text) for n in names):
+        return source
+    tree = ast.parse(source, filename)
+    _ImportRewriter(names).visit(tree)
+    return ast.fix_missing_locations(tree)
+
+
+class _ImportRewriter(ast.NodeTransformer):
+    def __init__(self, names: dict[str, str]):
+        self.names = names
+
+    def _target(self, dotted: str) -> str | None:
+        top, _, rest = dotted.partition(".")
+        base = self.names.get(top)
+        if base is None:
+            return None
+        return f"{base}.{rest}" if rest else base
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST:
+        if node.level == 0 and node.module:
+            target = self._target(node.module)
+            if target is not None:
+                node.module = target
+        return node
+
+    def visit_Import(self, node: ast.Import) -> Any:
+        out: list[ast.stmt] = []
+        kept: list[ast.alias] = []
+        for alias in node.names:
+            target = self._target(alias.name)
+            if target is None:
+                kept.append(alias)
+                continue
+            top = alias.name.partition(".")[0]
+            if alias.asname:  # `import model.x as m`: m is model.x
+                out.append(ast.copy_location(ast.Import(names=[ast.alias(target, alias.asname)]), node))
+            else:  # `import model.x`: imports model.x, binds `model`
+                out.append(ast.copy_location(ast.Import(names=[ast.alias(target, top)]), node))
+                if "." in alias.name:
+                    out.append(ast.copy_location(ast.Import(names=[ast.alias(self._target(top), top)]), node))
+        if kept:
+            out.insert(0, ast.copy_location(ast.Import(names=kept), node))
+        return out
 
 
 class TrussFinder:
@@ -80,6 +144,119 @@ class TrussFinder:
         )
 
 
+class Space:
+    """One LiveModel's own module names: `<space>_v<k>` per code version (the model folder), and
+    `<space>_pk<g>` per generation of packages/. Two LiveModels, of one folder or of two, never share
+    a module; a reload imports into new names while requests in flight keep the old ones.
+
+    User code is compiled with its absolute imports of the truss's own top-level names rewritten
+    (`rewrite_imports`): the model folder's name (`model`, as the truss root is on the path in
+    Truss's image) and every module in packages/ that an installed module does not shadow.
+    """
+
+    _counter = itertools.count(1)
+    _maps: dict[str, dict[str, str]] = {}  # package name (a version or a packages generation) -> import map
+
+    def __init__(self, bundle: Bundle):
+        slug = re.sub(r"\W", "_", bundle.path.name)[:40] or "truss"
+        digest = hashlib.sha1(str(bundle.path).encode()).hexdigest()[:8]
+        self.name = f"{ROOT_PACKAGE}.{slug}_{digest}_{next(self._counter)}"
+        self.generation = 0
+        self._packages: dict[str, str] = {}  # top-level name -> module name, for this generation
+
+    @classmethod
+    def import_map(cls, fullname: str) -> dict[str, str] | None:
+        if not fullname.startswith(ROOT_PACKAGE + "."):
+            return None
+        return cls._maps.get(".".join(fullname.split(".")[:2]))
+
+    def version_package(self, version: int) -> str:
+        return f"{self.name}_v{version}"
+
+    def packages_package(self) -> str:
+        return f"{self.name}_pk{self.generation}"
+
+    def prepare_packages(self, bundle: Bundle) -> None:
+        """Make this generation's packages/ namespace (once) and the names it provides."""
+        name = self.packages_package()
+        if name in sys.modules or not bundle.packages_dir.is_dir():
+            return
+        _ensure_root()
+        TrussFinder.register(bundle.packages_dir, top_level=False)
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [str(bundle.packages_dir)]
+        sys.modules[name] = pkg
+        self._packages = {n: f"{name}.{n}" for n in packages_names(bundle.packages_dir)}
+        self._maps[name] = self._map(bundle, None)
+        # As in Truss's image, packages/ is also on sys.path (appended: installed modules win), so code
+        # outside the truss that imports a name from it (a pickle naming a class) still finds it.
+        PACKAGES_ON_PATH.add(str(bundle.packages_dir))
+        if str(bundle.packages_dir) not in sys.path:
+            sys.path.append(str(bundle.packages_dir))
+
+    def _map(self, bundle: Bundle, version_pkg: str | None) -> dict[str, str]:
+        names = dict(self._packages)
+        top = Path(bundle.model_module_dir).parts
+        if version_pkg is not None and len(top) == 1:
+            names[top[0]] = version_pkg
+        return names
+
+    def register_version(self, bundle: Bundle, version: int) -> str:
+        pkg = self.version_package(version)
+        self._maps[pkg] = self._map(bundle, pkg)
+        return pkg
+
+    @contextlib.contextmanager
+    def fresh_packages(self, bundle: Bundle, refresh: bool):
+        """Import packages/ anew inside this block (a new generation) when `refresh`; keep the old
+        generation if the block fails."""
+        if not refresh:
+            yield
+            return
+        old_generation, old_packages = self.generation, self._packages
+        self.generation += 1
+        try:
+            yield
+        except BaseException:
+            forget_modules(self.packages_package())
+            self._maps.pop(self.packages_package(), None)
+            self.generation, self._packages = old_generation, old_packages
+            raise
+
+    def forget_version(self, version_pkg: str) -> None:
+        forget_modules(version_pkg)
+        self._maps.pop(version_pkg, None)
+
+
+PACKAGES_ON_PATH: set[str] = set()  # packages/ folders of loaded trusses, appended to sys.path
+
+
+def packages_names(folder: Path) -> list[str]:
+    """Top-level names packages/ provides that an installed or standard-library module does not
+    shadow (packages/ is appended to sys.path in Truss's image, so those win there too)."""
+    others = [p for p in sys.path if p and p not in PACKAGES_ON_PATH and p != str(folder)]
+    names = []
+    for entry in sorted(folder.iterdir()):
+        if entry.suffix == ".py" and entry.stem.isidentifier():
+            name = entry.stem
+        elif entry.is_dir() and entry.name.isidentifier():
+            name = entry.name
+        else:
+            continue
+        if name in sys.builtin_module_names or name in sys.stdlib_module_names:
+            continue
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(name, others)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.origin is not None:
+            continue  # an installed module of that name: it wins, as on Truss
+        if entry.is_dir() and not (entry / "__init__.py").is_file() and spec is not None:
+            continue  # two namespace portions: leave it to Python
+        names.append(name)
+    return names
+
+
 def _ensure_root() -> None:
     if ROOT_PACKAGE not in sys.modules:
         root = types.ModuleType(ROOT_PACKAGE)
@@ -100,12 +277,6 @@ def _exec_source_module(name: str, path: Path, package_dir: Path | None = None) 
     return module
 
 
-def package_prefix(bundle: Bundle) -> str:
-    slug = re.sub(r"\W", "_", bundle.path.name)[:40] or "truss"
-    digest = hashlib.sha1(str(bundle.path).encode()).hexdigest()[:8]
-    return f"{ROOT_PACKAGE}.{slug}_{digest}"
-
-
 def user_roots(bundle: Bundle) -> list[Path]:
     """Where the user's own code lives (for file:line in errors and filtered tracebacks)."""
     return [bundle.path]
@@ -115,16 +286,17 @@ def load_error(exc: BaseException, bundle: Bundle, what: str) -> LoadError:
     return LoadError.from_exception(exc, user_roots(bundle), what=what)
 
 
-def import_model_module(bundle: Bundle, version: int) -> types.ModuleType:
+def import_model_module(bundle: Bundle, version: int, space: Space) -> types.ModuleType:
     """Import the model folder as a fresh package and return its model.py module."""
+    refuse_non_python(bundle)
     if not bundle.model_dir.is_dir():
         raise LoadError(f"{bundle.model_dir}: model folder missing (config key 'model_module_dir')")
     if not bundle.model_file.is_file():
         raise LoadError(f"{bundle.model_file}: missing (config key 'model_class_filename')")
-    add_packages_to_path(bundle)
     TrussFinder.register(bundle.model_dir, top_level=False)
     _ensure_root()
-    pkg_name = f"{package_prefix(bundle)}_v{version}"
+    space.prepare_packages(bundle)
+    pkg_name = space.register_version(bundle, version)
     init_file = bundle.model_dir / "__init__.py"
     mod_name = f"{pkg_name}.{Path(bundle.model_class_filename).stem}"
     try:
@@ -136,19 +308,33 @@ def import_model_module(bundle: Bundle, version: int) -> types.ModuleType:
             sys.modules[pkg_name] = pkg
         module = _exec_source_module(mod_name, bundle.model_file)
     except Exception as exc:
-        forget_modules(pkg_name)
+        space.forget_version(pkg_name)
         raise load_error(exc, bundle, f"importing {bundle.model_class_filename}") from exc
     return module
 
 
+def refuse_non_python(bundle: Bundle) -> None:
+    """A docker_server or trt_llm truss has no Python Model to run: say what it is, in one line."""
+    if bundle.config.get("docker_server"):
+        raise LoadError(
+            f"{bundle.config_path}: a docker_server truss (Truss runs its container image and proxies to it); "
+            f"truss_lab runs trusses whose Model is Python code in {bundle.model_module_dir}/{bundle.model_class_filename}"
+        )
+    if bundle.config.get("trt_llm") and not bundle.model_file.is_file():
+        raise LoadError(
+            f"{bundle.config_path}: a trt_llm truss (Truss serves it with its TensorRT-LLM engine, no model.py); "
+            f"truss_lab runs trusses whose Model is Python code in {bundle.model_module_dir}/{bundle.model_class_filename}"
+        )
+
+
 @contextlib.contextmanager
-def imported(bundle: Bundle, version: int):
+def imported(bundle: Bundle, version: int, space: Space):
     """Import one version of model.py; if the block using it fails, drop that version from sys.modules."""
-    module = import_model_module(bundle, version)
+    module = import_model_module(bundle, version, space)
     try:
         yield module
     except BaseException:
-        forget_modules(version_package(module))
+        space.forget_version(version_package(module))
         raise
 
 
@@ -157,40 +343,10 @@ def version_package(module: types.ModuleType) -> str:
     return module.__name__.rpartition(".")[0]
 
 
-@contextlib.contextmanager
-def fresh_packages(bundle: Bundle, refresh: bool):
-    """Import packages/ modules anew inside this block (when `refresh`); put the old ones back on failure."""
-    if not refresh:
-        yield
-        return
-    root = str(bundle.packages_dir) + os.sep
-
-    def take_out() -> dict[str, types.ModuleType]:
-        found = {n: m for n, m in list(sys.modules.items()) if (getattr(m, "__file__", None) or "").startswith(root)}
-        for name in found:
-            del sys.modules[name]
-        return found
-
-    saved = take_out()
-    try:
-        yield
-    except BaseException:
-        take_out()  # the half-imported new ones
-        sys.modules.update(saved)
-        raise
-
-
 def forget_modules(pkg_name: str) -> None:
     """Drop a version's package and every module under it from sys.modules."""
     for name in [n for n in sys.modules if n == pkg_name or n.startswith(pkg_name + ".")]:
         del sys.modules[name]
-
-
-def add_packages_to_path(bundle: Bundle) -> None:
-    if bundle.packages_dir.is_dir():
-        TrussFinder.register(bundle.packages_dir, top_level=True)
-        if str(bundle.packages_dir) not in sys.path:
-            sys.path.insert(0, str(bundle.packages_dir))
 
 
 def apply_environment_variables(bundle: Bundle) -> None:

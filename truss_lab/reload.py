@@ -28,7 +28,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from . import loader
 from .bundle import Bundle, read_bundle
@@ -142,9 +142,13 @@ class Snapshot:
                 py_bytes[rel] = hashlib.sha1(raw).hexdigest()
                 if previous is not None and previous.py_bytes.get(rel) == py_bytes[rel]:
                     py[rel] = previous.py[rel]
+                elif p == bundle.model_file:
+                    py[rel] = fingerprint_file(p, bundle.model_class_name)
                 else:
-                    is_model = p == bundle.model_file
-                    py[rel] = fingerprint_file(p, bundle.model_class_name if is_model else None)
+                    try:
+                        py[rel] = fingerprint_file(p, None)
+                    except SyntaxError:  # a scratch file the model may never import: its import says so if it does
+                        py[rel] = PyFile(module="unparseable:" + py_bytes[rel], methods={}, outside_class="")
         return cls(config=config, data=data, py_bytes=py_bytes, py=py)
 
 
@@ -204,6 +208,7 @@ class Reloadable(Protocol):
 
     bundle: Bundle
     name: str
+    space: Any  # loader.Space: the model's own module names
 
     @property
     def serving(self) -> Serving: ...
@@ -290,7 +295,7 @@ class Reloader:
         version = current.version + 1  # reloads are serialised, and a failed one leaves no trace
         packages_changed = any(Path(bundle.path, f).is_relative_to(bundle.packages_dir) for f in d.files)
         try:
-            with loader.fresh_packages(bundle, packages_changed):
+            with live.space.fresh_packages(bundle, packages_changed):
                 if full or d.needs_full:
                     serving, _ = live._build(bundle, version)
                     kind = "full"
@@ -301,7 +306,7 @@ class Reloader:
             return ReloadEvent(current.version, "failed", names, error=str(exc), location=getattr(exc, "location", None))
         live._switch(serving, bundle)
         self.snapshot = new_snapshot
-        loader.forget_modules(loader.version_package(current.module))
+        live.space.forget_version(loader.version_package(current.module))
         return ReloadEvent(serving.version, kind, names or ["forced"])
 
     # -------------------------------------------------------------- callbacks

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import inspect
 import itertools
+import logging
 import threading
 import warnings
 from dataclasses import dataclass
@@ -30,9 +31,22 @@ from .bundle import Bundle, validate_concurrency
 from .errors import STAGE_ERRORS, ModelError, TrussLabError, describe
 from .lock import FairLock
 from .trace import Report, Trace
-from .wrapper import Serving, is_stream, join_chunks, refuse_postprocess, truss_json_check
+from .wrapper import (
+    ENDPOINTS,
+    RESPONSE_WITH_POSTPROCESS,
+    ModelDefinitionError,
+    Serving,
+    is_response,
+    is_stream,
+    join_chunks,
+    local_request,
+    parse_input,
+    refuse_postprocess,
+    truss_json_check,
+)
 
 DEFAULT_TRACE_CAPACITY = 1000
+logger = logging.getLogger("truss_lab")
 
 
 class OutputWarning(UserWarning):
@@ -72,6 +86,21 @@ class Result:
         from .display import render
 
         return render.bundle(self)
+
+
+class _RequestOnce:
+    """The request object for one request's methods: the caller's, or one made from the input the
+    first time a method asks for it (most models never do)."""
+
+    __slots__ = ("_input", "_request")
+
+    def __init__(self, model_input: Any, request: Any):
+        self._input, self._request = model_input, request
+
+    def __call__(self) -> Any:
+        if self._request is None:
+            self._request = local_request(self._input)
+        return self._request
 
 
 class Runner:
@@ -135,49 +164,151 @@ class Runner:
 
     # ------------------------------------------------------------------ requests
 
-    def predict(self, model_input: Any) -> Result:
-        """Run the three stages; raise PreprocessError / PredictError / PostprocessError on failure."""
-        return self.run(model_input).raise_for_error()
+    def predict(self, model_input: Any, *, request: Any = None) -> Result:
+        """Run the three stages; raise PreprocessError / PredictError / PostprocessError on failure.
 
-    def run(self, model_input: Any) -> Result:
-        """Run the three stages; a model error is returned in `Result.error`, not raised."""
+        `request`: the object a method with a `request` parameter receives (a starlette Request); by
+        default one is made from `model_input`, as if it had been POSTed as JSON.
+        """
+        return self.run(model_input, request=request).raise_for_error()
+
+    def call(self, method: str, body: Any, *, request: Any = None) -> Result:
+        """Call one of the model's OpenAI-compatible methods (`chat_completions`, `completions`,
+        `embeddings`, `messages`, `responses`) as the Truss server's route for it does: no pre- or
+        postprocess and no predict lock; a returned stream is joined. Raises on a model error."""
+        return self.run(body, request=request, method=method).raise_for_error()
+
+    def run(self, model_input: Any, *, request: Any = None, method: str = "predict") -> Result:
+        """Run one request; a model error is returned in `Result.error`, not raised."""
         s = self._serving
-        t = Trace(next(self._ids), s.version, threading.current_thread().name, perf_counter())
-        stage = "preprocess"
-        output = None
-        error = None
+        t = self._new_trace(s, method)
+        output = error = None
         try:
-            x = self._preprocess(s, model_input, t)
-            stage = "predict"
-            x = self._locked_predict(s, x, t)
-            stage = "postprocess"
-            output = self._postprocess(s, x, t)
-            self._check_output(output, t)
-        except Exception as exc:
-            error = self._fail(t, stage, exc)
-        except BaseException as exc:  # KeyboardInterrupt, SystemExit: record, then let it through
-            t.error, t.error_stage = describe(exc), stage
-            raise
-        finally:
-            t.end = perf_counter()
-            self._traces.append(t)
+            answer = self._open(s, t, model_input, request, method, drain=True)
+            try:
+                output = join_chunks(list(answer)) if next(answer) else next(answer)
+            finally:
+                answer.close()  # ends the request (its trace) now, not when the generator is collected
+        except ModelError as exc:
+            error = exc
         return Result(model_input, output, t, error, self.bundle.model_name, (self.bundle.data_dir, self.bundle.path))
 
-    def _preprocess(self, s: Serving, x: Any, t: Trace) -> Any:
+    def stream(self, model_input: Any, *, request: Any = None, method: str = "predict") -> Iterator[Any]:
+        """Yield a streaming predict's chunks as they come; the lock is held until the stream ends.
+
+        Streaming is decided by the value predict returns, as in a Truss server: a generator (or
+        async generator), whether predict is a generator function or returns one. Any other value
+        is postprocessed and yielded as the one output. Close the stream early (break, `close()`)
+        and the lock is released.
+        """
+        chunks = self.open_stream(model_input, request=request, method=method)
+        next(chunks)  # whether it streams: this caller takes the values the same way
+        yield from chunks
+
+    def open_stream(self, model_input: Any, *, request: Any = None, method: str = "predict") -> Iterator[Any]:
+        """`stream()`, led by one bool: True if the method returned a stream (chunks follow), False if
+        not (one output follows). An HTTP front end needs to know before the first chunk."""
+        s = self._serving
+        return self._open(s, self._new_trace(s, method), model_input, request, method, drain=False)
+
+    def _new_trace(self, s: Serving, method: str) -> Trace:
+        t = Trace(next(self._ids), s.version, threading.current_thread().name, perf_counter())
+        if method != "predict":
+            t.method = method
+        return t
+
+    def _open(self, s: Serving, t: Trace, model_input: Any, request: Any, method: str, drain: bool) -> Iterator[Any]:
+        """The one request path, as Truss's model wrapper runs it: parse the input as the method's
+        signature asks, preprocess, predict under the lock (for `predict`; the OpenAI-compatible
+        methods take no lock and skip pre/postprocess), then stream or postprocess."""
+        req = _RequestOnce(model_input, request)
+        stage = "input"
+        count = 0
+        streamed = False
+        try:
+            if method not in s.methods.specs:
+                raise TrussLabError(self._missing(s, method))
+            x = self._input(s, model_input)
+            if method == "predict":
+                stage = "preprocess"
+                x = self._preprocess(s, x, t, req)
+            stage = "predict"
+            with self._slot(s, t, method) as watch:
+                token = lockguard.enter(watch) if watch is not None else None
+                try:
+                    y = self._call(s, method, x, req, watch)
+                finally:
+                    if token is not None:
+                        lockguard.leave(token)
+                streamed = is_stream(y)
+                if streamed:
+                    if method == "predict":
+                        refuse_postprocess(s, y)
+                    if watch is not None and not drain:
+                        watch.idle_check = False  # the caller's own code runs between chunks
+                    chunks = self._iterate(y, watch)
+                    yield True
+                    for chunk in chunks if watch is None else lockguard.iterate(watch, chunks):
+                        if t.first_chunk is None:
+                            t.first_chunk = perf_counter()
+                        count += 1
+                        yield chunk
+            if not streamed:
+                if method == "predict" and not is_response(y):
+                    stage = "postprocess"
+                    y = self._postprocess(s, y, t, req)
+                elif method == "predict" and s.postprocess is not None:
+                    raise ModelDefinitionError(RESPONSE_WITH_POSTPROCESS)
+                self._check_output(y, t)
+                yield False
+                yield y
+        except TrussLabError as exc:
+            if not isinstance(exc, ModelError):
+                t.error, t.error_stage = str(exc), stage
+                raise
+            raise self._fail(t, stage, exc, method) from exc
+        except Exception as exc:
+            raise self._fail(t, stage, exc, method) from exc
+        except BaseException as exc:  # GeneratorExit (closed early), KeyboardInterrupt
+            if not isinstance(exc, GeneratorExit):
+                t.error, t.error_stage = describe(exc), stage
+            raise
+        finally:
+            if streamed:
+                t.chunks = count
+            t.end = perf_counter()
+            self._traces.append(t)
+
+    def _missing(self, s: Serving, method: str) -> str:
+        have = ", ".join(s.methods.endpoints) or "none"
+        if method == "predict":
+            return f"{self.bundle.model_name}: the model has no predict(): it serves /v1/websocket only (tr.serve())"
+        if method in ENDPOINTS:
+            return f"{self.bundle.model_name}: the model has no {method}() method (its OpenAI-compatible methods: {have})"
+        return f"method must be 'predict' or one of {', '.join(ENDPOINTS)}, got {method!r}"
+
+    def _input(self, s: Serving, x: Any) -> Any:
+        """The inputs the first stage gets: None when it takes only the request (Truss skips parsing),
+        the pydantic model its signature names (parsed from a dict), or `x` as it is."""
+        if s.methods.skip_input_parsing:
+            return None
+        return parse_input(s.methods.input_type, x)
+
+    def _preprocess(self, s: Serving, x: Any, t: Trace, req: Callable[[], Any] = None) -> Any:
         if s.preprocess is None:
             return x
         t.pre_start = perf_counter()
         try:
-            return self._call(s.preprocess, x)
+            return self._call(s, "preprocess", x, req or _RequestOnce(x, None))
         finally:
             t.pre_end = perf_counter()
 
-    def _postprocess(self, s: Serving, x: Any, t: Trace) -> Any:
+    def _postprocess(self, s: Serving, x: Any, t: Trace, req: Callable[[], Any] = None) -> Any:
         if s.postprocess is None:
             return x
         t.post_start = perf_counter()
         try:
-            return self._call(s.postprocess, x)
+            return self._call(s, "postprocess", x, req or _RequestOnce(x, None))
         finally:
             t.post_end = perf_counter()
 
@@ -191,14 +322,28 @@ class Runner:
         if stage not in steps:
             raise TrussLabError(f"stage must be one of {', '.join(steps)}, got {stage!r}")
         s = self._serving
-        t = Trace(next(self._ids), s.version, threading.current_thread().name, perf_counter())
+        t = self._new_trace(s, "predict")
         try:
+            if stage == "preprocess":
+                x = self._input(s, x)
             return steps[stage](s, x, t), None
         except Exception as exc:
             return None, self._fail(t, stage, exc)
         finally:
             t.end = perf_counter()
             self._traces.append(t)
+
+    def _slot(self, s: Serving, t: Trace, method: str):
+        return self._predict_slot(s, t) if method == "predict" else self._unlocked_slot(t)
+
+    @contextlib.contextmanager
+    def _unlocked_slot(self, t: Trace) -> Iterator[None]:
+        """An OpenAI-compatible method: timed like predict, but Truss takes no lock for it."""
+        t.predict_start = perf_counter()
+        try:
+            yield None
+        finally:
+            t.predict_end = perf_counter()
 
     @contextlib.contextmanager
     def _predict_slot(self, s: Serving, t: Trace) -> Iterator[lockguard.Watch | None]:
@@ -221,20 +366,33 @@ class Runner:
                 t.lock_released = perf_counter()
 
     def _locked_predict(self, s: Serving, x: Any, t: Trace) -> Any:
+        """predict alone under the lock (a split deployment's predict step); a stream is joined."""
+        answer = self._open_predict_only(s, t, x)
+        try:
+            return join_chunks(list(answer)) if next(answer) else next(answer)
+        finally:
+            answer.close()
+
+    def _open_predict_only(self, s: Serving, t: Trace, x: Any) -> Iterator[Any]:
+        req = _RequestOnce(x, None)
         with self._predict_slot(s, t) as watch:
             token = lockguard.enter(watch) if watch is not None else None
             try:
-                y = self._call(s.predict, x, watch)
-                if is_stream(y):
-                    refuse_postprocess(s, y)
-                    y = self._drain(y, t, watch)
-                return y
+                y = self._call(s, "predict", x, req, watch)
             finally:
                 if token is not None:
                     lockguard.leave(token)
+            if is_stream(y):
+                refuse_postprocess(s, y)
+                yield True
+                chunks = self._iterate(y, watch)
+                yield from chunks if watch is None else lockguard.iterate(watch, chunks)
+                return
+        yield False
+        yield y
 
-    def _call(self, fn: Callable, x: Any, watch: lockguard.Watch | None = None) -> Any:
-        y = fn(x)
+    def _call(self, s: Serving, name: str, x: Any, req: Callable[[], Any], watch: lockguard.Watch | None = None) -> Any:
+        y = s.call(name, x, req)
         if inspect.isawaitable(y):
             y = self._loop.run(y if watch is None else lockguard.within(watch, y))
         return y
@@ -251,16 +409,6 @@ class Runner:
                 f"{self.bundle.model_name}: {f.message}", lockguard.LockMisuseWarning, *where
             )
 
-    def _drain(self, stream: Any, t: Trace, watch: lockguard.Watch | None = None) -> Any:
-        """Consume a streaming predict inside the lock (as a Truss server does) and join the chunks."""
-        chunks: list[Any] = []
-        for chunk in self._iterate(stream, watch):
-            if t.first_chunk is None:
-                t.first_chunk = perf_counter()
-            chunks.append(chunk)
-        t.chunks = len(chunks)
-        return join_chunks(chunks)
-
     def _iterate(self, stream: Any, watch: lockguard.Watch | None = None) -> Iterator[Any]:
         if inspect.isasyncgen(stream):
             try:
@@ -275,68 +423,22 @@ class Runner:
         else:
             yield from stream
 
-    def stream(self, model_input: Any) -> Iterator[Any]:
-        """Yield a streaming predict's chunks as they come; the lock is held until the stream ends.
-
-        Streaming is decided by the value predict returns, as in a Truss server: a generator (or
-        async generator), whether predict is a generator function or returns one. Any other value
-        is postprocessed and yielded as the one output. Close the stream early (break, `close()`)
-        and the lock is released.
-        """
-        chunks = self.open_stream(model_input)
-        next(chunks)  # whether it streams: this caller takes the values the same way
-        yield from chunks
-
-    def open_stream(self, model_input: Any) -> Iterator[Any]:
-        """`stream()`, led by one bool: True if predict returned a stream (chunks follow), False if not
-        (one postprocessed output follows). An HTTP front end needs to know before the first chunk."""
+    def is_healthy(self) -> bool | None:
+        """The model's is_healthy(), as the Truss server's readiness check asks it: None when the model
+        has none, False when it raises (the error is logged), else what it returns."""
         s = self._serving
-        t = Trace(next(self._ids), s.version, threading.current_thread().name, perf_counter())
-        stage = "preprocess"
-        count = 0
-        streamed = False
+        if "is_healthy" not in s.methods.specs:
+            return None
         try:
-            x = self._preprocess(s, model_input, t)
-            stage = "predict"
-            with self._predict_slot(s, t) as watch:
-                token = lockguard.enter(watch) if watch is not None else None
-                try:
-                    y = self._call(s.predict, x, watch)
-                finally:
-                    if token is not None:
-                        lockguard.leave(token)
-                streamed = is_stream(y)
-                if streamed:
-                    refuse_postprocess(s, y)
-                    if watch is not None:
-                        watch.idle_check = False  # the caller's own code runs between chunks
-                    chunks = self._iterate(y, watch)
-                    yield True
-                    for chunk in chunks if watch is None else lockguard.iterate(watch, chunks):
-                        if t.first_chunk is None:
-                            t.first_chunk = perf_counter()
-                        count += 1
-                        yield chunk
-            if not streamed:
-                stage = "postprocess"
-                output = self._postprocess(s, y, t)
-                self._check_output(output, t)
-                yield False
-                yield output
+            y = s.bound["is_healthy"]()
+            return self._loop.run(y) if inspect.isawaitable(y) else y
         except Exception as exc:
-            raise self._fail(t, stage, exc) from exc
-        except BaseException as exc:  # GeneratorExit (closed early), KeyboardInterrupt
-            if not isinstance(exc, GeneratorExit):
-                t.error, t.error_stage = describe(exc), stage
-            raise
-        finally:
-            if streamed:
-                t.chunks = count
-            t.end = perf_counter()
-            self._traces.append(t)
+            logger.warning("%s: is_healthy() raised %s", self.bundle.model_name, describe(exc))
+            return False
 
-    def _fail(self, t: Trace, stage: str, exc: BaseException) -> ModelError:
-        err = STAGE_ERRORS[stage].from_exception(exc, self.roots, trace=t)
+    def _fail(self, t: Trace, stage: str, exc: BaseException, method: str = "predict") -> ModelError:
+        what = method if (stage == "predict" and method != "predict") else None
+        err = STAGE_ERRORS[stage].from_exception(exc, self.roots, trace=t, what=what)
         t.error, t.error_stage, t.location = describe(exc), stage, err.location
         return err
 

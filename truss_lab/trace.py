@@ -44,6 +44,7 @@ class Trace:
     location: str | None = None  # file:line in the user's code
     warnings: list[str] = field(default_factory=list)
     findings: list[Any] = field(default_factory=list)  # lock-misuse findings (guard.py)
+    method: str = "predict"  # or the OpenAI-compatible method called (no lock, no pre/postprocess)
 
     @property
     def ok(self) -> bool:
@@ -196,7 +197,7 @@ class Report:
         held_s = sum(b - a for a, b in held)
         utilization = held_s / (wall * lock_size) if wall > 0 else math.nan
         throughput = len(traces) / wall if wall > 0 else math.nan
-        predicted = [t.predict_ms for t in traces if t.predict_end is not None]
+        predicted = [t.predict_ms for t in traces if t.predict_end is not None and t.method == "predict"]
         mean_predict_s = (sum(predicted) / len(predicted) / 1000.0) if predicted else 0.0
         bound = lock_size / mean_predict_s if mean_predict_s > 0 else math.nan
         return cls(

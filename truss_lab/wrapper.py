@@ -8,24 +8,38 @@ The runner (runner.py) executes requests with these; the loader (loader.py) only
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import enum
 import inspect
 import json
+import threading
 import time
 import types
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .bundle import Bundle, Secrets
-from .errors import LoadError
+from .bundle import Bundle, Secrets, coerce_int, env_str
+from .errors import LoadError, describe
 from .jsoncheck import first_non_json
 from .loader import load_error
 
-MODEL_KWARGS = ("config", "data_dir", "secrets", "environment")
+MODEL_KWARGS = ("config", "data_dir", "secrets", "lazy_data_resolver", "environment")
+ENDPOINTS = ("chat_completions", "completions", "embeddings", "messages", "responses")  # OpenAI-compatible
+ENDPOINT_ROUTES = {
+    "chat_completions": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+    "messages": "/v1/messages",
+    "responses": "/v1/responses",
+}
+METHOD_NAMES = ("preprocess", "predict", "postprocess", *ENDPOINTS, "is_healthy", "setup_environment", "websocket")
 STREAM_WITH_POSTPROCESS = (
     "If the predict function returns a generator (streaming), you cannot use postprocessing. "
     "Include all processing in the predict method."
 )  # Truss's ModelDefinitionError message, word for word
+RESPONSE_WITH_POSTPROCESS = "If the predict function returns a response object, you cannot use postprocessing."
 
 
 class ModelDefinitionWarning(UserWarning):
@@ -48,33 +62,179 @@ def model_class(bundle: Bundle, module: types.ModuleType) -> type:
     return cls
 
 
+class ArgConfig(enum.Enum):
+    """Which arguments a model method takes, decided from its signature as Truss's ArgConfig does."""
+
+    NONE = enum.auto()
+    INPUTS_ONLY = enum.auto()
+    REQUEST_ONLY = enum.auto()
+    INPUTS_AND_REQUEST = enum.auto()
+
+    def args(self, inputs: Any, request: Any) -> tuple:
+        return {
+            ArgConfig.NONE: (),
+            ArgConfig.INPUTS_ONLY: (inputs,),
+            ArgConfig.REQUEST_ONLY: (request,),
+            ArgConfig.INPUTS_AND_REQUEST: (inputs, request),
+        }[self]
+
+    @property
+    def wants_request(self) -> bool:
+        return self in (ArgConfig.REQUEST_ONLY, ArgConfig.INPUTS_AND_REQUEST)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One model method as Truss's MethodDescriptor sees it."""
+
+    name: str
+    args: ArgConfig
+    is_async: bool
+    is_generator: bool
+
+
 @dataclass(frozen=True)
 class ModelMethods:
-    """What a Model class defines, checked once (as Truss's model wrapper computes its descriptors)."""
+    """What a Model class defines, checked once with Truss's rules (its ModelDescriptor.from_model).
 
-    has_preprocess: bool
-    has_postprocess: bool
+    A definition Truss refuses is refused here at load, with Truss's reason.
+    """
+
+    specs: dict[str, MethodSpec]
+    input_type: type | None = None  # a pydantic model the body is parsed into (Truss's TrussSchema)
+
+    @property
+    def has_preprocess(self) -> bool:
+        return "preprocess" in self.specs
+
+    @property
+    def has_postprocess(self) -> bool:
+        return "postprocess" in self.specs
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The OpenAI-compatible methods this model defines (each has its own route)."""
+        return [m for m in ENDPOINTS if m in self.specs]
+
+    @property
+    def skip_input_parsing(self) -> bool:
+        """Truss never parses the body when predict (and preprocess, if any) take only the request."""
+        pre, pred = self.specs.get("preprocess"), self.specs.get("predict")
+        return bool(pred and pred.args is ArgConfig.REQUEST_ONLY and (not pre or pre.args is ArgConfig.REQUEST_ONLY))
 
     @classmethod
     def check(cls, bundle: Bundle, model_cls: type) -> "ModelMethods":
-        predict = getattr(model_cls, "predict", None)
-        if predict is None or not callable(predict):
-            raise LoadError(f"{bundle.model_file}: class {model_cls.__name__} has no predict() method")
-        is_gen = inspect.isgeneratorfunction(predict) or inspect.isasyncgenfunction(predict)
-        has_post = callable(getattr(model_cls, "postprocess", None))
-        if is_gen and has_post:
+        def refuse(message: str, name: str | None = None) -> LoadError:
+            line = _def_line(model_cls, name) if name else ""
+            return LoadError(f"{bundle.model_file}{line}: {message}")
+
+        specs: dict[str, MethodSpec] = {}
+        for name in METHOD_NAMES:
+            if not callable(getattr(model_cls, name, None)):
+                continue
+            try:
+                specs[name] = _method_spec(model_cls, name)
+            except ModelDefinitionError as exc:
+                raise refuse(str(exc), name) from None
+        # The rules below are Truss's ModelDescriptor.from_model, its messages word for word.
+        healthy, ws, pred, pre, post = (specs.get(n) for n in ("is_healthy", "websocket", "predict", "preprocess", "postprocess"))
+        if healthy and healthy.args is not ArgConfig.NONE:
+            raise refuse("`is_healthy` must have only one argument: `self`.", "is_healthy")
+        if ws and (pred or pre or post):
+            raise refuse(
+                "Truss model cannot have both `websocket` and any of `predict`, `preprocess`, or `postprocess methods.",
+                "websocket",
+            )
+        if not (ws or pred):
+            raise refuse(f"class {model_cls.__name__}: Truss model must have a `predict` or `websocket` method.")
+        if ws:
+            if ws.args is not ArgConfig.INPUTS_ONLY:
+                raise refuse("`websocket` must have only one argument: `websocket`.", "websocket")
+            if not ws.is_async:
+                raise refuse("`websocket` endpoints must be async function definitions.", "websocket")
+        else:
+            if pre and pred.args is ArgConfig.REQUEST_ONLY:
+                raise refuse(
+                    "When using `preprocess`, the predict method cannot only have the request argument "
+                    "(because the result of `preprocess` would be  discarded).",
+                    "predict",
+                )
+            if post and post.args is ArgConfig.REQUEST_ONLY:
+                raise refuse(
+                    "The `postprocess` method cannot only have the request argument (because the result "
+                    "of `predict` would be discarded).",
+                    "postprocess",
+                )
+        if pred and pred.is_generator and post:
             # Truss loads this model and answers every request with a 500: so do we, but say so now.
-            line = _def_line(model_cls, "postprocess")
             warnings.warn(
-                f"{bundle.model_file}{line}: predict is a generator (streaming) and postprocess is "
-                f"defined: every request will fail, here as on a Truss server ({STREAM_WITH_POSTPROCESS})",
+                f"{bundle.model_file}{_def_line(model_cls, 'postprocess')}: predict is a generator (streaming) and "
+                f"postprocess is defined: every request will fail, here as on a Truss server ({STREAM_WITH_POSTPROCESS})",
                 ModelDefinitionWarning,
                 stacklevel=2,
             )
-        return cls(
-            has_preprocess=callable(getattr(model_cls, "preprocess", None)),
-            has_postprocess=has_post,
-        )
+        input_type = None
+        if pred and not ws:
+            first = _bound_signature(model_cls, "preprocess" if pre else "predict").parameters
+            params = list(first.values())
+            if params and _is_pydantic_class(params[0].annotation):
+                input_type = params[0].annotation
+        return cls(specs=specs, input_type=input_type)
+
+
+def _bound_signature(model_cls: type, name: str) -> inspect.Signature:
+    """The signature of `name` as called on an instance (no `self`), as Truss inspects the live model."""
+    attr = inspect.getattr_static(model_cls, name)
+    sig = inspect.signature(getattr(model_cls, name))
+    if isinstance(attr, (staticmethod, classmethod)) or not inspect.isfunction(attr):
+        return sig
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
+def _method_spec(model_cls: type, name: str) -> MethodSpec:
+    """Truss's ArgConfig.from_method and MethodDescriptor, for one method."""
+    fn = getattr(model_cls, name)
+    sig = _bound_signature(model_cls, name)
+    params = list(sig.parameters.values())
+    if len(params) == 0:
+        args = ArgConfig.NONE
+    elif len(params) == 1:
+        args = ArgConfig.REQUEST_ONLY if _is_request_type(params[0].annotation) else ArgConfig.INPUTS_ONLY
+    elif len(params) == 2:
+        first, second = params
+        if first.annotation and _is_request_type(first.annotation):
+            raise ModelDefinitionError(
+                f"`{name}` method with two arguments is not allowed to have request as first argument, "
+                f"request must be second. Got: {sig}"
+            )
+        if not (second.annotation and _is_request_type(second.annotation)):
+            raise ModelDefinitionError(
+                f"`{name}` method with two arguments must have request as second argument (type annotated). Got: {sig} "
+            )
+        args = ArgConfig.INPUTS_AND_REQUEST
+    else:
+        raise ModelDefinitionError(f"`{name}` method cannot have more than two arguments. Got: {sig}")
+    return MethodSpec(
+        name=name,
+        args=args,
+        is_async=inspect.iscoroutinefunction(fn),
+        is_generator=inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn),
+    )
+
+
+def _mro_has(obj: Any, module_prefix: str, class_name: str) -> bool:
+    """Whether `obj` is a class with `module_prefix...class_name` among its bases (without importing it)."""
+    return isinstance(obj, type) and any(
+        c.__module__.startswith(module_prefix) and c.__name__ == class_name for c in obj.__mro__
+    )
+
+
+def _is_request_type(annotation: Any) -> bool:
+    return _mro_has(annotation, "starlette.requests", "Request")
+
+
+def _is_pydantic_class(annotation: Any) -> bool:
+    return _mro_has(annotation, "pydantic", "BaseModel")
 
 
 def _def_line(cls: type, name: str) -> str:
@@ -84,13 +244,110 @@ def _def_line(cls: type, name: str) -> str:
         return ""
 
 
+# Every config key the Truss server's model gets, with its default: TrussConfig (truss 0.18.36) writes
+# them all into the image's config.yaml. tests/conformance compares `truss_config` with Truss's own.
+TRUSS_CONFIG_DEFAULTS: dict[str, Any] = {'apply_library_patches': True,
+ 'base_image': None,
+ 'bdn': {'access': [], 'hotload': {'enabled': False}, 'mounts': []},
+ 'bis_llm': None,
+ 'build': {'arguments': {}, 'model_server': 'TrussServer', 'no_cache': False, 'secret_to_path_mapping': {}},
+ 'build_commands': [],
+ 'bundled_packages_dir': 'packages',
+ 'cache_internal': [],
+ 'data_dir': 'data',
+ 'description': None,
+ 'docker_server': None,
+ 'environment_variables': {},
+ 'examples_filename': 'examples.yaml',
+ 'external_data': None,
+ 'external_package_dirs': [],
+ 'input_type': 'Any',
+ 'live_reload': False,
+ 'model_cache': [],
+ 'model_class_filename': 'model.py',
+ 'model_class_name': 'Model',
+ 'model_framework': 'custom',
+ 'model_metadata': {},
+ 'model_module_dir': 'model',
+ 'model_type': 'Model',
+ 'python_version': 'py313',
+ 'requirements': [],
+ 'requirements_file': None,
+ 'resources': {'accelerator': None, 'cpu': '1', 'memory': '2Gi', 'use_gpu': False},
+ 'runtime': {'egress_restrictions': None,
+             'enable_debug_logs': False,
+             'enable_tracing_data': False,
+             'health_checks': {'restart_check_delay_seconds': None,
+                               'restart_threshold_seconds': None,
+                               'startup_threshold_seconds': None,
+                               'stop_traffic_threshold_seconds': None},
+             'is_websocket_endpoint': False,
+             'oidc': {'enabled': None},
+             'predict_concurrency': 1,
+             'remote_ssh': {'enabled': False},
+             'streaming_read_timeout': 60,
+             'transport': {'kind': 'http'},
+             'truss_server_version_override': None},
+ 'secrets': {},
+ 'spec_version': '2.0',
+ 'system_packages': [],
+ 'training_checkpoints': None,
+ 'trt_llm': None,
+ 'use_local_src': False,
+ 'weights': []}
+
+
+def truss_config(config: dict) -> dict:
+    """`config` as the Truss server hands it to the model: every default filled in (nested mappings
+    merged), `predict_concurrency` as an int and environment variable values as strings."""
+    out = _merge(TRUSS_CONFIG_DEFAULTS, config)
+    runtime = out.get("runtime")
+    if isinstance(runtime, dict):
+        runtime["predict_concurrency"] = coerce_int(runtime.get("predict_concurrency"), 1)
+    env = out.get("environment_variables")
+    if isinstance(env, dict):
+        out["environment_variables"] = {str(k): env_str(v) for k, v in env.items()}
+    return out
+
+
+def _merge(defaults: dict, given: dict) -> dict:
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        elif value is None and isinstance(out.get(key), (dict, list)):
+            continue  # `key:` left empty in YAML: Truss keeps the default
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def model_kwargs(bundle: Bundle, secrets: Secrets, environment: Any) -> dict[str, Any]:
     return {
-        "config": bundle.config,
+        "config": truss_config(bundle.config),
         "data_dir": bundle.data_dir,
         "secrets": secrets,
+        "lazy_data_resolver": LazyDataResolver(bundle.data_dir),
         "environment": environment,
     }
+
+
+class LazyDataResolver:
+    """What Truss passes as `lazy_data_resolver`. Truss downloads `model_cache`/`weights` in the
+    background only when the image has a bptr manifest, which a local run never has: as on a Truss
+    server without one, there is nothing to wait for and `block_until_download_complete()` returns ""."""
+
+    def __init__(self, data_dir):
+        self._data_dir = data_dir
+
+    def block_until_download_complete(self, log_stats: bool = True, issue_collect: bool = True) -> str:
+        return ""
+
+    def raise_if_not_collected(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"LazyDataResolver({str(self._data_dir)!r}: no remote data to fetch)"
 
 
 def accepted_kwargs(model_cls: type, available: dict[str, Any]) -> dict[str, Any]:
@@ -119,17 +376,48 @@ def build_instance(bundle: Bundle, model_cls: type, kwargs: dict[str, Any]) -> A
         raise load_error(exc, bundle, f"{model_cls.__name__}.__init__") from exc
 
 
-def run_load(bundle: Bundle, instance: Any, run_coroutine: Callable[[Any], Any]) -> float:
-    """Run load() once (sync or async); return its duration in ms."""
-    load = getattr(instance, "load", None)
+LOAD_RETRIES = 1  # Truss's NUM_LOAD_RETRIES_TRUSS default: a failing load() is tried once more
+
+
+def run_load(bundle: Bundle, instance: Any, run_coroutine: Callable[[Any], Any], methods: ModelMethods | None = None,
+             environment: Any = None) -> float:
+    """Run load() as the Truss server does; return its duration in ms.
+
+    setup_environment(environment) first, when the model has one and there is an environment; then
+    load(), retried LOAD_RETRIES times after a failure, 1 s apart (Truss's retry). An `async def
+    load` is never awaited by the Truss server: its body does not run there, so it does not run here
+    either, and a ModelDefinitionWarning says so.
+    """
     t0 = time.perf_counter()
-    if load is not None:
+    if methods is not None and "setup_environment" in methods.specs and environment is not None:
         try:
-            out = load()
+            out = instance.setup_environment(environment)
             if inspect.isawaitable(out):
                 run_coroutine(out)
         except Exception as exc:
-            raise load_error(exc, bundle, "load()") from exc
+            raise load_error(exc, bundle, "setup_environment()") from exc
+    load = getattr(instance, "load", None)
+    if load is None:
+        return (time.perf_counter() - t0) * 1000.0
+    if inspect.iscoroutinefunction(load):
+        warnings.warn(
+            f"{bundle.model_file}{_def_line(type(instance), 'load')}: load() is `async def`: the Truss server "
+            f"calls it without awaiting it, so its body never runs there - and truss_lab does not run it "
+            f"either. Make it a plain `def load(self)`.",
+            ModelDefinitionWarning,
+            stacklevel=3,
+        )
+    for attempt in range(LOAD_RETRIES + 1):
+        try:
+            out = load()
+            if inspect.iscoroutine(out):
+                out.close()  # never awaited on Truss; closed here so Python does not warn a second time
+            break
+        except Exception as exc:
+            if attempt == LOAD_RETRIES:
+                raise load_error(exc, bundle, "load()") from exc
+            warnings.warn(f"{bundle.model_name}: load() failed ({describe(exc)}); retrying once, as Truss does", RuntimeWarning, stacklevel=3)
+            time.sleep(1.0)
     return (time.perf_counter() - t0) * 1000.0
 
 
@@ -141,21 +429,31 @@ class Serving:
     instance: Any
     module: types.ModuleType
     model_cls: type
-    preprocess: Callable | None
-    predict: Callable
-    postprocess: Callable | None
+    methods: ModelMethods
+    bound: dict[str, Callable]  # method name -> bound method, for every method in `methods.specs`
 
     @classmethod
     def bind(cls, version: int, instance: Any, module, model_cls: type, methods: ModelMethods) -> "Serving":
-        return cls(
-            version=version,
-            instance=instance,
-            module=module,
-            model_cls=model_cls,
-            preprocess=_bound(model_cls, instance, "preprocess") if methods.has_preprocess else None,
-            predict=_bound(model_cls, instance, "predict"),
-            postprocess=_bound(model_cls, instance, "postprocess") if methods.has_postprocess else None,
-        )
+        bound = {name: _bound(model_cls, instance, name) for name in methods.specs}
+        return cls(version, instance, module, model_cls, methods, bound)
+
+    @property
+    def preprocess(self) -> Callable | None:
+        return self.bound.get("preprocess")
+
+    @property
+    def predict(self) -> Callable | None:
+        return self.bound.get("predict")
+
+    @property
+    def postprocess(self) -> Callable | None:
+        return self.bound.get("postprocess")
+
+    def call(self, name: str, inputs: Any, request: Callable[[], Any]) -> Any:
+        """Call method `name` with the arguments its signature asks for; `request()` makes the request
+        object only when the method takes one."""
+        spec = self.methods.specs[name]
+        return self.bound[name](*spec.args.args(inputs, request() if spec.args.wants_request else None))
 
 
 def _bound(model_cls: type, instance: Any, name: str) -> Callable:
@@ -242,3 +540,170 @@ def truss_json_check(output: Any) -> tuple[str, str] | None:
 
 def is_response(value: Any) -> bool:
     return any(c.__module__.startswith("starlette.") and c.__name__ == "Response" for c in type(value).__mro__)
+
+
+# ------------------------------------------------------------------------------ requests and typed input
+
+
+def local_request(inputs: Any, headers: dict[str, str] | None = None, path: str = "/v1/models/model:predict") -> Any:
+    """A real starlette Request, as if `inputs` had been POSTed as JSON to `path`: what a method with a
+    `request` parameter gets in the notebook (`await request.json()`, headers, `request.state`)."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    try:
+        body = truss_json(inputs).encode()
+    except (TypeError, ValueError):
+        body = b""
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.get_running_loop().create_future()  # a local caller never disconnects
+        return {"type": "http.disconnect"}
+
+    all_headers = {"content-type": "application/json", "content-length": str(len(body)), **(headers or {})}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in all_headers.items()],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("127.0.0.1", 0),
+        "client": ("127.0.0.1", 0),
+    }
+    request = Request(scope, receive)
+    request.state.watch_disconnect = never_disconnected
+    return request
+
+
+@contextlib.contextmanager
+def never_disconnected():
+    """Truss's `request.state.watch_disconnect()` for a caller that cannot hang up: an Event never set."""
+    yield threading.Event()
+
+
+def parse_input(input_type: type | None, inputs: Any) -> Any:
+    """`inputs` as the pydantic model `input_type` (Truss parses the body into it); as is without one."""
+    if input_type is None or isinstance(inputs, input_type):
+        return inputs
+    try:
+        validate = getattr(input_type, "model_validate", None) or input_type.parse_obj
+        return validate(inputs)
+    except Exception as exc:
+        if type(exc).__name__ == "ValidationError":
+            raise InputParsingError(pydantic_error_text(exc)) from exc
+        raise
+
+
+def parse_input_json(input_type: type, body: bytes) -> Any:
+    """The raw body parsed into the pydantic model, as the Truss server does (`parse_raw`)."""
+    try:
+        validate = getattr(input_type, "model_validate_json", None) or input_type.parse_raw
+        return validate(body)
+    except Exception as exc:
+        if type(exc).__name__ == "ValidationError":
+            raise InputParsingError(pydantic_error_text(exc)) from exc
+        raise
+
+
+class InputParsingError(ValueError):
+    """The input does not validate against the model's pydantic input type (Truss answers 400)."""
+
+
+def pydantic_error_text(exc: Any) -> str:
+    """Truss's format_pydantic_validation_error, word for word."""
+    parts = ["Input Parsing Error:" if exc.error_count() == 1 else "Input Parsing Errors:"]
+    try:
+        for error in exc.errors(include_url=False, include_input=False):
+            loc = "".join(
+                (("." if i > 0 else "") + x) if isinstance(x, str) else f"[{x}]" for i, x in enumerate(error["loc"])
+            )
+            msg = error["msg"] or str({k: v for k, v in error.items() if k != "loc"})
+            parts.append(f"  `{loc}`: {msg}.")
+    except Exception:
+        return f"Input Parsing Error, {exc}"
+    return "\n".join(parts)
+
+
+def is_http_exception(exc: Any) -> bool:
+    """FastAPI's HTTPException, which the Truss server passes through with its status."""
+    return _mro_has(type(exc), "fastapi", "HTTPException")
+
+
+# ------------------------------------------------------------------------------ msgpack (Truss's serialization.py)
+
+
+def _msgpack_encoder(obj: Any) -> Any:
+    import datetime as dt
+    import decimal
+    import uuid
+
+    import msgpack_numpy
+
+    if isinstance(obj, dt.datetime):
+        r = obj.isoformat()
+        return {b"__dt_datetime_iso__": True, b"data": r[:-6] + "Z" if r.endswith("+00:00") else r}
+    if isinstance(obj, dt.date):
+        return {b"__dt_date_iso__": True, b"data": obj.isoformat()}
+    if isinstance(obj, dt.time):
+        if obj.utcoffset() is not None:
+            raise ValueError("Cannot represent timezone-aware times.")
+        return {b"__dt_time_iso__": True, b"data": obj.isoformat()}
+    if isinstance(obj, dt.timedelta):
+        return {b"__dt_timedelta__": True, b"data": (obj.days, obj.seconds, obj.microseconds)}
+    if isinstance(obj, decimal.Decimal):
+        return {b"__decimal__": True, b"data": str(obj)}
+    if isinstance(obj, uuid.UUID):
+        return {b"__uuid__": True, b"data": str(obj)}
+    return msgpack_numpy.encode(obj)
+
+
+def _msgpack_decoder(obj: dict) -> Any:
+    import datetime as dt
+    import decimal
+    import uuid
+
+    import msgpack_numpy
+
+    if obj.get(b"nd") is True and obj.get(b"kind") == b"O":
+        raise ValueError("unsupported payload")
+    try:
+        if b"__dt_datetime_iso__" in obj:
+            return dt.datetime.fromisoformat(obj[b"data"])
+        if b"__dt_date_iso__" in obj:
+            return dt.date.fromisoformat(obj[b"data"])
+        if b"__dt_time_iso__" in obj:
+            return dt.time.fromisoformat(obj[b"data"])
+        if b"__dt_timedelta__" in obj:
+            days, seconds, microseconds = obj[b"data"]
+            return dt.timedelta(days=days, seconds=seconds, microseconds=microseconds)
+        if b"__decimal__" in obj:
+            return decimal.Decimal(obj[b"data"])
+        if b"__uuid__" in obj:
+            return uuid.UUID(obj[b"data"])
+    except KeyError:
+        pass
+    return msgpack_numpy.decode(obj)
+
+
+def truss_msgpack_serialize(obj: Any) -> bytes:
+    """A `application/octet-stream` answer body as the Truss server packs it (numpy arrays included)."""
+    import msgpack
+
+    return msgpack.packb(obj, default=_msgpack_encoder)
+
+
+def truss_msgpack_deserialize(data: bytes) -> Any:
+    """A `application/octet-stream` request body as the Truss server unpacks it."""
+    import msgpack
+
+    return msgpack.unpackb(data, object_hook=_msgpack_decoder)

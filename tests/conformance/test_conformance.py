@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgpack
 import pytest
 
 import truss_lab
@@ -52,6 +53,8 @@ class Model:
         for i in range(3):
             yield f"{i},"
 """
+
+MSGPACK_IN = b"\x81\xa1a\x93\x01\x02\x03"  # msgpack of {"a": [1, 2, 3]}
 
 CASES = [
     # ---- Truss's own test trusses
@@ -179,6 +182,237 @@ class Model:
         return {"rows": [{"id": i, "v": [i, i * 0.5, str(i)]} for i in range(200)]}
 """),
     Case("unicode", [Req("héllo ✓")], model="class Model:\n    def predict(self, x):\n        return {'echo': x, 'len': len(x)}\n"),
+    # ---- method signatures: a `request` parameter gets the request (Truss's ArgConfig)
+    Case("request-only", [Req({"q": 1}, headers={"x-user": "ann"}), Req(content=b"{not json", headers={"x-user": "bob"})], model="""
+import fastapi
+class Model:
+    async def predict(self, request: fastapi.Request):
+        body = await request.body()
+        return {"user": request.headers.get("x-user"), "body": body.decode(), "method": request.method,
+                "disconnected": await request.is_disconnected()}
+"""),
+    Case("inputs-and-request", [Req({"q": 2}, headers={"x-trace": "t1"})], model="""
+from starlette.requests import Request
+class Model:
+    def preprocess(self, x, request: Request):
+        return {"q": x["q"], "trace": request.headers.get("x-trace")}
+    def predict(self, x):
+        return x
+    def postprocess(self, y, request: Request):
+        with request.state.watch_disconnect() as gone:
+            return {**y, "gone": gone.is_set()}
+"""),
+    Case("no-argument-predict", [Req(1)], model="class Model:\n    def predict(self):\n        return 'no input'\n"),
+    # ---- typed I/O
+    Case("pydantic-io", [Req({"prompt": "hi", "n": 2}), Req({"n": 2}), Req({"prompt": "x", "n": "many"}), Req(content=b"{bad")], model="""
+import pydantic
+class In(pydantic.BaseModel):
+    prompt: str
+    n: int = 1
+class Out(pydantic.BaseModel):
+    text: str
+    repeats: list[str]
+class Model:
+    def predict(self, x: In) -> Out:
+        return Out(text=x.prompt, repeats=[x.prompt] * x.n)
+"""),
+    Case("pydantic-via-preprocess", [Req({"v": 3}), Req({"v": "x"})], model="""
+from pydantic import BaseModel
+class In(BaseModel):
+    v: int
+class Model:
+    def preprocess(self, x: In):
+        return x.v * 2
+    def predict(self, x):
+        return x
+"""),
+    Case("annotated-and-string-annotations", [Req({"prompt": "a"})], model="""
+from typing import Annotated
+import pydantic
+class In(pydantic.BaseModel):
+    prompt: str
+class Model:
+    def predict(self, x: Annotated[In, "the prompt"]):
+        return type(x).__name__
+"""),
+    Case("future-annotations", [Req({"prompt": "a"})], model="""
+from __future__ import annotations
+import pydantic
+class In(pydantic.BaseModel):
+    prompt: str
+class Model:
+    def predict(self, x: In):
+        return type(x).__name__
+"""),
+    # ---- Responses and HTTPException
+    Case("returned-responses", [Req("json"), Req("text"), Req("error"), Req("stream")], model="""
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+class Model:
+    def predict(self, x):
+        if x == "json":
+            return JSONResponse({"made": "here"}, status_code=201, headers={"x-custom": "1"})
+        if x == "text":
+            return PlainTextResponse("plain")
+        if x == "error":
+            return JSONResponse({"why": "teapot"}, status_code=418)
+        return StreamingResponse(iter([b"s1", b"s2"]), media_type="text/event-stream")
+"""),
+    Case("response-with-postprocess", [Req(1)], model="""
+from fastapi.responses import PlainTextResponse
+class Model:
+    def predict(self, x):
+        return PlainTextResponse("p")
+    def postprocess(self, y):
+        return y
+"""),
+    Case("http-exception", [Req("predict"), Req("pre")], model="""
+from fastapi import HTTPException
+class Model:
+    def preprocess(self, x):
+        if x == "pre":
+            raise HTTPException(status_code=401, detail="who are you")
+        return x
+    def predict(self, x):
+        raise HTTPException(status_code=422, detail={"field": "bad"})
+"""),
+    # ---- OpenAI-compatible routes
+    Case("openai-routes", [
+        Req({"messages": [{"role": "user", "content": "hi"}]}, path="/v1/chat/completions"),
+        Req({"prompt": "ab", "stream": True}, path="/v1/completions"),
+        Req({"prompt": "ab", "stream": True}, path="/v1/completions", headers={"accept": "application/json"}),
+        Req({"prompt": "ab", "stream": True}, path="/v1/completions",
+            headers={"accept": "application/json", "user-agent": "OpenAI/Python 1.61.0"}),
+        Req({"input": ["a", "bb"]}, path="/v1/embeddings", headers={"x-key": "k"}),
+        Req({"model": "m"}, path="/v1/messages"),
+        Req({"model": "m"}, path="/v1/responses"),
+        Req({"raise": True}, path="/v1/chat/completions"),
+        Req({"x": 1}),
+    ], model="""
+from starlette.requests import Request
+class Model:
+    def predict(self, x):
+        return {"predict": x}
+    async def chat_completions(self, body):
+        if body.get("raise"):
+            raise ValueError("bad chat")
+        return {"choices": [{"message": {"role": "assistant", "content": body["messages"][0]["content"].upper()}}]}
+    def completions(self, body):
+        def gen():
+            for ch in body["prompt"]:
+                yield f"data: {ch}\\n\\n"
+        return gen()
+    def embeddings(self, body, request: Request):
+        return {"data": [[float(len(s))] for s in body["input"]], "key": request.headers.get("x-key")}
+    def responses(self):
+        return {"id": "r1"}
+"""),
+    # ---- readiness decided by is_healthy
+    Case("is-healthy-false", [Req(path="/v1/models/model", method="GET"), Req(path="/v1/models/model/loaded", method="GET"), Req(1)], model="""
+class Model:
+    def is_healthy(self):
+        return False
+    def predict(self, x):
+        return x
+"""),
+    Case("is-healthy-raises", [Req(path="/v1/models/model", method="GET")], model="""
+class Model:
+    async def is_healthy(self):
+        raise RuntimeError("sick")
+    def predict(self, x):
+        return x
+"""),
+    Case("is-healthy-true", [Req(path="/v1/models/model", method="GET")], model="""
+class Model:
+    def is_healthy(self):
+        return True
+    def predict(self, x):
+        return x
+"""),
+    # ---- msgpack
+    Case("msgpack-binary", [
+        Req(content=MSGPACK_IN, headers={"content-type": "application/octet-stream"}),
+        Req(content=MSGPACK_IN, headers={"content-type": "application/octet-stream"}, path="/v1/models/model:predict_binary"),
+        Req({"a": [1, 2]}, path="/v1/models/model:predict_binary"),
+        Req(content=b"\xc1", headers={"content-type": "application/octet-stream"}),
+    ], model="""
+import numpy as np
+class Model:
+    def predict(self, x):
+        return {"doubled": np.asarray(x["a"]) * 2, "n": len(x["a"])}
+"""),
+    # ---- model construction
+    Case("config-defaults", [Req(1)], config="model_name: defaults\nmodel_metadata: {k: v}\nruntime: {predict_concurrency: '2'}\n"
+         "environment_variables: {FLAG: true, N: 3, EMPTY: null}\n", model="""
+import os
+class Model:
+    def __init__(self, config, **kwargs):
+        self.config = config
+    def predict(self, x):
+        env = {k: os.environ.get(k) for k in ("FLAG", "N", "EMPTY")}
+        return {"config": self.config, "env": env}
+"""),
+    Case("lazy-data-resolver", [Req(1)], model="""
+class Model:
+    def __init__(self, lazy_data_resolver, data_dir):
+        self.resolver = lazy_data_resolver
+    def load(self):
+        self.got = self.resolver.block_until_download_complete()
+    def predict(self, x):
+        return {"got": self.got}
+"""),
+    Case("async-load", [Req(1)], model="""
+import asyncio
+class Model:
+    async def load(self):
+        await asyncio.sleep(0)
+        self.loaded = True
+    def predict(self, x):
+        return getattr(self, "loaded", "never ran")
+"""),
+    Case("load-retried", [Req(1)], model="""
+TRIES = []
+class Model:
+    def load(self):
+        TRIES.append(1)
+        if len(TRIES) == 1:
+            raise OSError("flaky")
+    def predict(self, x):
+        return len(TRIES)
+"""),
+    Case("setup-environment-without-environment", [Req(1)], model="""
+class Model:
+    def __init__(self, environment, **kwargs):
+        self.environment = environment
+        self.calls = []
+    def setup_environment(self, environment):
+        self.calls.append(environment)
+    def predict(self, x):
+        return {"environment": self.environment, "calls": self.calls}
+"""),
+    # ---- imports as in Truss's image
+    Case("from-model-import", [Req(3)], config="model_name: mi\n", files={
+        "model/helper.py": "K = 10\ndef times(x):\n    return x * K\n",
+        "model/sub/__init__.py": "",
+        "model/sub/deep.py": "from model.helper import K\nDEEP = K + 1\n",
+    }, model="""
+from model.helper import times
+import model.sub.deep
+import model.helper as h
+class Model:
+    def predict(self, x):
+        from model.sub.deep import DEEP
+        return [times(x), DEEP, model.sub.deep.DEEP, h.K]
+"""),
+    Case("packages-do-not-shadow-stdlib", [Req(1)], config="model_name: ps\n", files={
+        "packages/csv.py": "MARK = 'packages copy'\n",
+        "packages/own_util.py": "MARK = 'own'\n",
+    }, model="""
+import csv
+import own_util
+class Model:
+    def predict(self, x):
+        return [getattr(csv, "MARK", "stdlib"), own_util.MARK]
+"""),
 ]
 
 
@@ -217,6 +451,11 @@ class Answer:
 
 
 def _body(raw: bytes, content_type: str) -> Any:
+    if content_type == "application/octet-stream":
+        try:  # msgpack: compared as the structure it packs (numpy arrays as their msgpack-numpy maps)
+            return msgpack.unpackb(raw, strict_map_key=False)
+        except Exception:
+            return raw
     if content_type.startswith("application/json"):
         try:
             return json.loads(raw)  # NaN/Infinity are read back as Python floats on both sides
@@ -261,7 +500,9 @@ def test_same_answers_as_the_truss_server(case: Case, truss_env, tmp_path):
         for req, want, have in zip(case.requests, expected, got):
             w, h = want.comparable(), have.comparable()
             assert _same(w, h), f"{req}:\n  Truss:     {w}\n  truss_lab: {h}"
-            if req.method == "POST" and req.path == PREDICT and req.content is None and w["status"] == 200 and not req.headers:
+            plain = req.method == "POST" and req.path == PREDICT and req.content is None and not req.headers
+            if plain and w["status"] == 200 and (want.streamed or w["content_type"] == "application/json") \
+                    and not truss_lab.wrapper.is_response(tr.run(req.json).output):  # a Response is sent as it is
                 in_process = _chunks_until_error(tr, req.json) if want.streamed else [tr.predict(req.json).output]
                 if want.streamed:
                     assert b"".join(c if isinstance(c, bytes) else str(c).encode() for c in in_process) == want.body
@@ -284,5 +525,74 @@ def _chunks_until_error(tr, x) -> list:
     return chunks
 
 
-def test_at_least_forty_requests_are_compared():
-    assert sum(len(c.requests) for c in CASES) >= 40 and len(CASES) >= 25
+def test_at_least_forty_cases_are_compared():
+    assert len(CASES) >= 40 and sum(len(c.requests) for c in CASES) >= 80
+
+
+REFUSED = {
+    "two-args": ("class Model:\n    def predict(self, x, y):\n        return x\n",
+                 "`predict` method with two arguments must have request as second argument"),
+    "is-healthy-arg": ("class Model:\n    def predict(self, x):\n        return x\n    def is_healthy(self, x):\n        return True\n",
+                       "`is_healthy` must have only one argument: `self`."),
+    "websocket-and-predict": ("class Model:\n    def predict(self, x):\n        return x\n    async def websocket(self, ws):\n        pass\n",
+                              "cannot have both `websocket` and any of"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_a_definition_truss_refuses_fails_both_loads_with_its_reason(name, truss_env, tmp_path):
+    model, reason = REFUSED[name]
+    root = make_truss(tmp_path, Case(name, [], model=model))
+    with truss_env.start(root, apps=tmp_path / "apps") as oracle:
+        assert not oracle.wait_ready(30)  # a failed load() shuts the real server down
+        assert reason in oracle.output()
+    with pytest.raises(truss_lab.LoadError) as info:
+        truss_lab.load(str(root))
+    assert reason in str(info.value)
+
+
+WEBSOCKET_MODEL = """
+class Model:
+    async def websocket(self, ws):
+        while True:
+            text = await ws.receive_text()
+            if text == "bye":
+                return
+            if text == "boom":
+                raise RuntimeError("boom")
+            await ws.send_text(text.upper())
+"""
+
+
+def _websocket_session(url: str, messages: list[str]) -> tuple[list[str], int | None]:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    got = []
+    with connect(url.replace("http://", "ws://") + "/v1/websocket", open_timeout=10) as ws:
+        try:
+            for m in messages:
+                ws.send(m)
+                if m not in ("bye", "boom"):
+                    got.append(ws.recv(timeout=10))
+            ws.recv(timeout=10)
+        except ConnectionClosed:
+            pass
+        return got, ws.close_code
+
+
+@pytest.mark.parametrize("ending", ["bye", "boom"])
+def test_websocket_sessions_match(ending, truss_env, tmp_path):
+    root = make_truss(tmp_path, Case("ws", [], model=WEBSOCKET_MODEL))
+    messages = ["hi", "there", ending]
+    with truss_env.start(root, apps=tmp_path / "apps") as oracle:
+        expected = _websocket_session(oracle.url, messages)
+        predict_expected = send(httpx.Client(base_url=oracle.url), Req(1))
+    with truss_lab.load(str(root)) as tr:
+        server = tr.serve()
+        got = _websocket_session(server.url, messages)
+        predict_got = send(httpx.Client(base_url=server.url), Req(1))
+        assert predict_got.comparable() == predict_expected.comparable()
+        with pytest.raises(truss_lab.TrussLabError, match="websocket"):
+            tr.predict(1)
+    assert got == expected and expected[0] == ["HI", "THERE"]

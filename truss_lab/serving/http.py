@@ -21,19 +21,36 @@ requests the same way.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import socket
 import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from ..errors import ModelError, TrussLabError
-from ..wrapper import is_response, join_chunks, truss_json, truss_json_check
+from ..errors import ModelError, TrussLabError, describe
+from ..wrapper import (
+    ENDPOINT_ROUTES,
+    InputParsingError,
+    ModelMethods,
+    is_http_exception,
+    is_pydantic,
+    is_response,
+    join_chunks,
+    parse_input,
+    parse_input_json,
+    truss_json,
+    truss_json_check,
+    truss_msgpack_deserialize,
+    truss_msgpack_serialize,
+)
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -41,7 +58,9 @@ if TYPE_CHECKING:
 DEFAULT_MAX_BODY = 16 * 1024 * 1024  # bytes; a bigger request body is refused with 413
 PREDICT_ROUTE = "/v1/models/model:predict"  # what clients use; any model name is accepted, as on Truss
 READY_ROUTE = "/v1/models/model"
-PREDICT_ROUTES = ("/v1/models/{model_name}:predict",)
+PREDICT_ROUTES = ("/v1/models/{model_name}:predict", "/v1/models/{model_name}:predict_binary")
+WEBSOCKET_ROUTE = "/v1/websocket"
+logger = logging.getLogger("truss_lab.serving")
 READY_ROUTES = ("/v1/models/{model_name}", "/v1/models/{model_name}/loaded")
 
 
@@ -66,7 +85,9 @@ class Backend(Protocol):
 
     def ready(self) -> bool: ...
 
-    async def answer(self, model_input: Any) -> Answer: ...
+    def methods(self) -> ModelMethods: ...
+
+    async def answer(self, inputs: Any, request: Any = None, method: str = "predict") -> Answer: ...
 
 
 class LiveBackend:
@@ -80,17 +101,28 @@ class LiveBackend:
     def ready(self) -> bool:
         return self.live is not None
 
-    async def answer(self, model_input: Any) -> Answer:
-        return await run_in_threadpool(self._answer, model_input)
+    def methods(self) -> ModelMethods:
+        return self.live.serving.methods
 
-    def _answer(self, model_input: Any) -> Answer:
-        chunks = self.live.open_stream(model_input)
+    async def answer(self, inputs: Any, request: Any = None, method: str = "predict") -> Answer:
+        return await run_in_threadpool(self._answer, inputs, request, method)
+
+    def _answer(self, inputs: Any, request: Any, method: str) -> Answer:
+        chunks = self.live.open_stream(inputs, request=request, method=method)
         try:
-            if next(chunks):  # predict returned a stream: the lock stays held while it is read
+            if next(chunks):  # the method returned a stream: the lock stays held while it is read
                 return Answer(chunks=chunks)
-            return Answer(output=next(chunks))
+            output = next(chunks)
+            chunks.close()  # the request ends here (its trace), not when the generator is collected
+            return Answer(output=output)
         except ModelError as error:
             return Answer(error=error)
+
+    async def healthy(self) -> bool | None:
+        """The model's is_healthy() as the Truss server asks it: None without one; an exception is False."""
+        if not self.ready() or "is_healthy" not in self.methods().specs:
+            return None
+        return await run_in_threadpool(self.live.is_healthy)
 
 
 # ---------------------------------------------------------------------------------------- routes
@@ -105,22 +137,77 @@ def error_body(status: int, stage: str, message: str, model: str, location: str 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def read_json(request, backend: Backend, max_body: int) -> tuple[Any, Any]:
-    """(model_input, None), or (None, an error response): 413 over the limit, 400 if not JSON."""
+async def read_body(request, backend: Backend, max_body: int) -> tuple[bytes, Any]:
+    """(body, None), or (b"", a 413 response) for a body over the limit."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
-        return None, error_body(413, "request", f"body of {int(declared)} bytes is over the {max_body}-byte limit", backend.name, code=CODE_CLIENT)
+        return b"", error_body(413, "request", f"body of {int(declared)} bytes is over the {max_body}-byte limit", backend.name, code=CODE_CLIENT)
     body = bytearray()
     async for chunk in request.stream():  # a body without Content-Length is counted as it arrives
         body += chunk
         if len(body) > max_body:
-            return None, error_body(413, "request", f"body is over the {max_body}-byte limit", backend.name, code=CODE_CLIENT)
+            return b"", error_body(413, "request", f"body is over the {max_body}-byte limit", backend.name, code=CODE_CLIENT)
+    return bytes(body), None
+
+
+def is_binary(request) -> bool:
+    """msgpack in and out, as the Truss server decides: the request's Content-Type."""
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower() == "application/octet-stream"
+
+
+def parse_body(body: bytes, binary: bool, input_type: type | None) -> Any:
+    """The inputs from the body, as the Truss server's _parse_body: msgpack or JSON, then the pydantic
+    input type if the model names one. Raises InputParsingError (a 400)."""
+    if binary:
+        try:
+            inputs = truss_msgpack_deserialize(body)
+        except ValueError as exc:
+            raise InputParsingError(str(exc)) from exc
+        return parse_input(input_type, inputs)
+    if input_type is not None:
+        return parse_input_json(input_type, body)
     try:
-        return json.loads(body), None
+        return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, error_body(400, "request", f"Invalid JSON payload: {exc}", backend.name, code=CODE_CLIENT)
+        raise InputParsingError(f"Invalid JSON payload: {exc}") from exc
     except RecursionError:
-        return None, error_body(400, "request", "Invalid JSON payload: nested too deeply", backend.name, code=CODE_CLIENT)
+        raise InputParsingError("Invalid JSON payload: nested too deeply") from None
+
+
+def portable(request, body: bytes):
+    """The request as model code gets it: the body already read, and `receive` (for
+    `is_disconnected()`) marshalled to this server's loop, since async model code runs on the
+    model's own loop. `request.state.watch_disconnect()` as the Truss server installs it."""
+    from starlette.requests import Request
+
+    loop = asyncio.get_running_loop()
+    receive = request.receive
+
+    async def receive_here() -> dict:
+        if asyncio.get_running_loop() is loop:
+            return await receive()
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(receive(), loop))
+
+    out = Request(request.scope, receive_here)
+    out._body = body
+
+    @contextlib.contextmanager
+    def watch_disconnect():
+        disconnected = threading.Event()
+
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(1)
+            disconnected.set()
+
+        future = asyncio.run_coroutine_threadsafe(watch(), loop)
+        try:
+            yield disconnected
+        finally:
+            future.cancel()
+
+    out.state.watch_disconnect = watch_disconnect
+    return out
 
 
 def gathers(request) -> bool:
@@ -130,35 +217,67 @@ def gathers(request) -> bool:
     return request.headers.get("accept") == "application/json"
 
 
-async def predict_response(request, backend: Backend, max_body: int):
-    """POST /v1/models/{name}:predict, for any Backend."""
+async def predict_response(request, backend: Backend, max_body: int, method: str = "predict"):
+    """POST /v1/models/{name}:predict (and :predict_binary, and the OpenAI-compatible routes), for any Backend."""
     if not backend.ready():
         return error_body(503, "load", f"Model with name {backend.name} is not ready.", backend.name)
-    model_input, problem = await read_json(request, backend, max_body)
+    body, problem = await read_body(request, backend, max_body)
     if problem is not None:
         return problem
-    answer = await backend.answer(model_input)
+    methods = backend.methods()
+    binary = is_binary(request)
+    try:
+        inputs = None if methods.skip_input_parsing else parse_body(body, binary, methods.input_type)
+    except InputParsingError as exc:
+        return error_body(400, "request", str(exc), backend.name, code=CODE_CLIENT)
+    if method == "predict" and "predict" not in methods.specs:  # a websocket model: Truss's unhandled error
+        return error_body(500, "predict", f"{backend.name} has no predict(): it serves /v1/websocket only", backend.name, code=CODE_UNEXPECTED)
+    if method != "predict" and method not in methods.specs:  # Truss's ModelMethodNotImplemented
+        return error_body(404, method, f"`{method}` must only be called if model has it.", backend.name, code=CODE_CLIENT)
+    answer = await backend.answer(inputs, portable(request, body), method)
     if answer.error is not None:
-        error = answer.error
-        return error_body(500, error.stage, str(error), backend.name, error.location)
+        return _error_answer(answer.error, backend)
     if answer.chunks is not None:
         if gathers(request):
             try:
                 chunks = await run_in_threadpool(list, answer.chunks)
             except ModelError as error:  # failed while gathering: Truss's unhandled-exception answer (code 500)
                 return error_body(500, error.stage, str(error), backend.name, error.location, code=CODE_UNEXPECTED)
-            return Response(json.dumps(join_chunks(chunks)), media_type="application/json")
+            return _serialize(join_chunks(chunks), binary, backend)
         return StreamingResponse(_encode_stream(answer.chunks), media_type="application/octet-stream")
     output = answer.output
     if is_response(output):
         if output.status_code >= 300:
             output.headers.update({"X-BASETEN-ERROR-SOURCE": ERROR_SOURCE, "X-BASETEN-ERROR-CODE": CODE_CLIENT})
         return output
+    return _serialize(output, binary, backend)
+
+
+def _error_answer(error: ModelError, backend: Backend):
+    cause = error.__cause__
+    if error.stage == "input":
+        return error_body(400, "input", str(cause or error), backend.name, code=CODE_CLIENT)
+    if is_http_exception(cause):  # passed through with its status, as the Truss server does
+        return error_body(cause.status_code, error.stage, str(cause.detail), backend.name, error.location)
+    return error_body(500, error.stage, str(error), backend.name, error.location)
+
+
+def _serialize(output: Any, binary: bool, backend: Backend):
+    """The answer body as the Truss server's _serialize_result: msgpack for a binary request, else JSON."""
     try:
+        if binary:
+            if is_pydantic(output):
+                output = output.model_dump(mode="python") if hasattr(output, "model_dump") else output.dict()
+            body = output if isinstance(output, bytes) else truss_msgpack_serialize(output)
+            return Response(body, media_type="application/octet-stream")
         body = truss_json(output)  # the runner already checked it: walk it again only to say where it fails
-    except (TypeError, ValueError, RecursionError):
-        path, tname = truss_json_check(output) or ("<output>", type(output).__name__)
-        return error_body(500, "postprocess", f"output is not JSON-serialisable at {path}: {tname}", backend.name, code=CODE_UNEXPECTED)
+    except (TypeError, ValueError, RecursionError) as exc:
+        if binary:
+            message = f"output is not msgpack-serialisable: {describe(exc)}"
+        else:
+            path, tname = truss_json_check(output) or ("<output>", type(output).__name__)
+            message = f"output is not JSON-serialisable at {path}: {tname}"
+        return error_body(500, "postprocess", message, backend.name, code=CODE_UNEXPECTED)
     return Response(body, media_type="application/json")
 
 
@@ -187,17 +306,29 @@ async def _encode_stream(chunks: Iterator[Any]) -> AsyncIterator[bytes]:
                 pass
 
 
-def readiness(backend: Backend):
-    """Truss's readiness answer: 200 `{}` once loaded, 503 before (and after a failed load, with why)."""
+async def readiness(backend: Backend):
+    """Truss's readiness answer: 200 `{}` once loaded and (if the model has is_healthy) healthy; 503 before
+    (and after a failed load, with why)."""
     if not backend.ready():
         why = getattr(backend, "load_error", None)
         message = f"Model with name {backend.name} is not ready." + (f" load() failed: {why}" if why else "")
         return error_body(503, "load", message, backend.name)
+    healthy = getattr(backend, "healthy", None)
+    state = None if healthy is None else await healthy()
+    if state is not None and not state:
+        return error_body(503, "is_healthy", f"Model with name {backend.name} is not ready.", backend.name)
+    return JSONResponse({})
+
+
+def loaded(backend: Backend):
+    if not backend.ready():
+        return error_body(503, "load", f"Model with name {backend.name} is not ready.", backend.name)
     return JSONResponse({})
 
 
 def create_app(backend: Backend, max_body: int = DEFAULT_MAX_BODY, on_startup=None):
     """The FastAPI app for `backend`, with the Truss server's routes."""
+
     @asynccontextmanager
     async def lifespan(app):
         if on_startup is not None:
@@ -210,17 +341,62 @@ def create_app(backend: Backend, max_body: int = DEFAULT_MAX_BODY, on_startup=No
         return True
 
     async def ready(model_name: str):
-        return readiness(backend)
+        return await readiness(backend)
+
+    async def is_loaded(model_name: str):
+        return loaded(backend)
 
     async def predict(model_name: str, request: Request):
         return await predict_response(request, backend, max_body)
 
     app.add_api_route("/", liveness, methods=["GET"])
-    for route in READY_ROUTES:
-        app.add_api_route(route, ready, methods=["GET"])
+    app.add_api_route(READY_ROUTES[0], ready, methods=["GET"])
+    app.add_api_route(READY_ROUTES[1], is_loaded, methods=["GET"])
     for route in PREDICT_ROUTES:
         app.add_api_route(route, predict, methods=["POST"])
+    for method, route in ENDPOINT_ROUTES.items():
+        app.add_api_route(route, _endpoint(backend, max_body, method), methods=["POST"], name=method)
+
+    async def websocket(ws: WebSocket):
+        await serve_websocket(ws, backend)
+
+    app.add_api_websocket_route(WEBSOCKET_ROUTE, websocket)
     return app
+
+
+def _endpoint(backend: Backend, max_body: int, method: str):
+    async def route(request: Request):
+        return await predict_response(request, backend, max_body, method)
+
+    return route
+
+
+async def serve_websocket(ws, backend: Backend) -> None:
+    """/v1/websocket as the Truss server runs it: the model's async websocket(ws), closed 1000 when it
+    returns, 1011 if it raises; 1003 when the model has no websocket method."""
+    from starlette.websockets import WebSocketDisconnect
+
+    if not backend.ready() or "websocket" not in backend.methods().specs:
+        await ws.accept()
+        await ws.close(code=1003, reason="WebSocket is not implemented on this deployment.")
+        return
+    live = backend.live
+    try:
+        await ws.accept()
+        await live.serving.bound["websocket"](ws)
+        await _close(ws, 1000)
+    except WebSocketDisconnect:
+        pass
+    except Exception as exc:
+        await _close(ws, 1011, "Internal Server Error")
+        logger.error("%s: websocket failed: %s", backend.name, describe(exc))
+
+
+async def _close(ws, code: int, reason: str | None = None) -> None:
+    try:
+        await ws.close(code=code, reason=reason)
+    except RuntimeError:  # already closed
+        pass
 
 
 # ---------------------------------------------------------------------------------------- servers

@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..bundle import read_bundle
 from ..errors import STAGE_ERRORS
-from .http import DEFAULT_MAX_BODY, PREDICT_ROUTE, Answer, predict_response, readiness
+from .http import DEFAULT_MAX_BODY, PREDICT_ROUTE, Answer, LiveBackend, predict_response, readiness
 
 APP_NAME = "truss_lab"
 
@@ -93,8 +93,14 @@ class RayBackend:
     def ready(self) -> bool:
         return True
 
-    async def answer(self, model_input: Any) -> Answer:
-        # A stream cannot cross the deployment boundary chunk by chunk here: predict joins it.
+    def methods(self):
+        return self.live.serving.methods
+
+    async def answer(self, model_input: Any, request: Any = None, method: str = "predict") -> Answer:
+        # A stream cannot cross the deployment boundary chunk by chunk here: predict joins it. The
+        # request object cannot cross it either: a split deployment's methods get one made from the input.
+        if method != "predict":
+            return await LiveBackend(self.live).answer(model_input, None, method)  # no lock: runs here
         x, error = await run_in_threadpool(self.live.run_stage, "preprocess", model_input)
         if error is not None:
             return Answer(error=error)
@@ -123,7 +129,7 @@ class Stages:
 
     @ingress.get("/v1/models/{model_name}")
     async def ready(self, model_name: str):
-        return readiness(self.backend)
+        return await readiness(self.backend)
 
     @ingress.post("/v1/models/{model_name}:predict")
     async def predict(self, model_name: str, request: Request):

@@ -168,10 +168,14 @@ class ServerEnv:
     def start(self, truss_dir: str | os.PathLike, *, env: dict[str, str] | None = None,
               timeout: float = 120.0, apps: Path | None = None) -> "RunningServer":
         """Start the real Truss server on the truss at `truss_dir`; returns once it is ready (or failed)."""
+        import yaml
+
         app = self.app_folder(truss_dir, apps)
         port = _free_port()
         log = app / "server.log"
-        proc_env = dict(os.environ, **(env or {}))
+        # The platform sets config.yaml's environment_variables in the container (not the server): so do we.
+        declared = (yaml.safe_load((app / "config.yaml").read_text()) or {}).get("environment_variables") or {}
+        proc_env = dict(os.environ, **{str(k): str(v) for k, v in declared.items()}, **(env or {}))
         proc_env.pop("PYTHONHOME", None)
         with log.open("w") as out:
             proc = subprocess.Popen([str(self.server_python), "-c", LAUNCHER, str(port)], cwd=app,
@@ -195,13 +199,14 @@ class RunningServer:
     log: Path
 
     def wait_ready(self, timeout: float) -> bool:
-        """Wait for readiness (200 on /v1/models/model); False when load() failed (the server exits)."""
+        """Wait for load() to finish (200 on /v1/models/model/loaded: readiness would also ask the model's
+        is_healthy); False when load() failed (the server exits)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return False  # a failed load() shuts the real server down
             try:
-                with urlopen(f"{self.url}/v1/models/model", timeout=2) as r:
+                with urlopen(f"{self.url}/v1/models/model/loaded", timeout=2) as r:
                     if r.status == 200:
                         return True
             except URLError as exc:

@@ -113,7 +113,7 @@ def test_secrets_resolution_and_never_printed(make_truss, monkeypatch):
     monkeypatch.setenv("TRUSS_SECRET_token", "env-TOKEN")
     s = resolve_secrets(b, {"other": "arg-OTHER"})
     assert s["api_key"] == "default-KEY" and s["token"] == "env-TOKEN" and s["other"] == "arg-OTHER"
-    for text in (repr(s), str(s), str(dict.fromkeys(s))):
+    for text in (repr(s), str(s)):
         assert "KEY" not in text and "TOKEN" not in text and "OTHER" not in text
     assert "api_key" in repr(s)
     monkeypatch.delenv("TRUSS_SECRET_token")
@@ -122,6 +122,16 @@ def test_secrets_resolution_and_never_printed(make_truss, monkeypatch):
         s["token"]
     with pytest.raises(truss_lab.SecretNotFound, match="not declared"):
         s["nope"]
+    # Truss's rules (tests/conformance: secrets-rules): empty is missing; get() and `in` raise; no iteration
+    s = resolve_secrets(b, {"api_key": ""})
+    with pytest.raises(truss_lab.SecretNotFound, match="'api_key' is empty"):
+        s["api_key"]
+    with pytest.raises(truss_lab.SecretNotFound):
+        s.get("nope", "default")
+    with pytest.raises(truss_lab.SecretNotFound):
+        "nope" in s
+    with pytest.raises(NotImplementedError):
+        list(s)
 
 
 def test_init_writes_truss_scaffold_and_refuses_overwrite(tmp_path):

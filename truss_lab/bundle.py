@@ -56,6 +56,7 @@ class Bundle:
     python_version: str | None
     resources: dict
     examples: list[Example] = field(default_factory=list)
+    streaming_read_timeout: float = 60.0  # runtime.streaming_read_timeout: the longest gap between chunks over HTTP
 
     @property
     def config_path(self) -> Path:
@@ -90,7 +91,10 @@ class Bundle:
 
 
 class Secrets(Mapping):
-    """Secret values by name. Its repr never shows a value; a missing value is a clear error."""
+    """Secret values by name, with the Truss server's rules: an undeclared secret, one with no value and
+    one with an empty value are all missing, and a missing one raises `SecretNotFound` - from `[]`,
+    from `.get()` and from `in` alike (Truss's Secrets does so) - and it cannot be iterated. Its repr
+    never shows a value."""
 
     def __init__(self, values: dict[str, str | None], source: str):
         self._values = dict(values)
@@ -102,21 +106,30 @@ class Secrets(Mapping):
                 f"secret {name!r} is not declared under 'secrets' in {self._source}"
             )
         value = self._values[name]
-        if value is None:
+        if not value:
+            what = "has no value" if value is None else "is empty (Truss treats an empty secret as missing)"
             raise SecretNotFound(
-                f"secret {name!r} has no value: set {SECRET_ENV_PREFIX}{name} in the environment "
+                f"secret {name!r} {what}: set {SECRET_ENV_PREFIX}{name} in the environment "
                 f"or pass secrets={{{name!r}: ...}} to truss_lab.load"
             )
         return value
 
+    def get(self, name: str, default: Any = None) -> str:
+        """As on a Truss server: a missing secret raises here too (`default` is never returned)."""
+        return self[name]
+
+    def __contains__(self, name: object) -> bool:
+        self[name]  # as on a Truss server: raises SecretNotFound for a missing secret
+        return True
+
     def __iter__(self):
-        return iter(self._values)
+        raise NotImplementedError("Secrets are meant for lookup and can't be iterated on (as on a Truss server)")
 
     def __len__(self) -> int:
         return len(self._values)
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{k!r}: {'***' if v is not None else None}" for k, v in self._values.items())
+        shown = ", ".join(f"{k!r}: {'***' if v else None}" for k, v in self._values.items())
         return f"Secrets({{{shown}}})"
 
     __str__ = __repr__
@@ -194,6 +207,10 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     except ValueError as exc:
         raise BundleError(f"{key('runtime.predict_concurrency')} {exc}") from None
 
+    read_timeout = coerce_int(runtime.get("streaming_read_timeout"), 60)
+    if isinstance(read_timeout, bool) or not isinstance(read_timeout, (int, float)) or read_timeout <= 0:
+        raise BundleError(f"{key('runtime.streaming_read_timeout')} must be a positive number of seconds, got {read_timeout!r}")
+
     requirements = config.get("requirements") or []
     if not isinstance(requirements, list) or not all(isinstance(r, str) for r in requirements):
         raise BundleError(f"{key('requirements')} must be a list of strings, got {requirements!r}")
@@ -220,6 +237,7 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
         requirements=list(requirements),
         python_version=python_version,
         resources=resources,
+        streaming_read_timeout=float(read_timeout),
     )
     bundle.examples = read_examples(bundle.examples_path)
     return bundle

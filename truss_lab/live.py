@@ -166,8 +166,7 @@ class LiveModel(Runner):
     def methods(self) -> list[str]:
         s = self._serving
         found = ["load"] if callable(getattr(s.model_cls, "load", None)) else []
-        found += [m for m in ("preprocess", "predict", "postprocess") if getattr(s, m) is not None]
-        return found
+        return found + [m for m in wrapper.METHOD_NAMES if m in s.methods.specs]
 
     def __repr__(self) -> str:
         return (

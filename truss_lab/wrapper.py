@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import enum
+import functools
 import inspect
 import json
 import threading
@@ -70,17 +71,8 @@ class ArgConfig(enum.Enum):
     REQUEST_ONLY = enum.auto()
     INPUTS_AND_REQUEST = enum.auto()
 
-    def args(self, inputs: Any, request: Any) -> tuple:
-        return {
-            ArgConfig.NONE: (),
-            ArgConfig.INPUTS_ONLY: (inputs,),
-            ArgConfig.REQUEST_ONLY: (request,),
-            ArgConfig.INPUTS_AND_REQUEST: (inputs, request),
-        }[self]
 
-    @property
-    def wants_request(self) -> bool:
-        return self in (ArgConfig.REQUEST_ONLY, ArgConfig.INPUTS_AND_REQUEST)
+_NONE, _INPUTS_ONLY, _REQUEST_ONLY = ArgConfig.NONE, ArgConfig.INPUTS_ONLY, ArgConfig.REQUEST_ONLY
 
 
 @dataclass(frozen=True)
@@ -102,6 +94,7 @@ class ModelMethods:
 
     specs: dict[str, MethodSpec]
     input_type: type | None = None  # a pydantic model the body is parsed into (Truss's TrussSchema)
+    skip_input_parsing: bool = False  # predict (and preprocess, if any) take only the request: Truss never parses the body
 
     @property
     def has_preprocess(self) -> bool:
@@ -115,12 +108,6 @@ class ModelMethods:
     def endpoints(self) -> list[str]:
         """The OpenAI-compatible methods this model defines (each has its own route)."""
         return [m for m in ENDPOINTS if m in self.specs]
-
-    @property
-    def skip_input_parsing(self) -> bool:
-        """Truss never parses the body when predict (and preprocess, if any) take only the request."""
-        pre, pred = self.specs.get("preprocess"), self.specs.get("predict")
-        return bool(pred and pred.args is ArgConfig.REQUEST_ONLY and (not pre or pre.args is ArgConfig.REQUEST_ONLY))
 
     @classmethod
     def check(cls, bundle: Bundle, model_cls: type) -> "ModelMethods":
@@ -179,7 +166,8 @@ class ModelMethods:
             params = list(first.values())
             if params and _is_pydantic_class(params[0].annotation):
                 input_type = params[0].annotation
-        return cls(specs=specs, input_type=input_type)
+        skip = bool(pred and pred.args is ArgConfig.REQUEST_ONLY and (not pre or pre.args is ArgConfig.REQUEST_ONLY))
+        return cls(specs=specs, input_type=input_type, skip_input_parsing=skip)
 
 
 def _bound_signature(model_cls: type, name: str) -> inspect.Signature:
@@ -451,9 +439,16 @@ class Serving:
 
     def call(self, name: str, inputs: Any, request: Callable[[], Any]) -> Any:
         """Call method `name` with the arguments its signature asks for; `request()` makes the request
-        object only when the method takes one."""
-        spec = self.methods.specs[name]
-        return self.bound[name](*spec.args.args(inputs, request() if spec.args.wants_request else None))
+        object only when the method takes one. (Every request runs this: no enum or dict work here.)"""
+        fn = self.bound[name]
+        args = self.methods.specs[name].args
+        if args is _INPUTS_ONLY:
+            return fn(inputs)
+        if args is _NONE:
+            return fn()
+        if args is _REQUEST_ONLY:
+            return fn(request())
+        return fn(inputs, request())
 
 
 def _bound(model_cls: type, instance: Any, name: str) -> Callable:
@@ -521,7 +516,17 @@ class _TrussEncoder(json.JSONEncoder):
 
 
 def is_pydantic(value: Any) -> bool:
-    return any(c.__module__.startswith("pydantic") and c.__name__ == "BaseModel" for c in type(value).__mro__)
+    return _type_kind(type(value)) == "pydantic"
+
+
+@functools.lru_cache(maxsize=1024)
+def _type_kind(cls: type) -> str:
+    """"pydantic", "response" or "": per output type, once (every request asks)."""
+    if _mro_has(cls, "pydantic", "BaseModel"):
+        return "pydantic"
+    if _mro_has(cls, "starlette.", "Response"):
+        return "response"
+    return ""
 
 
 def truss_json(output: Any) -> str:
@@ -539,7 +544,7 @@ def truss_json_check(output: Any) -> tuple[str, str] | None:
 
 
 def is_response(value: Any) -> bool:
-    return any(c.__module__.startswith("starlette.") and c.__name__ == "Response" for c in type(value).__mro__)
+    return _type_kind(type(value)) == "response"
 
 
 # ------------------------------------------------------------------------------ requests and typed input

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,6 +390,23 @@ class Model:
     def predict(self, x):
         return {"environment": self.environment, "calls": self.calls}
 """),
+    Case("secrets-rules", [Req(1)], config="model_name: sec\nsecrets: {token: abc, empty: '', unset: null}\n", model="""
+class Model:
+    def __init__(self, secrets, **kwargs):
+        self.secrets = secrets
+    def predict(self, x):
+        def attempt(fn):
+            try:
+                return fn()
+            except BaseException as exc:
+                return type(exc).__name__
+        s = self.secrets
+        return {"token": attempt(lambda: s["token"]), "empty": attempt(lambda: s["empty"]),
+                "unset": attempt(lambda: s["unset"]), "undeclared": attempt(lambda: s["nope"]),
+                "get": attempt(lambda: s.get("nope", "dflt")), "get_declared": attempt(lambda: s.get("token")),
+                "in": attempt(lambda: "nope" in s), "in_declared": attempt(lambda: "token" in s),
+                "iter": attempt(lambda: list(s)), "len": attempt(lambda: len(s))}
+"""),
     # ---- imports as in Truss's image
     Case("from-model-import", [Req(3)], config="model_name: mi\n", files={
         "model/helper.py": "K = 10\ndef times(x):\n    return x * K\n",
@@ -596,3 +614,36 @@ def test_websocket_sessions_match(ending, truss_env, tmp_path):
         with pytest.raises(truss_lab.TrussLabError, match="websocket"):
             tr.predict(1)
     assert got == expected and expected[0] == ["HI", "THERE"]
+
+
+def test_streaming_read_timeout_cuts_the_stream_as_truss_does(truss_env, tmp_path):
+    case = Case("read-timeout", [], config="model_name: rt\nruntime: {streaming_read_timeout: 1}\n", model="""
+import time
+class Model:
+    def predict(self, x):
+        yield "a"
+        time.sleep(2.5)
+        yield "b"
+""")
+    root = make_truss(tmp_path, case)
+
+    def read(url: str) -> tuple[list[bytes], str | None]:
+        got, error = [], None
+        with httpx.Client(base_url=url, timeout=30) as client:
+            try:
+                with client.stream("POST", PREDICT, json=1) as r:
+                    got.extend(r.iter_bytes())
+            except httpx.RemoteProtocolError as exc:
+                error = type(exc).__name__
+        return got, error
+
+    with truss_env.start(root, apps=tmp_path / "apps") as oracle:
+        expected = read(oracle.url)
+    with truss_lab.load(str(root)) as tr:
+        assert tr.bundle.streaming_read_timeout == 1.0
+        got = read(tr.serve().url)
+        # The cut stream's generator is closed once its pull returns: the lock is free for the next request.
+        done = threading.Event()
+        threading.Thread(target=lambda: (tr.run(1), done.set()), daemon=True).start()
+        assert done.wait(20)
+    assert got == expected == ([b"a"], "RemoteProtocolError")

@@ -255,3 +255,17 @@ def test_magics_use_the_only_model_in_the_notebook(ip, make_truss):
     ip.user_ns["other"] = truss_lab.load(make_truss("class Model:\n    def predict(self, x):\n        return x\n", name="u"))
     with pytest.raises(UsageError, match=r"several models in this notebook \(other, pre\)"):
         ip.run_line_magic("truss", "predict 5")
+
+
+def test_predict_method_calls_an_openai_compatible_method(ip, make_truss):
+    path = make_truss(
+        "class Model:\n    def predict(self, x):\n        return x\n"
+        "    def chat_completions(self, body):\n        return {'reply': body['q'].upper()}\n"
+    )
+    run(ip, f"load {path} --as chat --no-watch")
+    out = run(ip, "predict --method chat_completions {'q': 'hi'}").outputs[0].data["text/plain"]
+    assert '{"reply": "HI"}' in out
+    assert ip.user_ns["chat"].traces[-1].method == "chat_completions"
+    result, printed = cell_error(ip, "%truss predict --method embeddings {}")
+    assert "has no embeddings() method (its OpenAI-compatible methods: chat_completions)" in printed
+    assert "Traceback" not in printed

@@ -183,3 +183,24 @@ def test_magic_shows_the_panel(live):
 def test_widget_wants_a_live_model():
     with pytest.raises(TypeError, match=r"widget\(\) takes a LiveModel \(tr = truss_lab.load\(path\)\), not str"):
         truss_lab.widget("my-truss")
+
+
+def test_method_picker_appears_with_openai_methods_and_runs_them(live):
+    tr = live("class Model:\n    def predict(self, x):\n        return x\n")
+    p = truss_lab.widget(tr)
+    try:
+        assert list(p.method.options) == ["predict"] and p.method.layout.display == "none"
+        (tr.path / "model" / "model.py").write_text(
+            "class Model:\n    def predict(self, x):\n        return x\n"
+            "    def completions(self, body):\n        yield 'to'\n        yield 'ken'\n"
+        )
+        assert tr.reload().ok
+        p._show_status(None)  # what the reload callback does
+        assert list(p.method.options) == ["predict", "completions"] and p.method.layout.display == ""
+        p.method.value = "completions"
+        assert p.run_n_button.disabled  # Run ×N load-tests predict and its lock
+        p.text.value = "{}"
+        click(p, p.run_button)
+        assert p.runs[0].result.output == "token" and p.runs[0].result.trace.method == "completions"
+    finally:
+        p.close()

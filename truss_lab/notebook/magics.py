@@ -3,6 +3,7 @@
     %load_ext truss_lab
     %truss load my-truss            # -> variable `my_truss`, watching for edits
     %truss predict [1, 2, 3]        # a Python value, a path, a URL, or example:NAME
+    %truss predict --method chat_completions {'messages': [...]}   # an OpenAI-compatible method
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def build_parser() -> _Parser:
     p.add_argument("--no-guard", action="store_true", help="do not watch predict for lock misuse")
     p = sub.add_parser("predict", help="run preprocess -> predict -> postprocess on EXPR and show the result")
     p.add_argument("--model", metavar="VAR", help="a LiveModel variable (default: the last loaded)")
+    p.add_argument("--method", default="predict", metavar="NAME",
+                   help="predict (default), or an OpenAI-compatible method: chat_completions, completions, embeddings, messages, responses")
     p.add_argument("expr", nargs=argparse.REMAINDER, help="a Python value, a path, a URL, or example:NAME")
     p = sub.add_parser("reload", help="reload edited code now")
     p.add_argument("--model", metavar="VAR")
@@ -230,7 +233,7 @@ class TrussMagics(Magics):
             model_input = self.cell_input(cell)
         else:
             model_input = self.evaluate(args.expr_text, live)
-        result = live.run(model_input)
+        result = live.run(model_input, method=args.method)
         if result.error is not None:
             self.last_error = result.error
         display(result)

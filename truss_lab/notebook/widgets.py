@@ -72,6 +72,10 @@ class Panel:
         self.upload.add_class("tl-upload")
         self.upload_note = W.HTML()
         self.upload_note.add_class("tl-upload-note")
+        self.method = W.Dropdown(options=["predict"], value="predict", description="method",
+                                 layout=W.Layout(width="260px"))
+        self.method.add_class("tl-method")
+        self._set_methods()
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.run_button.add_class("tl-run")
         self.run_n_button = W.Button(description="Run ×N", icon="forward")
@@ -90,6 +94,7 @@ class Panel:
         self.upload.observe(self._guarded(self._on_upload), names="value")
         self.text.observe(self._guarded(self._on_text), names="value")
         self.history.observe(self._guarded(self._on_history), names="value")
+        self.method.observe(self._guarded(self._on_method), names="value")
         self.run_button.on_click(self._guarded(lambda _: self._start(self._run_once)))
         self.run_n_button.on_click(self._guarded(lambda _: self._start(self._run_many)))
         self._unsubscribe = live.on_reload(self._guarded(lambda event: self._show_status(event)))
@@ -98,7 +103,7 @@ class Panel:
             [
                 self.status,
                 W.HBox([W.VBox([self.text], layout=W.Layout(flex="1")), W.VBox([self.examples, self.upload, self.upload_note])]),
-                W.HBox([self.run_button, self.run_n_button, self.n, self.workers, self.progress]),
+                W.HBox([self.method, self.run_button, self.run_n_button, self.n, self.workers, self.progress]),
                 self.output,
                 self.timeline,
                 W.HTML("<b>history</b> <span style='color:#666'>(click a run to show it again)</span>"),
@@ -197,11 +202,24 @@ class Panel:
 
     def _set_running(self, running: bool) -> None:
         self.run_button.disabled = running
-        self.run_n_button.disabled = running
+        self.run_n_button.disabled = running or self.method.value != "predict"
         self.run_button.description = "Running…" if running else "Run"
 
+    def _set_methods(self) -> None:
+        """predict and the model's OpenAI-compatible methods; the picker shows only when there is a choice."""
+        options = ["predict", *self.live.serving.methods.endpoints]
+        if list(self.method.options) != options:
+            keep = self.method.value if self.method.value in options else "predict"
+            self.method.options = options
+            self.method.value = keep
+        self.method.layout.display = "" if len(options) > 1 else "none"
+
+    def _on_method(self, change) -> None:
+        # Run ×N is a load test of predict and its lock; the OpenAI-compatible methods take no lock.
+        self.run_n_button.disabled = change["new"] != "predict"
+
     def _run_once(self, x: Any) -> None:
-        result = self.live.run(x)
+        result = self.live.run(x, method=self.method.value)
         self._record(result)
         self.output.value = render.result_html(result)
         self._show_status(None)
@@ -245,6 +263,7 @@ class Panel:
 
     def _show_status(self, event) -> None:
         live = self.live
+        self._set_methods()  # a reload may add or remove a method
         events = live.reload_history
         event = event or (events[-1] if events else None)
         watching = "watching for edits" if live.watching else "not watching"

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Protoc
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 
 from ..errors import ModelError, TrussLabError, describe
 from ..wrapper import (
@@ -76,6 +76,7 @@ class Answer:
     output: Any = None
     error: ModelError | None = None
     chunks: Iterator[Any] | None = None  # set when predict returned a stream
+    read_timeout: float | None = None  # the longest wait for the next chunk (runtime.streaming_read_timeout)
 
 
 class Backend(Protocol):
@@ -111,7 +112,7 @@ class LiveBackend:
         chunks = self.live.open_stream(inputs, request=request, method=method)
         try:
             if next(chunks):  # the method returned a stream: the lock stays held while it is read
-                return Answer(chunks=chunks)
+                return Answer(chunks=chunks, read_timeout=self.live.bundle.streaming_read_timeout)
             output = next(chunks)
             chunks.close()  # the request ends here (its trace), not when the generator is collected
             return Answer(output=output)
@@ -244,7 +245,7 @@ async def predict_response(request, backend: Backend, max_body: int, method: str
             except ModelError as error:  # failed while gathering: Truss's unhandled-exception answer (code 500)
                 return error_body(500, error.stage, str(error), backend.name, error.location, code=CODE_UNEXPECTED)
             return _serialize(join_chunks(chunks), binary, backend)
-        return StreamingResponse(_encode_stream(answer.chunks), media_type="application/octet-stream")
+        return StreamingResponse(_encode_stream(answer.chunks, answer.read_timeout), media_type="application/octet-stream")
     output = answer.output
     if is_response(output):
         if output.status_code >= 300:
@@ -281,14 +282,26 @@ def _serialize(output: Any, binary: bool, backend: Backend):
     return Response(body, media_type="application/json")
 
 
-async def _encode_stream(chunks: Iterator[Any]) -> AsyncIterator[bytes]:
+_END = object()
+
+
+async def _encode_stream(chunks: Iterator[Any], read_timeout: float | None = None) -> AsyncIterator[bytes]:
     """Chunks as the Truss server sends them: str as UTF-8, bytes as is, anything else as a JSON line.
 
     An error mid-stream ends the stream (the Truss server logs it and closes the body normally). A
-    client that hangs up stops the stream and frees the lock at once: the generator is closed here.
+    gap between chunks longer than `read_timeout` cuts the connection, as the Truss server's
+    streaming_read_timeout does (the client sees an incomplete body). A client that hangs up stops
+    the stream and frees the lock at once: the generator is closed here (after the pull in flight).
     """
+    loop = asyncio.get_running_loop()
+    pending = None
     try:
-        async for chunk in iterate_in_threadpool(chunks):
+        while True:
+            pending = loop.run_in_executor(None, next, chunks, _END)
+            chunk = await asyncio.wait_for(asyncio.shield(pending), read_timeout)
+            pending = None
+            if chunk is _END:
+                return
             if isinstance(chunk, bytes):
                 yield chunk
             elif isinstance(chunk, str):
@@ -297,13 +310,23 @@ async def _encode_stream(chunks: Iterator[Any]) -> AsyncIterator[bytes]:
                 yield (json.dumps(chunk) + "\n").encode()
     except ModelError:
         return
+    except asyncio.TimeoutError:
+        logger.warning("stream cut: no chunk for %g s (runtime.streaming_read_timeout)", read_timeout)
+        raise
     finally:
         close = getattr(chunks, "close", None)
         if close is not None:
-            try:
-                await run_in_threadpool(close)
-            except ValueError:  # still running in a worker thread: it ends when that pull returns
-                pass
+            if pending is not None and not pending.done():  # a pull still running: close when it returns
+                pending.add_done_callback(lambda _: threading.Thread(target=_close_quietly, args=(close,), daemon=True).start())
+            else:
+                await loop.run_in_executor(None, _close_quietly, close)
+
+
+def _close_quietly(close: Callable[[], Any]) -> None:
+    try:
+        close()
+    except (ValueError, ModelError):  # still running elsewhere, or failed while closing: its trace says so
+        pass
 
 
 async def readiness(backend: Backend):

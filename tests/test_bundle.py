@@ -1,5 +1,3 @@
-import os
-from pathlib import Path
 
 import pytest
 import yaml
@@ -8,7 +6,6 @@ import truss_lab
 from truss_lab import BundleError, read_bundle
 from truss_lab.bundle import resolve_secrets
 
-from conftest import ECHO_MODEL, write_truss
 
 
 def test_defaults_and_unknown_keys_kept(make_truss):

@@ -1,6 +1,5 @@
 import os
 import signal
-import json
 import threading
 import time
 import warnings
@@ -8,7 +7,7 @@ import warnings
 import pytest
 
 import truss_lab
-from truss_lab import OutputWarning, PostprocessError, PredictError, PreprocessError, Report
+from truss_lab import OutputWarning, PostprocessError, PredictError, PreprocessError
 from truss_lab.trace import max_concurrent
 
 
@@ -229,7 +228,7 @@ def test_traces_bounded(make_truss):
 
 
 def test_output_check_warns_with_path(live):
-    np = pytest.importorskip("numpy")
+    pytest.importorskip("numpy")
     tr = live(
         """
         import numpy as np

@@ -86,13 +86,49 @@ STAGE_ERRORS: dict[str, type[ModelError]] = {
 }
 
 
+DESCRIBE_MAX_LINES = 4  # informative lines kept from a multi-line message
+DESCRIBE_MAX_CHARS = 400
+
+
 def describe(exc: BaseException) -> str:
-    """'TypeName: message' on one line (the first line of a multi-line message)."""
+    """'TypeName: message' on one line.
+
+    A multi-line message keeps its informative lines, joined with ' | ' (bounded): TensorFlow's
+    `Graph execution error:` is nothing without the `Matrix size-incompatible: In[0]: [1,64], ...` line
+    further down. Stack-frame lines (`File "...", line N`, the source under them, `[[{{node ...}}]]`)
+    are left out: the location is given separately.
+    """
     name = type(exc).__name__
     if isinstance(exc, SyntaxError) and exc.msg:  # its str() repeats the file and line we name already
         return f"{name}: {exc.msg}"
-    text = str(exc).strip().splitlines()
-    return f"{name}: {text[0]}" if text else name
+    lines = _informative_lines(str(exc))
+    if not lines:
+        return name
+    text = " | ".join(lines)
+    if len(text) > DESCRIBE_MAX_CHARS:
+        text = text[: DESCRIBE_MAX_CHARS - 1].rstrip() + "…"
+    return f"{name}: {text}"
+
+
+def _informative_lines(message: str) -> list[str]:
+    kept: list[str] = []
+    in_frames = False
+    for raw in message.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith(("File \"", "Traceback (most recent call last)")) or "(most recent call last)" in line:
+            in_frames = True  # frames follow; their source lines are indented under them
+            continue
+        if in_frames and raw[:1] in (" ", "\t"):
+            continue
+        in_frames = False
+        if line.startswith("[[{{node") or line.startswith("[["):
+            continue
+        kept.append(line)
+        if len(kept) == DESCRIBE_MAX_LINES:
+            break
+    return kept
 
 
 def user_location(exc: BaseException, roots: list[Path]) -> str | None:

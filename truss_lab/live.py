@@ -44,7 +44,7 @@ class LiveModel(Runner):
         )
         self._secret_overrides = dict(secrets or {})
         self.environment = environment
-        self._concurrency_override = concurrency
+        self._concurrency_override = None if concurrency is None else self._lock_size
         self._serving: wrapper.Serving | None = None
         self._servers: list[Any] = []  # HTTP servers started by serve(); close() stops them
         self.load_ms: float = 0.0
@@ -75,9 +75,12 @@ class LiveModel(Runner):
 
     def _switch(self, serving: wrapper.Serving, bundle: Bundle) -> None:
         """Make `serving` the code for every request that starts from now on (one reference swap)."""
+        config_changed = bundle.predict_concurrency != self.bundle.predict_concurrency
         self.bundle = bundle
+        if config_changed:  # config.yaml says a new size: it wins over an earlier runtime override
+            self._concurrency_override = None
         if self._concurrency_override is None and bundle.predict_concurrency != self._lock_size:
-            self.concurrency = bundle.predict_concurrency
+            self._set_lock_size(bundle.predict_concurrency)
         self._serving = serving
         self._warner.reset()  # a new version warns again about a misuse it still has
 

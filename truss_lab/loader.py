@@ -307,7 +307,7 @@ def import_model_module(bundle: Bundle, version: int, space: Space) -> types.Mod
             pkg.__path__ = [str(bundle.model_dir)]
             sys.modules[pkg_name] = pkg
         module = _exec_source_module(mod_name, bundle.model_file)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() at the top of model.py is a load error too
         space.forget_version(pkg_name)
         raise load_error(exc, bundle, f"importing {bundle.model_class_filename}") from exc
     return module

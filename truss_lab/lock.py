@@ -13,29 +13,44 @@ import threading
 
 
 class FairLock:
-    """A FIFO semaphore: `with lock:` holds one of `size` slots; waiters are served in arrival order."""
+    """A FIFO semaphore: `with lock:` holds one of `size` slots; waiters are served in arrival order.
+
+    `resize(n)` changes the size in place: waiters are admitted at once when it grows; when it shrinks
+    below the slots held, those holders finish and nobody new gets in until fewer than `n` hold it.
+    """
 
     def __init__(self, size: int):
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         self.size = size
-        self._free = size
+        self._held = 0
         self._mutex = threading.Lock()
         self._waiters: collections.deque[threading.Lock] = collections.deque()
 
     @property
     def available(self) -> int:
         """Free slots right now."""
-        return self._free
+        return max(0, self.size - self._held)
+
+    @property
+    def held(self) -> int:
+        return self._held
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def resize(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        with self._mutex:
+            self.size = size
+            self._admit_locked()
+
     def acquire(self) -> None:
         with self._mutex:
-            if self._free and not self._waiters:
-                self._free -= 1
+            if self._held < self.size and not self._waiters:
+                self._held += 1
                 return
             waiter = threading.Lock()
             waiter.acquire()
@@ -55,12 +70,15 @@ class FairLock:
             self._release_locked()
 
     def _release_locked(self) -> None:
-        if self._waiters:
-            self._waiters.popleft().release()  # the slot goes to the oldest waiter, not to a newcomer
-        elif self._free >= self.size:
+        if self._held <= 0:
             raise ValueError("FairLock released more times than acquired")
-        else:
-            self._free += 1
+        self._held -= 1
+        self._admit_locked()
+
+    def _admit_locked(self) -> None:
+        while self._waiters and self._held < self.size:
+            self._held += 1
+            self._waiters.popleft().release()  # the slot goes to the oldest waiter, not to a newcomer
 
     def __enter__(self) -> "FairLock":
         self.acquire()
@@ -70,4 +88,4 @@ class FairLock:
         self.release()
 
     def __repr__(self) -> str:
-        return f"<FairLock {self.size - self._free}/{self.size} held, {self.waiting} waiting>"
+        return f"<FairLock {self._held}/{self.size} held, {self.waiting} waiting>"

@@ -51,6 +51,7 @@ class ReloadEvent:
     duration_ms: float = 0.0
     trigger: str = "manual"  # "manual" | "watch"
     when: float = field(default_factory=time.time)
+    exception: BaseException | None = field(default=None, repr=False, compare=False)  # a failed one's error (its traceback)
 
     @property
     def ok(self) -> bool:
@@ -278,13 +279,13 @@ class Reloader:
         try:
             bundle = read_bundle(live.bundle.path)
         except BundleError as exc:
-            return ReloadEvent(current.version, "failed", ["config.yaml"], error=str(exc), location=exc.location)
+            return ReloadEvent(current.version, "failed", ["config.yaml"], error=str(exc), location=exc.location, exception=exc)
         model_rel = str(bundle.model_file.relative_to(bundle.path))
         try:
             new_snapshot = Snapshot.take(bundle, self.snapshot)
         except SyntaxError as exc:
             err = loader.load_error(exc, bundle, f"importing {Path(exc.filename or '?').name}")
-            return ReloadEvent(current.version, "failed", error=str(err), location=err.location)
+            return ReloadEvent(current.version, "failed", error=str(err), location=err.location, exception=err)
         except OSError as exc:
             return ReloadEvent(current.version, "failed", error=f"cannot read the truss folder: {exc}")
         d = diff(self.snapshot, new_snapshot, model_rel)
@@ -303,7 +304,10 @@ class Reloader:
                     serving = live._rebind(bundle, version)
                     kind = "methods"
         except TrussLabError as exc:  # LoadError, and ModelMethods' definition errors
-            return ReloadEvent(current.version, "failed", names, error=str(exc), location=getattr(exc, "location", None))
+            return ReloadEvent(current.version, "failed", names, error=str(exc), location=getattr(exc, "location", None), exception=exc)
+        except (Exception, SystemExit) as exc:  # anything else user code raised (sys.exit() in model.py, ...)
+            err = loader.load_error(exc, bundle, "reload")
+            return ReloadEvent(current.version, "failed", names, error=str(err), location=err.location, exception=err)
         live._switch(serving, bundle)
         self.snapshot = new_snapshot
         live.space.forget_version(loader.version_package(current.module))
@@ -359,7 +363,13 @@ class Reloader:
                     if stop.is_set():
                         break
                     if changes:
-                        self.reload(trigger="watch")
+                        try:
+                            self.reload(trigger="watch")
+                        except Exception as exc:  # never let one save stop the watcher: report it instead
+                            event = ReloadEvent(self.live.version, "failed", error=f"reload failed: {describe(exc)}",
+                                                trigger="watch", exception=exc)
+                            self._record(event)
+                            self._notify(event)
             except Exception as exc:  # the folder vanished, say: report it like a failed reload
                 event = ReloadEvent(self.live.version, "failed", error=f"watcher stopped: {describe(exc)}", trigger="watch")
                 self._record(event)

@@ -116,7 +116,9 @@ class Runner:
         self._loop = LoopThread(name=loop_name)
         self._ids = itertools.count(1)
         self._traces: collections.deque[Trace] = collections.deque(maxlen=trace_capacity)
-        self.concurrency = concurrency
+        self._lock = FairLock(self._valid_size(concurrency))
+        self._lock_size = self._lock.size
+        self._concurrency_override: int | None = None
 
     @property
     def concurrency(self) -> int:
@@ -125,13 +127,21 @@ class Runner:
 
     @concurrency.setter
     def concurrency(self, value: int) -> None:
+        """Resize the one lock in place (never more holders than the new size); the override lasts
+        across reloads until you change it or config.yaml changes `predict_concurrency`."""
+        self._set_lock_size(value)
+        self._concurrency_override = self._lock_size
+
+    def _set_lock_size(self, value: int) -> None:
+        self._lock.resize(self._valid_size(value))
+        self._lock_size = self._lock.size
+
+    @staticmethod
+    def _valid_size(value: Any) -> int:
         try:
-            value = validate_concurrency(value)
+            return validate_concurrency(value)
         except ValueError as exc:
             raise TrussLabError(f"concurrency {exc}") from None
-        self._lock_size = value
-        # Requests already waiting keep the semaphore they hold a reference to; new ones get this.
-        self._lock = FairLock(value)
 
     @property
     def guard(self) -> bool:
@@ -349,7 +359,7 @@ class Runner:
     def _predict_slot(self, s: Serving, t: Trace) -> Iterator[lockguard.Watch | None]:
         """Hold one lock slot for predict: the trace's lock and predict times, and the guard's watch
         (None when the guard is off), whose findings are attached when the slot is given back."""
-        lock = self._lock  # a concurrency change swaps the semaphore; release the one we took
+        lock = self._lock
         t.lock_requested = perf_counter()
         try:
             with lock:  # `with`: no instruction between acquiring and the guaranteed release

@@ -360,7 +360,7 @@ def accepted_kwargs(model_cls: type, available: dict[str, Any]) -> dict[str, Any
 def build_instance(bundle: Bundle, model_cls: type, kwargs: dict[str, Any]) -> Any:
     try:
         return model_cls(**accepted_kwargs(model_cls, kwargs))
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise load_error(exc, bundle, f"{model_cls.__name__}.__init__") from exc
 
 
@@ -382,7 +382,7 @@ def run_load(bundle: Bundle, instance: Any, run_coroutine: Callable[[Any], Any],
             out = instance.setup_environment(environment)
             if inspect.isawaitable(out):
                 run_coroutine(out)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise load_error(exc, bundle, "setup_environment()") from exc
     load = getattr(instance, "load", None)
     if load is None:
@@ -401,7 +401,7 @@ def run_load(bundle: Bundle, instance: Any, run_coroutine: Callable[[Any], Any],
             if inspect.iscoroutine(out):
                 out.close()  # never awaited on Truss; closed here so Python does not warn a second time
             break
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             if attempt == LOAD_RETRIES:
                 raise load_error(exc, bundle, "load()") from exc
             warnings.warn(f"{bundle.model_name}: load() failed ({describe(exc)}); retrying once, as Truss does", RuntimeWarning, stacklevel=3)
@@ -467,13 +467,13 @@ def share_state(instance: Any, new_cls: type, bundle: Bundle) -> Any:
     """
     try:
         view = new_cls.__new__(new_cls)
-        view.__dict__ = instance.__dict__
+        object.__setattr__(view, "__dict__", instance.__dict__)  # object's: a frozen dataclass refuses its own
         return view
     except (TypeError, AttributeError):
         try:
-            instance.__class__ = new_cls
+            object.__setattr__(instance, "__class__", new_cls)
             return instance
-        except TypeError as exc:
+        except (TypeError, AttributeError) as exc:
             raise LoadError(
                 f"{bundle.model_file}: cannot move the live model to the new class ({exc}); "
                 f"use a full reload: tr.reload(full=True)"

@@ -195,6 +195,8 @@ class TrussMagics(Magics):
         handle = display(_Notice(f"{live.name} v{live.version}: loaded; watching for edits" if live.watching else f"{live.name} v{live.version}: loaded"), display_id=True)
 
         def show(event) -> None:
+            if not event.ok and event.exception is not None:
+                self.last_error = event.exception  # %truss traceback shows why the reload failed
             if handle is not None:
                 handle.update(event)
 
@@ -239,7 +241,10 @@ class TrussMagics(Magics):
         display(result)
 
     def cmd_reload(self, args, cell):
-        display(self.model(args.model).reload(full=args.full))
+        event = self.model(args.model).reload(full=args.full)
+        if not event.ok and event.exception is not None:
+            self.last_error = event.exception
+        display(event)
 
     def cmd_watch(self, args, cell):
         live = self.model(args.model)
@@ -303,7 +308,7 @@ class TrussMagics(Magics):
         if self.last_error is None:
             print("no model error yet")
             return
-        tb = self.last_error.model_traceback()
+        tb = self.last_error.model_traceback() if hasattr(self.last_error, "model_traceback") else None
         print(tb if tb else str(self.last_error))
 
 

@@ -173,3 +173,128 @@ def test_a_runtime_lock_size_lasts_until_config_changes_it(make_truss):
     with truss_lab.load(root, concurrency=3) as tr:
         mf.write_text("class Model:\n    def predict(self, x):\n        return x + 2\n")
         assert tr.reload().ok and tr.concurrency == 3
+
+
+# ------------------------------------------------------------------ close() and the event loop
+
+
+def test_close_ends_requests_in_flight_and_refuses_later_ones(live):
+    tr = live(
+        """
+        import asyncio
+        STARTED = None
+        class Model:
+            async def predict(self, x):
+                STARTED.set()
+                await asyncio.sleep(60)
+                return x
+        """
+    )
+    tr.serving.module.STARTED = started = threading.Event()
+    ended = threading.Event()
+    box = {}
+
+    def call():
+        try:
+            tr.predict(1)
+        except Exception as exc:
+            box["error"] = exc
+        ended.set()
+
+    threading.Thread(target=call, daemon=True).start()
+    assert started.wait(10)
+    tr.close()
+    assert ended.wait(10), "the request in flight was stranded by close()"
+    assert isinstance(box["error"], truss_lab.TrussLabError) and "closed" in str(box["error"])
+    assert tr.lock_available == tr.concurrency
+    loops_before = [t for t in threading.enumerate() if t.name.startswith("truss-lab-loop")]
+    with pytest.raises(truss_lab.TrussLabError, match=r"closed \(tr.close\(\) was called\)"):
+        tr.predict(2)
+    assert [t for t in threading.enumerate() if t.name.startswith("truss-lab-loop")] == loops_before
+
+
+def test_the_loop_thread_never_blocks_on_itself():
+    import asyncio
+
+    from truss_lab.aio import LoopThread
+
+    lt = LoopThread("test-loop")
+    cleaned = threading.Event()
+
+    async def cleanup():
+        cleaned.set()
+
+    async def on_the_loop():
+        lt.finish(cleanup())  # what an abandoned stream's finaliser does there: scheduled, not waited on
+        with pytest.raises(RuntimeError, match="would deadlock"):
+            lt.run(asyncio.sleep(0))
+        return "returned"
+
+    try:
+        assert lt.run(on_the_loop()) == "returned"
+        assert cleaned.wait(5)
+    finally:
+        lt.close()
+
+
+def test_an_interrupted_async_call_returns_only_once_its_coroutine_stopped():
+    import asyncio
+    import signal
+
+    from truss_lab.aio import LoopThread
+
+    lt = LoopThread("test-loop")
+    order = []
+    inside = threading.Event()
+
+    async def slow_to_stop():
+        try:
+            inside.set()
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.2)  # cleanup that takes a while (a GPU stream to sync, say)
+            order.append("coroutine stopped")
+            raise
+
+    def interrupt():
+        inside.wait(10)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lt.run(slow_to_stop())
+        order.append("caller resumed")
+        assert order == ["coroutine stopped", "caller resumed"]
+    finally:
+        lt.close()
+
+
+def test_a_request_in_flight_keeps_its_versions_helper_modules(make_truss):
+    import sys
+
+    model = (
+        "import threading\nGATE = threading.Event()\nENTERED = threading.Event()\n"
+        "class Model:\n    def predict(self, x):\n        ENTERED.set()\n        GATE.wait(30)\n"
+        "        from .helper import K\n        return K\n"
+    )
+    root = make_truss(model, files={"model/helper.py": "K = 'v1'\n"})
+    with truss_lab.load(root) as tr:
+        m1 = tr.serving.module
+        v1_package = m1.__name__.rpartition(".")[0]
+        box = {}
+        worker = threading.Thread(target=lambda: box.update(result=tr.run(None)))
+        worker.start()
+        assert m1.ENTERED.wait(10)
+        (root / "model" / "helper.py").write_text("K = 'v2'\n")
+        (root / "model" / "model.py").write_text(model.replace("return K", "return K + '!'"))
+        assert tr.reload().kind == "methods"
+        assert v1_package in sys.modules  # still in use by the request in flight
+        m1.GATE.set()
+        worker.join(30)
+        assert box["result"].ok, box["result"].error
+        # its own version's package, imported after the swap (a file is read as it is on disk now)
+        assert box["result"].output == "v2"
+        assert v1_package not in sys.modules  # dropped once that request ended
+        tr.serving.module.GATE.set()
+        assert tr.predict(None).output == "v2!"

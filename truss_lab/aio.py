@@ -3,13 +3,27 @@
 A Truss server runs all of a model's coroutines on one loop; so do we, so state an async model keeps
 (an aiohttp session made in load(), say) stays on the loop it was made on. Callers in any thread,
 including a notebook cell whose own thread already runs a loop, block on the result.
+
+Never blocks the loop's own thread on itself (cleanup that lands there, such as an abandoned async
+stream finalised by the garbage collector, is scheduled instead); an interrupted caller gives its
+coroutine back only once it has stopped; `close()` cancels what is in flight, so callers get a clear
+error at once, and every later call raises one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from typing import Any, Awaitable
+
+from .errors import TrussLabError
+
+STOP_WAIT_S = 30.0  # how long an interrupted or cancelled coroutine is given to stop
+
+
+class LoopClosed(TrussLabError):
+    """The model was closed: its event loop no longer runs anything."""
 
 
 class LoopThread:
@@ -18,9 +32,13 @@ class LoopThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._guard = threading.Lock()
+        self._closed = False
+        self._running: set[concurrent.futures.Future] = set()
 
     def _start(self) -> asyncio.AbstractEventLoop:
         with self._guard:
+            if self._closed:
+                raise LoopClosed(f"{self._name}: closed (close() was called); load the model again")
             if self._loop is None:
                 loop = asyncio.new_event_loop()
                 ready = threading.Event()
@@ -36,27 +54,91 @@ class LoopThread:
                 self._loop = loop
             return self._loop
 
+    def on_loop_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
     def run(self, awaitable: Awaitable) -> Any:
-        """Run `awaitable` on the loop and wait for it; an interrupt here cancels it there."""
+        """Run `awaitable` on the loop and wait for it. An interrupt here cancels it there and waits
+        (up to STOP_WAIT_S) until it has stopped, so a lock held around this call is not given back
+        while the coroutine still runs."""
+        if self.on_loop_thread():
+            _discard(awaitable)
+            raise RuntimeError(f"{self._name}: a blocking call from the model's own event loop thread would deadlock it")
         loop = self._loop or self._start()
-        future = asyncio.run_coroutine_threadsafe(_as_coroutine(awaitable), loop)
+        stopped = threading.Event()
+        future = asyncio.run_coroutine_threadsafe(_as_coroutine(awaitable, stopped), loop)
+        with self._guard:
+            self._running.add(future)
         try:
             return future.result()
+        except concurrent.futures.CancelledError:
+            if self._closed:
+                raise LoopClosed(f"{self._name}: closed while this call was running") from None
+            raise
         except BaseException:
             future.cancel()
+            stopped.wait(STOP_WAIT_S)
             raise
+        finally:
+            with self._guard:
+                self._running.discard(future)
+
+    def finish(self, awaitable: Awaitable) -> None:
+        """Run cleanup (an `aclose()`): wait for it, or schedule it when called on the loop thread itself."""
+        if self.on_loop_thread():
+            asyncio.ensure_future(awaitable)
+            return
+        if self._closed or self._loop is None:
+            _discard(awaitable)
+            return
+        self.run(awaitable)
 
     def close(self) -> None:
+        """Cancel every call in flight (their callers get LoopClosed), stop the loop and its thread."""
         with self._guard:
+            if self._closed:
+                return
+            self._closed = True
             loop, thread = self._loop, self._thread
-            self._loop = self._thread = None
-        if loop is not None:
-            loop.call_soon_threadsafe(loop.stop)
-            if thread is not None:
-                thread.join(timeout=5)
-            if not loop.is_running():
-                loop.close()
+            running = list(self._running)
+        if loop is None:
+            return
+        for future in running:
+            future.cancel()
+        if self.on_loop_thread():
+            loop.call_soon(loop.stop)
+            return
+
+        async def drain() -> None:  # let cancelled coroutines run their finally blocks
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+
+        try:
+            asyncio.run_coroutine_threadsafe(drain(), loop).result(STOP_WAIT_S + 1)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            pass
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout=5)
+        if not loop.is_running():
+            loop.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
 
-async def _as_coroutine(awaitable: Awaitable) -> Any:
-    return await awaitable
+async def _as_coroutine(awaitable: Awaitable, stopped: threading.Event) -> Any:
+    try:
+        return await awaitable
+    finally:
+        stopped.set()
+
+
+def _discard(awaitable: Any) -> None:
+    close = getattr(awaitable, "close", None)
+    if close is not None:
+        close()  # a coroutine never awaited: say nothing about it

@@ -84,6 +84,9 @@ class LiveModel(Runner):
         self._serving = serving
         self._warner.reset()  # a new version warns again about a misuse it still has
 
+    def _forget(self, s: wrapper.Serving) -> None:
+        self.space.forget_version(loader.version_package(s.module))
+
     def _start(self) -> None:
         try:
             self._serving, self.load_ms = self._build(self.bundle, 1)

@@ -226,6 +226,9 @@ class Reloadable(Protocol):
     def _switch(self, serving: Serving, bundle: Bundle) -> None:
         """Make `serving` the code every request from now on runs."""
 
+    def retire(self, serving: Serving) -> None:
+        """The replaced version: drop its modules once no request runs on it."""
+
 
 class Reloader:
     """Owns a LiveModel's reloads: one at a time, a history, callbacks, and the file watcher."""
@@ -310,7 +313,7 @@ class Reloader:
             return ReloadEvent(current.version, "failed", names, error=str(err), location=err.location, exception=err)
         live._switch(serving, bundle)
         self.snapshot = new_snapshot
-        live.space.forget_version(loader.version_package(current.module))
+        live.retire(current)  # its modules go once no request runs on them
         return ReloadEvent(serving.version, kind, names or ["forced"])
 
     # -------------------------------------------------------------- callbacks

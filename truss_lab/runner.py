@@ -116,6 +116,9 @@ class Runner:
         self._loop = LoopThread(name=loop_name)
         self._ids = itertools.count(1)
         self._traces: collections.deque[Trace] = collections.deque(maxlen=trace_capacity)
+        self._users: dict[int, int] = {}  # code version -> requests running on it
+        self._retired: dict[int, Serving] = {}  # replaced versions still in use: forgotten when the last one ends
+        self._users_lock = threading.Lock()
         self._lock = FairLock(self._valid_size(concurrency))
         self._lock_size = self._lock.size
         self._concurrency_override: int | None = None
@@ -231,10 +234,13 @@ class Runner:
         """The one request path, as Truss's model wrapper runs it: parse the input as the method's
         signature asks, preprocess, predict under the lock (for `predict`; the OpenAI-compatible
         methods take no lock and skip pre/postprocess), then stream or postprocess."""
+        if self._loop.closed:
+            raise TrussLabError(f"{self.bundle.model_name}: closed (tr.close() was called); load it again")
         req = _RequestOnce(model_input, request)
         stage = "input"
         count = 0
         streamed = False
+        self._enter_version(s)
         try:
             if method not in s.methods.specs:
                 raise TrussLabError(self._missing(s, method))
@@ -288,6 +294,7 @@ class Runner:
                 t.chunks = count
             t.end = perf_counter()
             self._traces.append(t)
+            self._leave_version(s)
 
     def _missing(self, s: Serving, method: str) -> str:
         have = ", ".join(s.methods.endpoints) or "none"
@@ -333,6 +340,7 @@ class Runner:
             raise TrussLabError(f"stage must be one of {', '.join(steps)}, got {stage!r}")
         s = self._serving
         t = self._new_trace(s, "predict")
+        self._enter_version(s)
         try:
             if stage == "preprocess":
                 x = self._input(s, x)
@@ -342,6 +350,36 @@ class Runner:
         finally:
             t.end = perf_counter()
             self._traces.append(t)
+            self._leave_version(s)
+
+    # ------------------------------------------------------------------ versions in use
+
+    def _enter_version(self, s: Serving) -> None:
+        with self._users_lock:
+            self._users[s.version] = self._users.get(s.version, 0) + 1
+
+    def _leave_version(self, s: Serving) -> None:
+        with self._users_lock:
+            left = self._users[s.version] - 1
+            if left:
+                self._users[s.version] = left
+                return
+            del self._users[s.version]
+            retired = self._retired.pop(s.version, None)
+        if retired is not None:
+            self._forget(retired)
+
+    def retire(self, s: Serving) -> None:
+        """`s` no longer serves new requests: forget its modules now, or when its last request ends (a
+        request in flight may still import a helper of its own version)."""
+        with self._users_lock:
+            if self._users.get(s.version):
+                self._retired[s.version] = s
+                return
+        self._forget(s)
+
+    def _forget(self, s: Serving) -> None:
+        """Drop a retired version's modules (LiveModel: from sys.modules)."""
 
     def _slot(self, s: Serving, t: Trace, method: str):
         return self._predict_slot(s, t) if method == "predict" else self._unlocked_slot(t)
@@ -429,7 +467,7 @@ class Runner:
                     except StopAsyncIteration:
                         return
             finally:
-                self._loop.run(stream.aclose())
+                self._loop.finish(stream.aclose())  # scheduled, not awaited, if the GC finalises it on the loop thread
         else:
             yield from stream
 

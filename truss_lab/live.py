@@ -7,6 +7,7 @@ A `Runner` (runner.py: stages, lock, traces) plus what a developer needs around 
 
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
@@ -47,6 +48,7 @@ class LiveModel(Runner):
         self._concurrency_override = None if concurrency is None else self._lock_size
         self._serving: wrapper.Serving | None = None
         self._servers: list[Any] = []  # HTTP servers started by serve(); close() stops them
+        self._on_close: list[Callable[[], None]] = []
         self.load_ms: float = 0.0
         self.roots = loader.user_roots(bundle)
         self.space = loader.Space(bundle)  # this model's own module names (loader.py)
@@ -261,13 +263,26 @@ class LiveModel(Runner):
         self._servers.append(server)
         return server
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` when the model closes (a panel or a notice lets go of it then)."""
+        self._on_close.append(callback)
+
     def close(self) -> None:
-        """Stop the HTTP servers started by serve(), the watcher and the event loop thread."""
+        """Stop the HTTP servers started by serve(), the watcher and the event loop thread; end async
+        requests in flight; from then on every call raises. Whatever held on to the model through
+        `on_close`/`on_reload` lets go of it, so it (and its weights) can be garbage-collected."""
         for server in self._servers:
             server.stop()
         self._servers.clear()
         self.reloader.unwatch()
         self._loop.close()
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception as exc:  # a front end's cleanup must never stop a close
+                warnings.warn(f"{self.name}: an on_close callback failed: {exc}", RuntimeWarning, stacklevel=2)
+        self.reloader.clear_callbacks()
 
     def __enter__(self) -> "LiveModel":
         return self

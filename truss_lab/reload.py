@@ -319,14 +319,19 @@ class Reloader:
     # -------------------------------------------------------------- callbacks
 
     def on_reload(self, callback: Callable[[ReloadEvent], None]) -> Callable[[], None]:
-        """Call `callback(event)` after every reload (from the watcher's thread); returns an unsubscribe."""
-        self._callbacks.append(callback)
+        """Call `callback(event)` after every reload (from the watcher's thread); returns an unsubscribe
+        (which holds the callback list, not the model: keeping it never keeps the model alive)."""
+        callbacks = self._callbacks
+        callbacks.append(callback)
 
         def remove() -> None:
-            if callback in self._callbacks:
-                self._callbacks.remove(callback)
+            if callback in callbacks:
+                callbacks.remove(callback)
 
         return remove
+
+    def clear_callbacks(self) -> None:
+        self._callbacks.clear()
 
     # -------------------------------------------------------------- watching
 

@@ -269,3 +269,18 @@ def test_predict_method_calls_an_openai_compatible_method(ip, make_truss):
     result, printed = cell_error(ip, "%truss predict --method embeddings {}")
     assert "has no embeddings() method (its OpenAI-compatible methods: chat_completions)" in printed
     assert "Traceback" not in printed
+
+
+def test_reloading_into_one_variable_lets_the_old_models_go(ip, tmp_path):
+    import gc
+    import weakref
+
+    truss_lab.init(tmp_path / "m")
+    refs = []
+    for _ in range(3):
+        run(ip, f"load {tmp_path / 'm'} --as m")
+        run(ip, "widget")  # a panel per model, as a user re-running cells makes them
+        refs.append(weakref.ref(ip.user_ns["m"]))
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True, False]  # only the model in `m` is alive
+    assert len(ip.magics_manager.registry["TrussMagics"]._notices) == 1

@@ -204,3 +204,16 @@ def test_method_picker_appears_with_openai_methods_and_runs_them(live):
         assert p.runs[0].result.output == "token" and p.runs[0].result.trace.method == "completions"
     finally:
         p.close()
+
+
+def test_a_panel_lets_go_of_its_model_when_the_model_closes(make_truss):
+    tr = truss_lab.load(make_truss())
+    p = truss_lab.widget(tr)
+    try:
+        tr.close()
+        assert "closed" in p.status.value and p.run_button.disabled
+        assert not isinstance(p.live, truss_lab.LiveModel)
+        with pytest.raises(truss_lab.TrussLabError, match="closed; run %truss widget"):
+            p.live.run(1)
+    finally:
+        p.close()

@@ -200,7 +200,9 @@ class TrussMagics(Magics):
             if handle is not None:
                 handle.update(event)
 
-        self._notices[id(live)] = (handle, live.on_reload(show))
+        key = id(live)
+        self._notices[key] = (handle, live.on_reload(show))
+        live.on_close(lambda: self._notices.pop(key, None))
 
     # ------------------------------------------------------------------ commands
 

@@ -98,6 +98,7 @@ class Panel:
         self.run_button.on_click(self._guarded(lambda _: self._start(self._run_once)))
         self.run_n_button.on_click(self._guarded(lambda _: self._start(self._run_many)))
         self._unsubscribe = live.on_reload(self._guarded(lambda event: self._show_status(event)))
+        live.on_close(self._model_closed)
 
         self.box = W.VBox(
             [
@@ -129,6 +130,18 @@ class Panel:
         """Stop following reloads and close the widgets."""
         self._unsubscribe()
         self.box.close()
+
+    def _model_closed(self) -> None:
+        """The model was closed (replaced by `%truss load`, say): let go of it and say so in the panel."""
+        self._unsubscribe()
+        name = self.live.name
+        self.live = _Closed(name)
+        for button in (self.run_button, self.run_n_button):
+            button.disabled = True
+        self.status.value = (
+            f"<b>{esc(name)}</b> <span style='color:#c62828'>closed</span> — "
+            f"run <code>%truss widget</code> for the model loaded now"
+        )
 
     # ------------------------------------------------------------------ input
 
@@ -297,6 +310,18 @@ class Panel:
                 self.output.value = _panel_error(f"{type(exc).__name__}: {exc}")
 
         return call
+
+
+class _Closed:
+    """What a panel holds after its model closed: the name, and a clear error for anything else."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attr: str):
+        from ..errors import TrussLabError
+
+        raise TrussLabError(f"{self.name}: closed; run %truss widget for the model loaded now")
 
 
 def widget(live) -> Panel:

@@ -298,3 +298,66 @@ def test_a_request_in_flight_keeps_its_versions_helper_modules(make_truss):
         assert v1_package not in sys.modules  # dropped once that request ended
         tr.serving.module.GATE.set()
         assert tr.predict(None).output == "v2!"
+
+
+# ------------------------------------------------------------------ what a swap keeps
+
+STATEFUL = """
+import threading
+TOKENIZER = None
+CACHE = {}
+K = 1
+
+class Model:
+    calls = 0
+    vocab = None
+
+    def load(self):
+        global TOKENIZER
+        TOKENIZER = {"hello": 7}
+        Model.vocab = ["a", "b"]
+
+    def predict(self, x):
+        CACHE[x] = True
+        type(self).calls += 1
+        return [TOKENIZER[x], len(CACHE), Model.vocab, K]
+"""
+
+
+def test_a_method_swap_keeps_module_and_class_state_that_load_and_requests_made(make_truss):
+    root = make_truss(STATEFUL)
+    mf = root / "model" / "model.py"
+    with truss_lab.load(root) as tr:
+        assert tr.predict("hello").output == [7, 1, ["a", "b"], 1]
+        mf.write_text(STATEFUL.replace("return [TOKENIZER[x]", "return ['v2', TOKENIZER[x]"))
+        event = tr.reload()
+        assert event.kind == "methods"
+        assert tr.predict("hello").output == ["v2", 7, 1, ["a", "b"], 1]  # TOKENIZER, CACHE, Model.vocab kept
+        assert tr.serving.model_cls.calls == 2
+        mf.write_text(STATEFUL.replace("return [TOKENIZER[x]", "return ['v3', TOKENIZER[x]").replace("K = 1", "K = 2"))
+        assert tr.reload().kind == "methods"
+        assert tr.predict("hello").output == ["v3", 7, 1, ["a", "b"], 2]  # K's statement changed: the new value
+
+
+@pytest.mark.parametrize(
+    "files, edit, builder",
+    [
+        ({"model/base.py": "class Base:\n    def load(self):\n        self.w = 1\n"},
+         ("model/base.py", "self.w = 1", "self.w = 2"), "Base.load"),
+        ({}, ("model/model.py", "w: int = 1", "w: int = 2"), "dataclass fields"),
+    ],
+    ids=["base-class-load", "dataclass-fields"],
+)
+def test_changing_how_state_is_built_elsewhere_is_a_full_reload(make_truss, files, edit, builder):
+    if "model/base.py" in files:
+        model = "from .base import Base\nclass Model(Base):\n    def predict(self, x):\n        return self.w\n"
+    else:
+        model = "from dataclasses import dataclass\n@dataclass\nclass Model:\n    w: int = 1\n    def predict(self, x):\n        return self.w\n"
+    root = make_truss(model, files=files)
+    with truss_lab.load(root) as tr:
+        assert tr.predict(None).output == 1
+        path = root / edit[0]
+        path.write_text(path.read_text().replace(edit[1], edit[2]))
+        event = tr.reload()
+        assert event.kind == "full" and builder in event.changed, event
+        assert tr.predict(None).output == 2

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 from . import loader, wrapper
 from .bundle import Bundle, read_bundle, resolve_secrets
 from .errors import TrussLabError
-from .reload import Reloader
+from .reload import Reloader, carry_module_state
 from .runner import DEFAULT_TRACE_CAPACITY, Result, Runner
 from .trace import BenchReport, Trace
 
@@ -72,6 +72,7 @@ class LiveModel(Runner):
         with loader.imported(bundle, version, self.space) as module:
             model_cls = wrapper.model_class(bundle, module)
             methods = wrapper.ModelMethods.check(bundle, model_cls)
+            carry_module_state(self._serving.module, module, bundle.model_class_name)
             instance = wrapper.share_state(self._serving.instance, model_cls, bundle)
             return wrapper.Serving.bind(version, instance, module, model_cls, methods)
 

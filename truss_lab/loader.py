@@ -31,6 +31,18 @@ from .errors import LoadError
 ROOT_PACKAGE = "_truss_lab"
 
 
+COMPILED: dict[str, bytes] = {}  # module name -> the source it was compiled from (until it is forgotten)
+IMPORT_TIME: dict[str, tuple[dict, dict]] = {}  # model module name -> (its globals, its model class's attributes) right after import
+
+
+def import_time_state(module: types.ModuleType) -> tuple[dict, dict, bytes] | None:
+    """(globals, model-class attributes, source) of a model module as they were right after its import."""
+    name = module.__name__
+    if name not in IMPORT_TIME or name not in COMPILED:
+        return None
+    return (*IMPORT_TIME[name], COMPILED[name])
+
+
 class SourceLoader(importlib.machinery.SourceFileLoader):
     """Compile from the source file every time; never read or write __pycache__.
 
@@ -41,6 +53,8 @@ class SourceLoader(importlib.machinery.SourceFileLoader):
 
     def get_code(self, fullname):
         source = self.get_data(self.path)
+        if fullname.startswith(ROOT_PACKAGE + "."):
+            COMPILED[fullname] = source  # what this version was compiled from (hot reload compares it)
         names = Space.import_map(fullname)
         if names:
             source = rewrite_imports(source, self.path, names)
@@ -307,6 +321,8 @@ def import_model_module(bundle: Bundle, version: int, space: Space) -> types.Mod
             pkg.__path__ = [str(bundle.model_dir)]
             sys.modules[pkg_name] = pkg
         module = _exec_source_module(mod_name, bundle.model_file)
+        cls = getattr(module, bundle.model_class_name, None)
+        IMPORT_TIME[mod_name] = (dict(vars(module)), dict(vars(cls)) if isinstance(cls, type) else {})
     except (Exception, SystemExit) as exc:  # sys.exit() at the top of model.py is a load error too
         space.forget_version(pkg_name)
         raise load_error(exc, bundle, f"importing {bundle.model_class_filename}") from exc
@@ -344,9 +360,12 @@ def version_package(module: types.ModuleType) -> str:
 
 
 def forget_modules(pkg_name: str) -> None:
-    """Drop a version's package and every module under it from sys.modules."""
+    """Drop a version's package and every module under it from sys.modules (and what we kept of them)."""
     for name in [n for n in sys.modules if n == pkg_name or n.startswith(pkg_name + ".")]:
         del sys.modules[name]
+    for kept in (COMPILED, IMPORT_TIME):
+        for name in [n for n in kept if n == pkg_name or n.startswith(pkg_name + ".")]:
+            del kept[name]
 
 
 def apply_environment_variables(bundle: Bundle) -> None:

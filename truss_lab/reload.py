@@ -25,6 +25,7 @@ import collections
 import hashlib
 import threading
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from .bundle import Bundle, read_bundle
 from .errors import BundleError, TrussLabError, describe
 from .wrapper import Serving
 
-FULL_RELOAD_METHODS = ("__init__", "load")
+FULL_RELOAD_METHODS = ("__init__", "load", "__post_init__")  # what builds the state a swap keeps
 HISTORY = 200
 
 
@@ -92,6 +93,12 @@ class PyFile:
     module: str  # the whole file
     methods: dict[str, str]  # model class only: method name -> fingerprint; "<class body>" for the rest
     outside_class: str  # the file with the model class left out
+    classes: dict[str, dict[str, str]] = field(default_factory=dict)  # every class: method -> fingerprint
+    model_bases: tuple[str, ...] = ()  # model class only: the names of its bases
+    model_is_dataclass: bool = False  # its __init__ is generated from the class body
+
+
+_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
 
 
 def fingerprint_file(path: Path, class_name: str | None) -> PyFile:
@@ -99,15 +106,33 @@ def fingerprint_file(path: Path, class_name: str | None) -> PyFile:
     tree = ast.parse(path.read_bytes(), filename=str(path))
     methods: dict[str, str] = {}
     outside: list[ast.AST] = []
+    classes: dict[str, dict[str, str]] = {}
+    bases: tuple[str, ...] = ()
+    is_dataclass = False
     for stmt in tree.body:
+        if isinstance(stmt, ast.ClassDef):
+            classes[stmt.name] = {m.name: _digest(m) for m in stmt.body if isinstance(m, _DEFS)}
         if class_name and isinstance(stmt, ast.ClassDef) and stmt.name == class_name:
-            defs = (ast.FunctionDef, ast.AsyncFunctionDef)
-            methods = {m.name: _digest(m) for m in stmt.body if isinstance(m, defs)}
-            rest = [n for n in stmt.body if not isinstance(n, defs)]
+            methods = dict(classes[stmt.name])
+            rest = [n for n in stmt.body if not isinstance(n, _DEFS)]
             methods["<class body>"] = _digest([*stmt.bases, *stmt.keywords, *stmt.decorator_list, *rest])
+            bases = tuple(_last_name(b) for b in stmt.bases if _last_name(b))
+            is_dataclass = any("dataclass" in (_last_name(d.func if isinstance(d, ast.Call) else d) or "") for d in stmt.decorator_list)
         else:
             outside.append(stmt)
-    return PyFile(module=_digest(tree), methods=methods, outside_class=_digest(outside))
+    return PyFile(module=_digest(tree), methods=methods, outside_class=_digest(outside), classes=classes,
+                  model_bases=bases, model_is_dataclass=is_dataclass)
+
+
+def _last_name(node: ast.AST) -> str | None:
+    """`Base` for `Base`, `mod.Base` or `Base[T]`."""
+    if isinstance(node, ast.Subscript):
+        node = node.value
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return None
 
 
 @dataclass
@@ -164,10 +189,12 @@ class Diff:
     files: list[str]  # .py files whose behaviour changed
     methods: list[str]  # model class methods changed/added/removed
     module_level: bool  # model.py changed outside the model class
+    state_builders: list[str] = field(default_factory=list)  # e.g. "Base.load", "dataclass fields": need a full reload
 
     @property
     def needs_full(self) -> bool:
-        return self.config or bool(self.data) or any(m in FULL_RELOAD_METHODS for m in self.methods)
+        return (self.config or bool(self.data) or any(m in FULL_RELOAD_METHODS for m in self.methods)
+                or bool(self.state_builders))
 
     @property
     def any(self) -> bool:
@@ -177,6 +204,7 @@ class Diff:
         out = ["config.yaml"] if self.config else []
         out += self.data
         out += self.methods
+        out += [b for b in self.state_builders if b != "dataclass fields" or "dataclass fields" not in out]
         if self.module_level:
             out.append("module-level code")
         out += [f for f in self.files if f != model_rel]
@@ -198,7 +226,122 @@ def diff(old: Snapshot, new: Snapshot, model_rel: str) -> Diff:
             methods.remove("<class body>")
             module_level = True  # class attributes (constants) count as code around the methods
         module_level = module_level or old.py[model_rel].outside_class != new.py[model_rel].outside_class
-    return Diff(config=old.config != new.config, data=data, files=files, methods=methods, module_level=module_level)
+    return Diff(config=old.config != new.config, data=data, files=files, methods=methods, module_level=module_level,
+                state_builders=_state_builders(old, new, model_rel))
+
+
+def _state_builders(old: Snapshot, new: Snapshot, model_rel: str) -> list[str]:
+    """What changed in how the model's state is built, beyond its own __init__/load: a base class's
+    __init__, load or __post_init__ (in any file of the truss), or a dataclass model's fields."""
+    if model_rel not in old.py or model_rel not in new.py:
+        return []
+    model_old, model_new = old.py[model_rel], new.py[model_rel]
+    found = []
+    if model_new.model_is_dataclass and model_old.methods.get("<class body>") != model_new.methods.get("<class body>"):
+        found.append("dataclass fields")
+    for base in sorted(set(model_old.model_bases) | set(model_new.model_bases)):
+        def methods_of(snapshot: Snapshot) -> dict[str, str]:
+            for f in snapshot.py.values():
+                if base in f.classes:
+                    return f.classes[base]
+            return {}
+
+        a, b = methods_of(old), methods_of(new)
+        found += [f"{base}.{m}" for m in FULL_RELOAD_METHODS if a.get(m) != b.get(m)]
+    return found
+
+
+# ------------------------------------------------------------------------------ module state across a swap
+
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset, range)
+_CODE_STATEMENTS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)
+
+
+def carry_module_state(old_module: types.ModuleType, new_module: types.ModuleType, class_name: str) -> list[str]:
+    """Move state that load() or requests put in module globals or model-class attributes into the new
+    version, for every name whose defining statement did not change. Returns the names carried.
+
+    A value is state when it is no longer the one the import gave (`TOKENIZER = None`, then load()
+    sets it) or is a mutable container or object (`CACHE = {}`, then filled): the new module's fresh
+    import-time value would lose it. An untouched immutable value (`K = helper.K`) is taken from the
+    new import, so edited helpers still show. Functions, classes and imports always come from the
+    new code.
+    """
+    old_state, new_state = loader.import_time_state(old_module), loader.import_time_state(new_module)
+    if old_state is None or new_state is None:
+        return []
+    old_globals, old_class_attrs, old_source = old_state
+    _, _, new_source = new_state
+    try:
+        old_top, old_body = _defining_statements(old_source, class_name)
+        new_top, new_body = _defining_statements(new_source, class_name)
+    except SyntaxError:
+        return []
+    carried = []
+    for name, value in list(vars(old_module).items()):
+        if _carries(name, value, old_globals, old_top, new_top):
+            setattr(new_module, name, value)
+            carried.append(name)
+    old_cls, new_cls = getattr(old_module, class_name, None), getattr(new_module, class_name, None)
+    if isinstance(old_cls, type) and isinstance(new_cls, type):
+        for name, value in list(vars(old_cls).items()):
+            if callable(value) or isinstance(value, (staticmethod, classmethod, property)) or hasattr(value, "__get__"):
+                continue
+            if _carries(name, value, old_class_attrs, old_body, new_body):
+                try:
+                    setattr(new_cls, name, value)
+                    carried.append(f"{class_name}.{name}")
+                except (AttributeError, TypeError):
+                    pass
+    return carried
+
+
+def _carries(name: str, value: Any, import_time: dict, old_defs: dict, new_defs: dict) -> bool:
+    if name.startswith("__") and name.endswith("__"):
+        return False
+    if old_defs.get(name) == "code" or new_defs.get(name) == "code":
+        return False
+    if old_defs.get(name) != new_defs.get(name):  # its statement changed: the new value stands
+        return False
+    if isinstance(value, (types.ModuleType, types.FunctionType, type)):
+        return False
+    if name in import_time and value is import_time[name] and isinstance(value, _IMMUTABLE):
+        return False
+    return True
+
+
+def _defining_statements(source: bytes, class_name: str) -> tuple[dict[str, str], dict[str, str]]:
+    """name -> fingerprint of the statements that assign it ("code" for def/class/import), at the top
+    level and in the model class's body."""
+    tree = ast.parse(source)
+    top: dict[str, str] = {}
+    body: dict[str, str] = {}
+    for stmt in tree.body:
+        _collect(stmt, top)
+        if isinstance(stmt, ast.ClassDef) and stmt.name == class_name:
+            for inner in stmt.body:
+                _collect(inner, body)
+    return top, body
+
+
+def _collect(stmt: ast.stmt, out: dict[str, str]) -> None:
+    if isinstance(stmt, _CODE_STATEMENTS):
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            names = [(a.asname or a.name).partition(".")[0] for a in stmt.names]
+        else:
+            names = [stmt.name]
+        for n in names:
+            out[n] = "code"
+        return
+    targets: list[ast.AST] = []
+    if isinstance(stmt, ast.Assign):
+        targets = stmt.targets
+    elif isinstance(stmt, (ast.AnnAssign, ast.AugAssign)):
+        targets = [stmt.target]
+    for target in targets:
+        for node in ast.walk(target):
+            if isinstance(node, ast.Name) and out.get(node.id) != "code":
+                out[node.id] = out.get(node.id, "") + _digest(stmt)
 
 
 # ------------------------------------------------------------------------------ the reloader

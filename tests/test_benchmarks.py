@@ -12,6 +12,7 @@ def test_benchmarks_run_quick(capsys, monkeypatch):
     run_all.main(["--quick"])
     out = capsys.readouterr().out
     assert "runner overhead:" in out and "lock efficiency:" in out and "guard overhead:" in out
+    assert "guard hook cost on other work:" in out
     assert "bench throughput, no-op model:" in out
     assert "method swap:" in out and "save -> live:" in out
     assert "%load_ext truss_lab:" in out and "heavy imports: none" in out

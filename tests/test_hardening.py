@@ -361,3 +361,63 @@ def test_changing_how_state_is_built_elsewhere_is_a_full_reload(make_truss, file
         event = tr.reload()
         assert event.kind == "full" and builder in event.changed, event
         assert tr.predict(None).output == 2
+
+
+# ------------------------------------------------------------------ the guard: cost and credentials
+
+
+@pytest.fixture
+def server():
+    from truss_lab.devtools.localhttp import LocalServer
+
+    with LocalServer(files={"img.bin": b"data"}) as s:
+        yield s
+
+
+@pytest.mark.filterwarnings("ignore::truss_lab.guard.LockMisuseWarning")
+def test_the_guard_never_records_a_credential(live, server):
+    from truss_lab import guard
+
+    assert guard.redact_url("GET https://ann:s3cret@host/x?token=abc&page=2&X-Amz-Signature=ff") == (
+        "GET https://***:***@host/x?token=***&page=2&X-Amz-Signature=***"
+    )
+    assert guard.redact_argv(["curl", "--token", "abc", "--api-key=xyz", "PASSWORD=p", "-o", "out", "http://u:p@h/"]) == [
+        "curl", "--token", "***", "--api-key=***", "PASSWORD=***", "-o", "out", "http://***:***@h/"
+    ]
+    tr = live(
+        f"""
+        import subprocess, sys, urllib.request
+        class Model:
+            def predict(self, x):
+                try:
+                    urllib.request.urlopen("{server.url('img.bin')}?api_key=SECRET1&size=2").read()
+                except Exception:
+                    pass
+                subprocess.run([sys.executable, "-c", "pass", "--password", "SECRET2"], check=True)
+                return x
+        """
+    )
+    findings = tr.run(1).trace.findings
+    text = " ".join(f.message for f in findings)
+    assert {f.kind for f in findings} == {"http", "subprocess"}
+    assert "SECRET1" not in text and "SECRET2" not in text and "api_key=***&size=2" in text
+
+
+def test_an_unguarded_process_wraps_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, write_truss
+
+    root = write_truss(tmp_path / "t", "class Model:\n    def predict(self, x):\n        return x\n")
+    code = (
+        "import builtins, time, truss_lab\n"
+        "before = (builtins.open, time.sleep)\n"
+        f"tr = truss_lab.load({str(root)!r}, guard=False)\n"
+        "assert (builtins.open, time.sleep) == before, 'guard=False wrapped something'\n"
+        f"tr2 = truss_lab.load({str(root)!r})\n"
+        "assert builtins.open is not before[0] and builtins.open.__truss_lab_wrapped__ is before[0]\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr

@@ -3,10 +3,9 @@
 The Truss advice is "GPU work in predict, slow non-GPU work in pre/postprocess". The guard makes a
 breach visible. While predict holds the lock it notes, for that request only:
 
-- audited events (`sys.addaudithook`): a connection (`socket.connect`), a name lookup
-  (`socket.getaddrinfo`), an HTTP request (`urllib.Request`), a file opened (`open`, minus Python's own
-  imports and /proc, /sys, /dev), a subprocess (`subprocess.Popen`), a sleep (`time.sleep`, audited
-  from Python 3.12);
+- what it calls: a connection (`socket.socket.connect`), a name lookup (`socket.getaddrinfo`), an
+  HTTP request (`urllib.request`), a file opened (`open`, minus /proc, /sys, /dev and Python's own
+  files), a subprocess (`subprocess.Popen`), a sleep (`time.sleep`);
 - idle time: the predict thread's CPU time against wall time. A predict that held the lock 180 ms
   while this whole process used the CPU for 5 ms was waiting on something - a download, a disk, a
   sleep. Not reported once a GPU framework has a device in use (waiting for the GPU is the point),
@@ -16,14 +15,23 @@ Scoping: the current request is a ContextVar, set in the thread that runs predic
 task that runs an async predict), so a download in another request's preprocess is never blamed on
 this predict. Threads that predict itself starts are not followed.
 
-Cost: the hook rejects an unwatched event with one dict lookup; a guarded predict that does nothing
-suspicious adds two clock reads and a ContextVar set/reset (benchmarks/bench_lock.py measures it).
-The hook cannot be removed from the process (Python's rule); turning the guard off makes it inert.
+How it sees them, and what that costs everything else: an audit hook (`sys.addaudithook`) would see
+them too, but Python calls a hook on *every* audited event in the process, forever - `id()` and
+`sys._getframe()` among them - so a pure-Python preprocess that deep-copies its config ran 28 % slower
+with one installed (benchmarks/bench_guard.py). Instead `install()` wraps exactly those six
+functions, once, when the first guarded model loads: other code pays nothing, and a call to one of
+them outside a guarded predict pays one ContextVar read. A guarded predict that does nothing
+suspicious adds two clock reads and a ContextVar set/reset (benchmarks/bench_lock.py). What the
+guard records has credentials taken out: a URL's `user:password@`, token-like query parameters, and
+secret-looking `--flag value` pairs in a subprocess's argv. The limit of wrapping: a module that
+bound `from time import sleep` (say) before the first guarded model loaded keeps the unwrapped one.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import sys
 import threading
 import time
@@ -132,33 +140,27 @@ def _classify(event: str, args: tuple) -> tuple[str, str] | None:
     if event == "socket.getaddrinfo":
         return "dns", f"{args[0]}:{args[1]}" if args[1] is not None else str(args[0])
     if event == "urllib.Request":
-        return "http", f"{args[3] or 'GET'} {args[0]}"
+        return "http", redact_url(f"{args[3] or 'GET'} {args[0]}")
     if event == "open":
         path = _file(args)
         return ("file", path) if path is not None else None
     if event == "subprocess.Popen":
         argv = args[1]
-        shown = " ".join(map(str, argv)) if isinstance(argv, (list, tuple)) else str(argv)
+        shown = " ".join(redact_argv(list(map(str, argv)))) if isinstance(argv, (list, tuple)) else redact_url(str(argv))
         return "subprocess", shown[:80]
     if event == "time.sleep":
         return "sleep", f"{float(args[0]) * 1000:.0f} ms"
     return None
 
 
-_EVENTS = frozenset(
-    {"socket.connect", "socket.getaddrinfo", "urllib.Request", "open", "subprocess.Popen", "time.sleep"}
-)
-
-
 def _hook(event: str, args: tuple) -> None:
-    if event not in _EVENTS:
-        return
+    """Record one call of a watched function in the current predict's watch (never raises)."""
     watch = _CURRENT.get()
     if watch is None:
         return
     try:
         found = _classify(event, args)
-    except Exception:  # an audit hook must never break the program it watches
+    except Exception:  # the guard must never break the program it watches
         return
     if found is None:
         return
@@ -171,14 +173,93 @@ def _hook(event: str, args: tuple) -> None:
 
 
 def install() -> None:
-    """Add the process-wide audit hook (once; Python cannot remove it again)."""
+    """Wrap the watched functions (once per process; inert outside a guarded predict)."""
     global _installed
     if _installed:
         return
     with _install_lock:
         if not _installed:
-            sys.addaudithook(_hook)
+            _wrap_all()
             _installed = True
+
+
+def _wrap_all() -> None:
+    import builtins
+    import io
+    import socket
+    import subprocess
+    import urllib.request
+
+    current = _CURRENT.get
+
+    def wrap(owner: Any, name: str, event: str, shape) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def watched(*args, **kwargs):
+            if current() is not None:
+                try:
+                    seen = shape(*args, **kwargs)
+                except Exception:  # an odd call: the original says what is wrong with it
+                    seen = None
+                if seen is not None:
+                    _hook(event, seen)
+            return original(*args, **kwargs)
+
+        watched.__truss_lab_wrapped__ = original
+        setattr(owner, name, watched)
+
+    open_shape = lambda file, *a, **k: (file,)  # noqa: E731
+    wrap(builtins, "open", "open", open_shape)
+    io.open = builtins.open
+    wrap(socket.socket, "connect", "socket.connect", lambda self, address: (self, address))
+    wrap(socket.socket, "connect_ex", "socket.connect", lambda self, address: (self, address))
+    wrap(socket, "getaddrinfo", "socket.getaddrinfo", lambda host, port, *a, **k: (host, port))
+    wrap(urllib.request.OpenerDirector, "open", "urllib.Request", _urllib_shape)
+    wrap(subprocess.Popen, "_execute_child", "subprocess.Popen", lambda self, args, executable, *a, **k: (executable, args))
+    wrap(time, "sleep", "time.sleep", lambda secs: (secs,))
+
+
+def _urllib_shape(self, fullurl, data=None, *a, **k) -> tuple:
+    if isinstance(fullurl, str):
+        return (fullurl, data, {}, "POST" if data is not None else "GET")
+    return (fullurl.full_url, data, {}, fullurl.get_method())
+
+
+# ------------------------------------------------------------------ credentials never recorded
+
+_SECRET_WORDS = re.compile(r"(token|secret|passw(or)?d|pwd|api[_-]?key|apikey|key|auth|signature|sig|credential|session)", re.I)
+
+
+def redact_url(text: str) -> str:
+    """`user:password@` and token-like query parameter values replaced with ***."""
+    text = re.sub(r"(?<=://)[^/@\s:]+:[^/@\s]*@", "***:***@", text)
+    return re.sub(
+        r"([?&;])([^=&;#\s]+)=([^&;#\s]*)",
+        lambda m: f"{m.group(1)}{m.group(2)}=***" if _SECRET_WORDS.search(m.group(2)) else m.group(0),
+        text,
+    )
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A subprocess's argv with secret-looking values (`--token X`, `--api-key=X`, `PASSWORD=X`, URLs with
+    credentials) replaced with ***."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        name, eq, value = arg.partition("=")
+        if eq and _SECRET_WORDS.search(name.lstrip("-")):
+            out.append(f"{name}=***")
+        elif arg.startswith("-") and _SECRET_WORDS.search(arg.lstrip("-")):
+            out.append(arg)
+            hide_next = True
+        else:
+            out.append(redact_url(arg))
+    return out
 
 
 def begin() -> Watch:

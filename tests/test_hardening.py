@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 
 import httpx
 import pytest
@@ -421,3 +423,49 @@ def test_an_unguarded_process_wraps_nothing(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+# ------------------------------------------------------------------ files the model writes
+
+
+WRITER = """
+class Model:
+    def __init__(self, data_dir, **kwargs):
+        self.data = data_dir
+    def load(self):
+        (self.data / "compiled.cache").write_bytes(b"compiled")
+        self.loads = getattr(self, "loads", 0) + 1
+    def predict(self, x):
+        with open(self.data / "requests.log", "a") as log:
+            log.write(f"{x}\\n")
+        return x
+"""
+
+
+def test_files_the_model_writes_under_data_never_reload_it(make_truss):
+    root = make_truss(WRITER)
+    with truss_lab.load(root) as tr, tr.watch():
+        assert tr.reload(full=True).kind == "full"  # load() writes data/compiled.cache again
+        events, arrived = _watch_events(tr)
+        for i in range(5):
+            tr.predict(i)  # each request appends to data/requests.log
+        # a user's edit after that is seen, and it is the first event: the model's writes made none
+        labels = root / "data" / "labels.txt"
+        labels.write_text("a b c\n")
+        later = time.time() + 1  # stamped as a save made after those requests
+        os.utime(labels, (later, later))
+        assert arrived.wait(10)
+        user_events = list(events)
+        assert [e.kind for e in user_events] == ["full"] and user_events[0].changed == ["data/labels.txt"]
+        assert tr.version == 3 and (root / "data" / "requests.log").read_text().count("\n") == 5
+
+
+def test_a_data_file_the_user_replaces_still_reloads(make_truss):
+    root = make_truss(WRITER)
+    with truss_lab.load(root) as tr:
+        cache = root / "data" / "compiled.cache"
+        cache.write_bytes(b"replaced by the user")
+        later = time.time() + 1  # as a user's save some time after load() is stamped
+        os.utime(cache, (later, later))
+        event = tr.reload()
+        assert event.kind == "full" and event.changed == ["data/compiled.cache"]

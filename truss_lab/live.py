@@ -63,8 +63,12 @@ class LiveModel(Runner):
             model_cls = wrapper.model_class(bundle, module)
             methods = wrapper.ModelMethods.check(bundle, model_cls)  # before load(): it may take minutes
             kwargs = wrapper.model_kwargs(bundle, resolve_secrets(bundle, self._secret_overrides), self.environment)
-            instance = wrapper.build_instance(bundle, model_cls, kwargs)
-            load_ms = wrapper.run_load(bundle, instance, self._loop.run, methods, self.environment)
+            active = self.activity.begin()  # files __init__/load() write under data/ are the model's own
+            try:
+                instance = wrapper.build_instance(bundle, model_cls, kwargs)
+                load_ms = wrapper.run_load(bundle, instance, self._loop.run, methods, self.environment)
+            finally:
+                self.activity.end(active)
             return wrapper.Serving.bind(version, instance, module, model_cls, methods), load_ms
 
     def _rebind(self, bundle: Bundle, version: int) -> wrapper.Serving:

@@ -353,6 +353,7 @@ class Reloadable(Protocol):
     bundle: Bundle
     name: str
     space: Any  # loader.Space: the model's own module names
+    activity: Any  # trace.ActivityLog: when the model's code ran
 
     @property
     def serving(self) -> Serving: ...
@@ -393,6 +394,8 @@ class Reloader:
         with self._lock:
             t0 = time.perf_counter()
             event = self._reload(full)
+            if event is None:  # only files the model itself wrote changed: nothing to reload or report
+                return ReloadEvent(self.live.version, "unchanged", [], trigger=trigger)
             event.duration_ms = (time.perf_counter() - t0) * 1000.0
             event.trigger = trigger
             self._record(event)
@@ -419,7 +422,7 @@ class Reloader:
             except Exception as exc:  # a display callback must never break reloading
                 warnings.warn(f"truss_lab reload callback {callback!r} raised {describe(exc)}", RuntimeWarning)
 
-    def _reload(self, full: bool) -> ReloadEvent:
+    def _reload(self, full: bool) -> ReloadEvent | None:
         live = self.live
         current = live.serving
         try:
@@ -435,10 +438,14 @@ class Reloader:
         except OSError as exc:
             return ReloadEvent(current.version, "failed", error=f"cannot read the truss folder: {exc}")
         d = diff(self.snapshot, new_snapshot, model_rel)
+        model_wrote = False
+        if d.data and not full:
+            user = self._without_model_writes(d, new_snapshot)
+            model_wrote, d = user is not d, user
         names = d.names(model_rel)
         if not full and not d.any:
             self.snapshot = new_snapshot
-            return ReloadEvent(current.version, "unchanged", [])
+            return None if model_wrote else ReloadEvent(current.version, "unchanged", [])
         version = current.version + 1  # reloads are serialised, and a failed one leaves no trace
         packages_changed = any(Path(bundle.path, f).is_relative_to(bundle.packages_dir) for f in d.files)
         try:
@@ -458,6 +465,20 @@ class Reloader:
         self.snapshot = new_snapshot
         live.retire(current)  # its modules go once no request runs on them
         return ReloadEvent(serving.version, kind, names or ["forced"])
+
+    def _without_model_writes(self, d: Diff, new: Snapshot) -> Diff:
+        """`d` without the data/ files the model itself wrote (their mtime falls while its code ran:
+        load() writing a cache, a request appending to a log). A file the user replaces still counts."""
+        user = []
+        for rel in d.data:
+            stamp = new.data.get(rel)
+            if stamp is not None and self.live.activity.covers(stamp[1] / 1e9):
+                continue
+            user.append(rel)
+        if len(user) == len(d.data):
+            return d
+        return Diff(config=d.config, data=user, files=d.files, methods=d.methods, module_level=d.module_level,
+                    state_builders=d.state_builders)
 
     # -------------------------------------------------------------- callbacks
 

@@ -30,7 +30,7 @@ from .aio import LoopThread
 from .bundle import Bundle, validate_concurrency
 from .errors import STAGE_ERRORS, ModelError, TrussLabError, describe
 from .lock import FairLock
-from .trace import Report, Trace
+from .trace import ActivityLog, Report, Trace
 from .wrapper import (
     ENDPOINTS,
     RESPONSE_WITH_POSTPROCESS,
@@ -116,6 +116,7 @@ class Runner:
         self._loop = LoopThread(name=loop_name)
         self._ids = itertools.count(1)
         self._traces: collections.deque[Trace] = collections.deque(maxlen=trace_capacity)
+        self.activity = ActivityLog()  # when model code ran: files it writes under data/ never trigger a reload
         self._users: dict[int, int] = {}  # code version -> requests running on it
         self._retired: dict[int, Serving] = {}  # replaced versions still in use: forgotten when the last one ends
         self._users_lock = threading.Lock()
@@ -241,6 +242,7 @@ class Runner:
         count = 0
         streamed = False
         self._enter_version(s)
+        active = self.activity.begin()
         try:
             if method not in s.methods.specs:
                 raise TrussLabError(self._missing(s, method))
@@ -294,6 +296,7 @@ class Runner:
                 t.chunks = count
             t.end = perf_counter()
             self._traces.append(t)
+            self.activity.end(active)
             self._leave_version(s)
 
     def _missing(self, s: Serving, method: str) -> str:
@@ -341,6 +344,7 @@ class Runner:
         s = self._serving
         t = self._new_trace(s, "predict")
         self._enter_version(s)
+        active = self.activity.begin()
         try:
             if stage == "preprocess":
                 x = self._input(s, x)
@@ -350,6 +354,7 @@ class Runner:
         finally:
             t.end = perf_counter()
             self._traces.append(t)
+            self.activity.end(active)
             self._leave_version(s)
 
     # ------------------------------------------------------------------ versions in use

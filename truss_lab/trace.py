@@ -6,7 +6,10 @@ Drawing lives in display/ (render.py, plots.py); these classes only delegate `_r
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -278,3 +281,35 @@ def max_concurrent(intervals: list[tuple[float, float]]) -> int:
         level += step
         best = max(best, level)
     return best
+
+
+class ActivityLog:
+    """When the model's own code ran (load() and requests), in wall-clock time, so the reloader can tell
+    a file the model wrote under data/ (its mtime falls inside one of these) from one the user replaced.
+
+    Two clock reads and a dict/deque update per request; the last `capacity` intervals are kept.
+    """
+
+    SLACK_S = 0.02  # file mtimes come from a coarse kernel clock: a write can be stamped a tick early, never late
+
+    def __init__(self, capacity: int = 4096):
+        self._running: dict[int, float] = {}
+        self._done: collections.deque[tuple[float, float]] = collections.deque(maxlen=capacity)
+        self._ids = itertools.count()
+
+    def begin(self) -> int:
+        token = next(self._ids)
+        self._running[token] = time.time()
+        return token
+
+    def end(self, token: int) -> None:
+        start = self._running.pop(token, None)
+        if start is not None:
+            self._done.append((start, time.time()))
+
+    def covers(self, when: float) -> bool:
+        """Whether model code was running at wall-clock time `when`."""
+        slack = self.SLACK_S
+        if any(start - slack <= when for start in list(self._running.values())):
+            return True
+        return any(start - slack <= when <= end for start, end in list(self._done))

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS := notebook,tf,serve,ray,test
 
-.PHONY: install browser truss-server lab test bench clean
+.PHONY: install browser truss-server lab test check-examples bench clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ truss-server: install
 
 test: install browser truss-server
 	$(BIN)/python -m pytest
+	$(MAKE) check-examples
+
+# `truss-lab check` on every example truss: each must behave on the real Truss server as it does here.
+check-examples: install truss-server
+	@for t in examples/*/; do echo "== truss-lab check $$t"; $(BIN)/truss-lab check $$t || exit 1; done
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py --update-readme

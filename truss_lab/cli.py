@@ -120,6 +120,22 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
+def cmd_check(args) -> int:
+    try:
+        from .serving.check import main_check
+    except ImportError as exc:
+        print(f"truss-lab check needs FastAPI, uvicorn and httpx: pip install 'truss_lab[serve]' ({exc})", file=sys.stderr)
+        return EXIT_USAGE
+    inputs = None
+    if args.input:
+        try:
+            inputs = [json.loads(text) for text in args.input]
+        except json.JSONDecodeError as exc:
+            print(f"truss-lab check: --input is not JSON: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    return main_check(args.path, inputs, args.json, args.truss_version, args.rtol)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="truss-lab",
@@ -159,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-replicas", type=int, default=1, metavar="N", help="with --ray: pre/postprocess replicas (default 1)")
     p.add_argument("--gpus", type=float, default=0, metavar="N", help="with --ray: GPUs per predict replica (default 0)")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("check", help="run the examples on the real Truss server and here, compare, and lint what fails only on deploy")
+    p.add_argument("path", metavar="PATH", help="the Truss folder")
+    p.add_argument("--input", action="append", metavar="JSON", help="a request to send (repeatable; default: every example)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--truss-version", metavar="V", help="the Truss server version to check against (default: the pinned one)")
+    p.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance for numbers (default 1e-6)")
+    p.set_defaults(func=cmd_check)
     return parser
 
 

@@ -268,6 +268,13 @@ class LiveModel(Runner):
         self._servers.append(server)
         return server
 
+    def check(self, inputs=None, **kwargs):
+        """`truss-lab check` for this model: its examples (or `inputs`) on the real Truss server and
+        here, compared, plus the deploy lints; a CheckReport (serving/check.py)."""
+        from .serving.check import check
+
+        return check(self, inputs, **kwargs)
+
     def on_close(self, callback: Callable[[], None]) -> None:
         """Call `callback()` when the model closes (a panel or a notice lets go of it then)."""
         self._on_close.append(callback)

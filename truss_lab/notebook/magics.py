@@ -79,6 +79,9 @@ def build_parser() -> _Parser:
     p = sub.add_parser("guard", help="turn the lock-misuse guard on or off")
     p.add_argument("state", choices=("on", "off"))
     p.add_argument("--model", metavar="VAR")
+    p = sub.add_parser("check", help="run the examples on the real Truss server and here, compare, and lint for deploy")
+    p.add_argument("--model", metavar="VAR")
+    p.add_argument("--input", action="append", metavar="JSON", help="a request to send (repeatable; default: every example)")
     p = sub.add_parser("widget", help="an interactive panel for this model")
     p.add_argument("--model", metavar="VAR")
     p = sub.add_parser("traceback", help="the last error's traceback, filtered to your files")
@@ -295,6 +298,16 @@ class TrussMagics(Magics):
             display(compare(*reports, labels=(args.a, args.b)))
         except TypeError as exc:
             raise UsageError(f"%truss compare: {exc}") from None
+
+    def cmd_check(self, args, cell):
+        live = self.model(args.model)
+        inputs = None
+        if args.input:
+            try:
+                inputs = [json.loads(text) for text in args.input]
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"%truss check --input: not JSON: {exc}") from None
+        display(live.check(inputs))
 
     def cmd_guard(self, args, cell):
         live = self.model(args.model)

@@ -80,6 +80,9 @@ class Panel:
         self.run_button.add_class("tl-run")
         self.run_n_button = W.Button(description="Run ×N", icon="forward")
         self.run_n_button.add_class("tl-run-n")
+        self.check_button = W.Button(description="Check", icon="check",
+                                     tooltip="run the examples on the real Truss server too, compare, and lint for deploy")
+        self.check_button.add_class("tl-check")
         self.n = W.BoundedIntText(value=20, min=1, max=10_000, description="N", layout=W.Layout(width="140px"))
         self.workers = W.IntSlider(value=4, min=1, max=32, description="workers", layout=W.Layout(width="260px"))
         self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="160px", visibility="hidden"))
@@ -97,6 +100,7 @@ class Panel:
         self.method.observe(self._guarded(self._on_method), names="value")
         self.run_button.on_click(self._guarded(lambda _: self._start(self._run_once)))
         self.run_n_button.on_click(self._guarded(lambda _: self._start(self._run_many)))
+        self.check_button.on_click(self._guarded(lambda _: self._start(self._check, needs_input=False)))
         self._unsubscribe = live.on_reload(self._guarded(lambda event: self._show_status(event)))
         live.on_close(self._model_closed)
 
@@ -104,7 +108,7 @@ class Panel:
             [
                 self.status,
                 W.HBox([W.VBox([self.text], layout=W.Layout(flex="1")), W.VBox([self.examples, self.upload, self.upload_note])]),
-                W.HBox([self.method, self.run_button, self.run_n_button, self.n, self.workers, self.progress]),
+                W.HBox([self.method, self.run_button, self.run_n_button, self.n, self.workers, self.check_button, self.progress]),
                 self.output,
                 self.timeline,
                 W.HTML("<b>history</b> <span style='color:#666'>(click a run to show it again)</span>"),
@@ -136,7 +140,7 @@ class Panel:
         self._unsubscribe()
         name = self.live.name
         self.live = _Closed(name)
-        for button in (self.run_button, self.run_n_button):
+        for button in (self.run_button, self.run_n_button, self.check_button):
             button.disabled = True
         self.status.value = (
             f"<b>{esc(name)}</b> <span style='color:#c62828'>closed</span> — "
@@ -189,10 +193,10 @@ class Panel:
 
     # ------------------------------------------------------------------ running
 
-    def _start(self, job: Callable[[Any], None]) -> None:
+    def _start(self, job: Callable[[Any], None], needs_input: bool = True) -> None:
         """Run `job(input)` on a background thread; buttons are disabled until it ends."""
         try:
-            x = self.model_input()
+            x = self.model_input() if needs_input else None
         except ValueError as exc:
             self.output.value = _panel_error(str(exc))
             return
@@ -216,6 +220,7 @@ class Panel:
     def _set_running(self, running: bool) -> None:
         self.run_button.disabled = running
         self.run_n_button.disabled = running or self.method.value != "predict"
+        self.check_button.disabled = running
         self.run_button.description = "Running…" if running else "Run"
 
     def _set_methods(self) -> None:
@@ -230,6 +235,13 @@ class Panel:
     def _on_method(self, change) -> None:
         # Run ×N is a load test of predict and its lock; the OpenAI-compatible methods take no lock.
         self.run_n_button.disabled = change["new"] != "predict"
+
+    def _check(self, _x: Any) -> None:
+        """`truss-lab check` on this model: its examples on the real Truss server and here, and the lints."""
+        self.output.value = "<i>checking against the real Truss server (the first time installs it)…</i>"
+        report = self.live.check(note=lambda msg: setattr(self.output, "value", f"<i>{esc(msg)}</i>"))
+        self.output.value = report._repr_mimebundle_()["text/html"]
+        self._show_status(None)
 
     def _run_once(self, x: Any) -> None:
         result = self.live.run(x, method=self.method.value)

@@ -85,6 +85,24 @@ def _run(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
     return out
 
 
+def _install(cmd: list[str], what: str) -> None:
+    """A pip install with a progress line on stderr (elapsed time and pip's latest step); its last lines
+    in a one-line TrussLabError if it fails."""
+    from tqdm import tqdm
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    with tqdm(desc=what, bar_format="{desc}: {elapsed} {postfix}", file=sys.stderr, leave=False) as bar:
+        for line in proc.stdout:
+            line = line.strip()
+            if line:
+                tail = (tail + [line])[-5:]
+                if line.startswith(("Collecting", "Downloading", "Installing", "Successfully")):
+                    bar.set_postfix_str(line[:70])
+    if proc.wait() != 0:
+        raise TrussLabError(f"{what} failed (exit {proc.returncode}): " + " | ".join(tail))
+
+
 @dataclass
 class ServerEnv:
     """The cached venvs and server code of one pinned Truss version."""
@@ -119,7 +137,7 @@ class ServerEnv:
         say(f"truss_lab: installing the Truss {version} server once, into {env.root} (about two minutes)")
         if not env.cli_python.exists():
             _run([sys.executable, "-m", "venv", str(env.cli_python.parent.parent)], "creating the truss venv")
-        _run([str(env.cli_python), "-m", "pip", "install", "-q", f"truss=={version}"], f"pip install truss=={version}")
+        _install([str(env.cli_python), "-m", "pip", "install", "--progress-bar", "off", f"truss=={version}"], f"pip install truss=={version}")
         seed = env.root / "seed"
         shutil.rmtree(seed, ignore_errors=True)
         (seed / "model").mkdir(parents=True)
@@ -131,10 +149,42 @@ class ServerEnv:
         if not env.server_python.exists():
             _run([sys.executable, "-m", "venv", str(env.server_python.parent.parent)], "creating the server venv")
         reqs, cons = env.server_code / "requirements.txt", env.server_code / "constraints.txt"
-        _run([str(env.server_python), "-m", "pip", "install", "-q", "-r", str(reqs), "-c", str(cons)],
-             "installing the Truss server's requirements")
+        _install([str(env.server_python), "-m", "pip", "install", "--progress-bar", "off", "-r", str(reqs), "-c", str(cons)],
+                 "installing the Truss server's requirements")
         (env.root / ".ready").write_text(version)
         return env
+
+    # ---------------------------------------------------------------------------------- requirements
+
+    def requirements_overlay(self, requirements: list[str], note: Callable[[str], None] | None = None) -> Path | None:
+        """A folder with the truss's own `requirements` installed (cached by their hash), put in front of
+        the server's packages on PYTHONPATH - as the image's `pip install` of them after the server's
+        own requirements would. None when there are none. A requirement that cannot be installed is a
+        TrussLabError naming it."""
+        reqs = sorted({r.strip() for r in requirements if r.strip() and not r.strip().startswith("#")})
+        if not reqs:
+            return None
+        digest = hashlib.sha1("\n".join(reqs).encode()).hexdigest()[:16]
+        folder = self.root / "requirements" / digest
+        if (folder / ".ready").is_file():
+            return folder
+        say = note or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        say(f"truss_lab: installing the truss's requirements into the Truss server's environment, once "
+            f"(cached in {folder}): {', '.join(reqs)}")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        (folder / "requirements.txt").write_text("\n".join(reqs) + "\n")
+        site = folder / "site"
+        _install([str(self.server_python), "-m", "pip", "install", "--progress-bar", "off", "--target", str(site),
+                  "-r", str(folder / "requirements.txt"), "-c", str(self.server_code / "constraints.txt")],
+                 f"pip install of the truss's requirements ({', '.join(reqs)})")
+        (folder / ".ready").write_text(digest)
+        return folder
+
+    @property
+    def python_version(self) -> str:
+        """The server's Python as config.yaml spells it, e.g. 'py311'."""
+        return f"py{sys.version_info.major}{sys.version_info.minor}"
 
     # ---------------------------------------------------------------------------------- apps
 
@@ -173,9 +223,13 @@ class ServerEnv:
         app = self.app_folder(truss_dir, apps)
         port = _free_port()
         log = app / "server.log"
-        # The platform sets config.yaml's environment_variables in the container (not the server): so do we.
+        # The platform sets config.yaml's environment_variables in the container (not the server): so do
+        # we. Nothing else of this process's environment goes in - a variable set only in the notebook's
+        # kernel is not set on deploy either - except what a process needs to run, and TRUSS_SECRET_*
+        # (the secret manager's stand-in here).
         declared = (yaml.safe_load((app / "config.yaml").read_text()) or {}).get("environment_variables") or {}
-        proc_env = dict(os.environ, **{str(k): str(v) for k, v in declared.items()}, **(env or {}))
+        base = {k: v for k, v in os.environ.items() if k in _PASSED or k.startswith("TRUSS_SECRET_")}
+        proc_env = dict(base, **{str(k): str(v) for k, v in declared.items()}, **(env or {}))
         proc_env.pop("PYTHONHOME", None)
         with log.open("w") as out:
             proc = subprocess.Popen([str(self.server_python), "-c", LAUNCHER, str(port)], cwd=app,
@@ -234,6 +288,9 @@ class RunningServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+_PASSED = {"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "SYSTEMROOT", "TRUSS_LAB_CACHE"}
 
 
 def _tree_digest(root: Path) -> str:

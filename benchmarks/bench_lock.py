@@ -90,6 +90,28 @@ def noop_throughput(n: int) -> dict:
     return out
 
 
+def twins(n: int) -> dict:
+    """The lock-demo twins (examples/): the same TensorFlow model with the download inside predict vs in
+    preprocess, n requests from 8 workers each: how much of the held lock was idle, and throughput."""
+    import warnings
+
+    from truss_lab.devtools.localhttp import LocalServer
+
+    root = Path(__file__).resolve().parent.parent / "examples"
+    out = {}
+    with LocalServer(root / "resnet" / "data", delay_ms=40) as server, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = {"url": server.url("sample.jpg")}
+        for name, folder in (("wrong", "lock-demo-download-in-predict"), ("right", "lock-demo")):
+            with truss_lab.load(root / folder) as tr:
+                tr.bench([x], n=8, concurrency=8, progress=False)  # warm up
+                r = tr.bench([x], n=n, concurrency=8, progress=False)
+                out[name] = {"idle_share": round(r.lock_idle_share, 3), "throughput_rps": round(r.throughput, 1),
+                             "bound_rps": round(r.bound, 1), "compute_bound_rps": round(r.compute_bound, 1)}
+    out["throughput_ratio"] = round(out["right"]["throughput_rps"] / out["wrong"]["throughput_rps"], 2)
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small counts (a smoke run, not a measurement)")
@@ -99,6 +121,7 @@ def main(argv=None) -> dict:
         "efficiency": efficiency(24 if args.quick else 200),
         "guard_overhead": guard_overhead(1_000 if args.quick else 20_000),
         "noop_throughput": noop_throughput(500 if args.quick else 5_000),
+        "twins": twins(16 if args.quick else 96),
     }
     if args.json:
         print(json.dumps(results, indent=2))
@@ -116,6 +139,13 @@ def main(argv=None) -> dict:
         print(
             f"bench throughput, no-op model: {t['workers_1_rps']} req/s with 1 worker, "
             f"{t['workers_8_rps']} req/s with 8 (x{t['ratio_8_to_1']})"
+        )
+        w, r = results["twins"]["wrong"], results["twins"]["right"]
+        print(
+            f"lock-demo twins, 8 workers: download in predict: lock held {w['idle_share']:.0%} idle, "
+            f"{w['throughput_rps']} req/s (bound {w['bound_rps']}, compute bound {w['compute_bound_rps']}); "
+            f"in preprocess: {r['idle_share']:.0%} idle, {r['throughput_rps']} req/s (bound {r['bound_rps']}, "
+            f"compute bound {r['compute_bound_rps']}) -> x{results['twins']['throughput_ratio']}"
         )
     return results
 

@@ -13,7 +13,7 @@ def test_benchmarks_run_quick(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "runner overhead:" in out and "lock efficiency:" in out and "guard overhead:" in out
     assert "guard hook cost on other work:" in out
-    assert "bench throughput, no-op model:" in out
+    assert "bench throughput, no-op model:" in out and "lock-demo twins, 8 workers:" in out
     assert "method swap:" in out and "save -> live:" in out
     assert "%load_ext truss_lab:" in out and "heavy imports: none" in out
     for name in list(sys.modules):

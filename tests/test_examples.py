@@ -134,7 +134,11 @@ def test_lock_demo_twins(tmp_path):
             assert wrong.predict(x).output == right.predict(x).output  # the same model ...
             a = wrong.bench([x], n=16, concurrency=8, progress=False)
             b = right.bench([x], n=16, concurrency=8, progress=False)
-    cmp = truss_lab.compare(a, b)
-    assert cmp.throughput_ratio > 2, cmp.table()  # ... the download outside the lock pays
+    # What the design guarantees, whatever else the machine is doing: the wrong twin holds the lock
+    # mostly idle (waiting on the 40 ms download); the right one holds it to compute. (The throughput
+    # ratio is a benchmark: README, not here.)
+    assert a.lock_idle_share > 0.5, a.table()
+    assert b.lock_idle_share < a.lock_idle_share / 2, b.table()
+    assert a.idle_measured == b.idle_measured == 16
     assert a.findings == {"http": 16} and not b.findings
     assert any("lock-demo-download-in-predict: predict sent GET" in str(w.message) for w in caught)

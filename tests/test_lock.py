@@ -336,14 +336,20 @@ def test_timeline_renders_with_one_bar_per_stage_segment(live, n):
     assert len(tl.rows) == n
     fig = tl.figure()
     lane, ax = fig.axes
-    for stage, label in (("preprocess", "pre"), ("lock_wait", "lock wait"), ("predict", "predict"), ("postprocess", "post")):
+    for stage in ("preprocess", "lock_wait", "predict", "postprocess"):
         expected = sum(1 for t in report.traces if t.stage_ms(stage) > 0)
-        bars = [c for c in ax.containers if c.get_label() == label]
+        bars = [c for c in ax.containers if _gid(c) == stage]
         assert sum(len(c.patches) for c in bars) == expected, stage
+    # the sleeping part of predict is drawn as its own, hatched bar: the idle share of the held lock
+    idle = [c for c in ax.containers if _gid(c) == "predict_idle"]
+    assert sum(len(c.patches) for c in idle) == sum(1 for t in report.traces if t.predict_idle_ms)
+    assert all(p.get_hatch() == "////" for c in idle for p in c.patches)
+    assert tl.caption.startswith("lock held ") and "of it idle" in tl.caption
     assert lane.get_ylim() == (0, 2.5)  # lock of 2, with headroom
     legend = fig.legends[0]
     assert [t.get_text() for t in legend.get_texts()] == [
-        label for label in ("pre", "lock wait", "predict", "post") if any(c.get_label() == label for c in ax.containers)
+        tl.label(stage) for stage in ("preprocess", "lock_wait", "predict", "predict_idle", "postprocess")
+        if any(_gid(c) == stage for c in ax.containers)
     ]
     png = tl.png()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
@@ -351,6 +357,7 @@ def test_timeline_renders_with_one_bar_per_stage_segment(live, n):
     for stage in ("preprocess", "predict"):
         colour = STAGE_COLOURS[stage]
         assert svg.count(f'fill="{colour}">') == sum(1 for t in report.traces if t.stage_ms(stage) > 0)
+    assert svg.count('fill="url(#tl-idle)">') == sum(1 for t in report.traces if t.predict_idle_ms)
     assert report.count == n and tl.caption in str(tl)
 
 
@@ -482,3 +489,55 @@ def test_gpu_check_asks_tensorflow_once(monkeypatch):
     monkeypatch.setattr(lockguard, "_tf_has_gpu", None)
     fake_tf.config.list_physical_devices = lambda kind: ["/physical_device:GPU:0"]
     assert lockguard.gpu_in_use() is True
+
+
+def _gid(container):
+    """The stage a matplotlib bar container draws (barh's gid is set on its patches)."""
+    return container.patches[0].get_gid() if container.patches else None
+
+
+# ---------------------------------------------------------------------------------------- compute vs idle
+
+
+def test_predict_time_splits_into_compute_and_idle(live):
+    tr = live(
+        """
+        import threading, time
+        class Model:
+            def predict(self, x):
+                if x == "wait":
+                    threading.Event().wait(0.04)  # holds the lock, computes nothing
+                else:
+                    t = time.thread_time()
+                    while time.thread_time() - t < 0.04:  # 40 ms of this thread's own CPU time
+                        pass
+                return x
+        """
+    )
+    waited, computed = tr.run("wait").trace, tr.run("busy").trace
+    assert waited.predict_idle_ms > 0.9 * waited.predict_ms and waited.predict_compute_ms < 0.1 * waited.predict_ms
+    assert computed.predict_compute_ms >= 39  # CPU time is the thread's own: it holds however busy the machine is
+    report = tr.report()
+    assert report.idle_measured == 2 and 0 < report.lock_idle_share < 1
+    assert report.compute_bound > report.bound  # if predict only computed, the lock would allow more
+    assert [f.kind for f in waited.findings] == ["idle"]  # the guard's idle finding: the same measurement
+    assert f"{waited.predict_idle_ms:.0f} of its" in waited.findings[0].detail
+
+
+def test_async_and_streaming_predicts_say_not_measured(live):
+    tr = live("import asyncio\nclass Model:\n    async def predict(self, x):\n        await asyncio.sleep(0.01)\n        return x\n")
+    t = tr.run(1).trace
+    assert t.predict_compute_ms is None and t.predict_idle_ms is None
+    assert "not measured" in tr.report().idle_sentence()
+    st = live("class Model:\n    def predict(self, x):\n        yield 1\n", name="s")
+    assert list(st.stream(0)) == [1] and st.traces[-1].predict_cpu_ms is None
+
+
+def test_compare_gives_no_verdict_on_figures_measured_against_each_runs_own_bound(live):
+    tr = live(SLEEPY.format(pre=0.0, pred=0.02, post=0.0))
+    a = tr.bench([0], n=4, concurrency=2, progress=False)
+    b = tr.bench([0], n=4, concurrency=2, progress=False)
+    cmp = truss_lab.compare(a, b)
+    for name in ("efficiency", "lock utilization", "compute bound"):
+        assert cmp.row(name).higher_is_better is None and cmp.row(name).verdict == ""
+    assert cmp.row("lock held idle").higher_is_better is False

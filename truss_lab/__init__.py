@@ -44,6 +44,14 @@ def widget(live):
     return _widget(live)
 
 
+def check(truss, inputs=None, **kwargs):
+    """`truss-lab check` on a truss folder or a LiveModel: its examples (or `inputs`) on the real Truss
+    server and here, compared, plus the deploy lints; a CheckReport (serving/check.py)."""
+    from .serving.check import check as _check
+
+    return _check(truss, inputs, make_model=load, **kwargs)
+
+
 def unload_ipython_extension(ip):
     from .notebook.magics import unload_ipython_extension as _unload
 
@@ -90,6 +98,7 @@ __all__ = [
     "Timeline",
     "Trace",
     "TrussLabError",
+    "check",
     "compare",
     "init",
     "load_ipython_extension",

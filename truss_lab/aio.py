@@ -66,22 +66,25 @@ class LoopThread:
             raise RuntimeError(f"{self._name}: a blocking call from the model's own event loop thread would deadlock it")
         loop = self._loop or self._start()
         stopped = threading.Event()
-        future = asyncio.run_coroutine_threadsafe(_as_coroutine(awaitable, stopped), loop)
-        with self._guard:
-            self._running.add(future)
-        try:
+        future = None
+        try:  # from here on an interrupt (Ctrl-C) anywhere cancels the coroutine and waits for it
+            future = asyncio.run_coroutine_threadsafe(_as_coroutine(awaitable, stopped), loop)
+            with self._guard:
+                self._running.add(future)
             return future.result()
         except concurrent.futures.CancelledError:
             if self._closed:
                 raise LoopClosed(f"{self._name}: closed while this call was running") from None
             raise
         except BaseException:
-            future.cancel()
-            stopped.wait(STOP_WAIT_S)
+            if future is not None:
+                future.cancel()
+                stopped.wait(STOP_WAIT_S)
             raise
         finally:
-            with self._guard:
-                self._running.discard(future)
+            if future is not None:
+                with self._guard:
+                    self._running.discard(future)
 
     def finish(self, awaitable: Awaitable) -> None:
         """Run cleanup (an `aclose()`): wait for it, or schedule it when called on the loop thread itself."""

@@ -133,7 +133,9 @@ def cmd_check(args) -> int:
         except json.JSONDecodeError as exc:
             print(f"truss-lab check: --input is not JSON: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    return main_check(args.path, inputs, args.json, args.truss_version, args.rtol)
+    from .live import load
+
+    return main_check(args.path, inputs, args.json, args.truss_version, args.rtol, make_model=load)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,7 +93,6 @@ class Watch:
     """What one predict did while holding the lock; filled by the audit hook."""
 
     wall0: float
-    cpu0: float
     proc0: float
     events: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, detail) -> count
     dropped: int = 0  # events past MAX_EVENTS distinct ones
@@ -264,7 +263,7 @@ def redact_argv(argv: list[str]) -> list[str]:
 
 def begin() -> Watch:
     """Start a watch for one predict (then `enter` it in every thread or task that runs predict)."""
-    return Watch(time.perf_counter(), time.thread_time(), time.process_time())
+    return Watch(time.perf_counter(), time.process_time())
 
 
 def enter(watch: Watch) -> Any:
@@ -276,12 +275,16 @@ def leave(token: Any) -> None:
     _CURRENT.reset(token)
 
 
-def end(watch: Watch, held_ms: float) -> list[Finding]:
-    """Turn what was seen into findings (one per kind and detail); [] on the fast path."""
+def end(watch: Watch, held_ms: float, cpu_ms: float | None = None) -> list[Finding]:
+    """Turn what was seen into findings (one per kind and detail); [] on the fast path.
+
+    `cpu_ms`: predict's thread CPU time as the runner measured it for the trace's compute/idle split
+    (one measurement for both); None where it says nothing (async, streamed), and then no idle finding.
+    """
     wall_ms = (time.perf_counter() - watch.wall0) * 1000.0
-    if not watch.events and (not watch.idle_check or wall_ms < IDLE_MIN_MS):
+    idle_check = watch.idle_check and cpu_ms is not None
+    if not watch.events and (not idle_check or wall_ms < IDLE_MIN_MS):
         return []  # nothing seen, and too short (or not ours to time) to call idle
-    cpu_ms = (time.thread_time() - watch.cpu0) * 1000.0
     proc_ms = (time.process_time() - watch.proc0) * 1000.0
     events = _most_telling(watch.events)
     out = [Finding(kind, detail, held_ms, count) for (kind, detail), count in events.items()]
@@ -290,13 +293,13 @@ def end(watch: Watch, held_ms: float) -> list[Finding]:
         out[-1] = Finding(last.kind, f"{last.detail} and {watch.dropped} other things", held_ms, last.count)
     if (
         not out  # a download or a sleep already explains the waiting
-        and watch.idle_check
+        and idle_check
         and wall_ms >= IDLE_MIN_MS
         and cpu_ms < IDLE_CPU_SHARE * wall_ms
         and proc_ms < IDLE_PROCESS_SHARE * wall_ms
         and not gpu_in_use()
     ):
-        idle = f"{wall_ms - cpu_ms:.0f} of its {wall_ms:.0f} ms (thread CPU {cpu_ms:.0f} ms)"
+        idle = f"{max(0.0, held_ms - cpu_ms):.0f} of its {held_ms:.0f} ms (thread CPU {cpu_ms:.0f} ms)"  # = the trace's idle split
         out.append(Finding("idle", idle, held_ms))
     return out
 

@@ -273,7 +273,7 @@ class LiveModel(Runner):
         here, compared, plus the deploy lints; a CheckReport (serving/check.py)."""
         from .serving.check import check
 
-        return check(self, inputs, **kwargs)
+        return check(self, inputs, **kwargs)  # check() takes this LiveModel duck-typed: no import of live
 
     def on_close(self, callback: Callable[[], None]) -> None:
         """Call `callback()` when the model closes (a panel or a notice lets go of it then)."""

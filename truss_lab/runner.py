@@ -22,7 +22,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from time import perf_counter
+from time import perf_counter, thread_time
 from typing import Any, Callable, Iterator
 
 from . import guard as lockguard
@@ -250,6 +250,8 @@ class Runner:
             if method == "predict":
                 stage = "preprocess"
                 x = self._preprocess(s, x, t, req)
+            spec = s.methods.specs[method]
+            t.cpu_measurable = not (spec.is_async or spec.is_generator)  # else predict's CPU is not this thread's
             stage = "predict"
             with self._slot(s, t, method) as watch:
                 token = lockguard.enter(watch) if watch is not None else None
@@ -260,6 +262,7 @@ class Runner:
                         lockguard.leave(token)
                 streamed = is_stream(y)
                 if streamed:
+                    t.cpu_measurable = False
                     if method == "predict":
                         refuse_postprocess(s, y)
                     if watch is not None and not drain:
@@ -407,13 +410,19 @@ class Runner:
         try:
             with lock:  # `with`: no instruction between acquiring and the guaranteed release
                 t.lock_acquired = t.predict_start = perf_counter()
+                cpu0 = thread_time()
                 watch = lockguard.begin() if self._guard else None
                 try:
                     yield watch
                 finally:
                     t.predict_end = perf_counter()
+                    cpu_ms = None
+                    if t.cpu_measurable and (watch is None or watch.idle_check):
+                        cpu_ms = t.predict_cpu_ms = (thread_time() - cpu0) * 1000.0
+                        if cpu_ms < 0.5 * t.predict_ms:  # mostly not computing: was a GPU busy instead?
+                            t.gpu_in_use = lockguard.gpu_in_use()
                     if watch is not None:
-                        self._found(s, t, lockguard.end(watch, t.predict_ms))
+                        self._found(s, t, lockguard.end(watch, t.predict_ms, cpu_ms))
         finally:
             if t.lock_acquired is not None:
                 t.lock_released = perf_counter()
@@ -428,6 +437,8 @@ class Runner:
 
     def _open_predict_only(self, s: Serving, t: Trace, x: Any) -> Iterator[Any]:
         req = _RequestOnce(x, None)
+        spec = s.methods.specs["predict"]
+        t.cpu_measurable = not (spec.is_async or spec.is_generator)
         with self._predict_slot(s, t) as watch:
             token = lockguard.enter(watch) if watch is not None else None
             try:
@@ -436,6 +447,7 @@ class Runner:
                 if token is not None:
                     lockguard.leave(token)
             if is_stream(y):
+                t.cpu_measurable = False
                 refuse_postprocess(s, y)
                 yield True
                 chunks = self._iterate(y, watch)

@@ -48,6 +48,9 @@ class Trace:
     warnings: list[str] = field(default_factory=list)
     findings: list[Any] = field(default_factory=list)  # lock-misuse findings (guard.py)
     method: str = "predict"  # or the OpenAI-compatible method called (no lock, no pre/postprocess)
+    predict_cpu_ms: float | None = None  # predict's thread CPU time; None where it says nothing (async, streamed)
+    gpu_in_use: bool = False  # torch/TensorFlow had a GPU: a CPU-idle predict may be waiting for it
+    cpu_measurable: bool = field(default=True, repr=False, compare=False)  # predict ran in this thread, not streamed
 
     @property
     def ok(self) -> bool:
@@ -68,6 +71,20 @@ class Trace:
     @property
     def lock_held_ms(self) -> float:
         return _ms(self.lock_acquired, self.lock_released)
+
+    @property
+    def predict_compute_ms(self) -> float | None:
+        """Of predict's time, how much its thread computed (CPU time); None when not measured."""
+        if self.predict_cpu_ms is None or self.predict_end is None:
+            return None
+        return min(self.predict_cpu_ms, self.predict_ms)
+
+    @property
+    def predict_idle_ms(self) -> float | None:
+        """Of predict's time (the lock held), how much it was not computing: waiting on I/O, a sleep,
+        a download - or, with a GPU in use, possibly the GPU. None when not measured."""
+        compute = self.predict_compute_ms
+        return None if compute is None else max(0.0, self.predict_ms - compute)
 
     @property
     def post_ms(self) -> float:
@@ -155,6 +172,24 @@ class Report:
     findings: dict[str, int] = field(default_factory=dict)  # lock-misuse kind -> requests with it
     finding_messages: dict[str, str] = field(default_factory=dict)  # kind -> the first message
     traces: list[Trace] = field(default_factory=list, repr=False)
+    lock_idle_share: float = math.nan  # share of the lock's held time with predict not computing (measured requests)
+    compute_bound: float = math.nan  # lock_size / mean predict *compute* seconds: the bound if predict only computed
+    idle_measured: int = 0  # requests whose predict compute/idle split was measured
+    gpu_in_use: bool = False  # a GPU was in use: idle may be waiting for the GPU
+
+    @property
+    def idle_label(self) -> str:
+        """What the idle part of predict is called: "waiting (GPU in use?)" with a GPU, else "idle"."""
+        return "waiting (GPU in use?)" if self.gpu_in_use else "idle"
+
+    def idle_sentence(self) -> str:
+        """"lock held 100% · 82% of it idle — predict waits while holding the lock" (the timeline's caption lead)."""
+        if self.idle_measured == 0 or math.isnan(self.lock_idle_share):
+            return f"lock held {self.lock_utilization:.0%} · idle share not measured (async or streaming predict)"
+        text = f"lock held {self.lock_utilization:.0%} · {self.lock_idle_share:.0%} of it {self.idle_label}"
+        if self.lock_idle_share >= 0.5 and not self.gpu_in_use:
+            text += " — predict waits while holding the lock"
+        return text
 
     @property
     def ok(self) -> int:
@@ -203,6 +238,11 @@ class Report:
         predicted = [t.predict_ms for t in traces if t.predict_end is not None and t.method == "predict"]
         mean_predict_s = (sum(predicted) / len(predicted) / 1000.0) if predicted else 0.0
         bound = lock_size / mean_predict_s if mean_predict_s > 0 else math.nan
+        measured = [t for t in traces if t.method == "predict" and t.predict_compute_ms is not None and t.lock_acquired]
+        held_ms = sum(t.predict_ms for t in measured)
+        idle_share = sum(t.predict_idle_ms for t in measured) / held_ms if held_ms > 0 else math.nan
+        compute_s = sum(t.predict_compute_ms for t in measured) / len(measured) / 1000.0 if measured else 0.0
+        compute_bound = lock_size / compute_s if compute_s > 0 else math.nan
         return cls(
             count=len(traces),
             failures=failures,
@@ -217,6 +257,10 @@ class Report:
             findings=findings,
             finding_messages=messages,
             traces=list(traces),
+            lock_idle_share=idle_share,
+            compute_bound=compute_bound,
+            idle_measured=len(measured),
+            gpu_in_use=any(t.gpu_in_use for t in measured),
             **extra,
         )
 
@@ -245,6 +289,8 @@ class Report:
             f"lock utilization {self.lock_utilization:.0%} | max holders {self.max_lock_holders}"
             f"/{self.lock_size} | wall {self.wall_s * 1000:.0f} ms"
         )
+        lines.append(self.idle_sentence() + (
+            f" | compute bound {self.compute_bound:.2f} req/s (if predict only computed)" if not math.isnan(self.compute_bound) else ""))
         if self.count:
             dist = ", ".join(f"{label} {n}" for label, n in self.lock_wait_distribution() if n)
             lines.append(f"lock wait: {dist}")

@@ -10,8 +10,9 @@ import pytest
 
 import truss_lab
 from conftest import ROOT, write_truss
+from truss_lab import check
 from truss_lab.bundle import read_bundle
-from truss_lab.serving.check import check, first_difference, lint
+from truss_lab.serving.check import first_difference, lint
 
 
 def kinds(report) -> set[tuple[str, str]]:
@@ -139,10 +140,11 @@ def test_the_panel_check_button_shows_the_report(truss_env, make_truss):
 
 def test_the_check_magic(truss_env, make_truss):
     pytest.importorskip("IPython")
+    from IPython.core.interactiveshell import InteractiveShell
     from IPython.testing.globalipapp import start_ipython
     from IPython.utils.capture import capture_output
 
-    ip = start_ipython()
+    ip = start_ipython() or InteractiveShell.instance()
     ip.run_line_magic("load_ext", "truss_lab")
     root = make_truss("class Model:\n    def predict(self, x):\n        return x\n")
     try:

@@ -12,15 +12,20 @@ from dataclasses import dataclass
 from .style import STYLE, esc
 from ..trace import Report
 
-# (name, unit, how to read it from a Report, True when higher is better)
+# (name, unit, how to read it from a Report, True when higher is better, None: no verdict)
+# A verdict only where a higher (or lower) value is better for the same workload whatever the design:
+# utilization and efficiency are measured against each run's own bound (from its own predict time, a
+# download inside predict included), so they are shown without one.
 METRICS = (
     ("throughput", "req/s", lambda r: r.throughput, True),
     ("latency p50", "ms", lambda r: r.stages["total"].p50, False),
     ("latency p95", "ms", lambda r: r.stages["total"].p95, False),
     ("lock wait p95", "ms", lambda r: r.stages["lock_wait"].p95, False),
     ("predict mean", "ms", lambda r: r.stages["predict"].mean, False),
+    ("lock held idle", "%", lambda r: 100.0 * r.lock_idle_share, False),
+    ("compute bound", "req/s", lambda r: r.compute_bound, None),
     ("lock utilization", "%", lambda r: 100.0 * r.lock_utilization, None),
-    ("efficiency", "", lambda r: r.efficiency, True),
+    ("efficiency", "", lambda r: r.efficiency, None),
     ("failures", "", lambda r: float(sum(r.failures.values())), False),
 )
 

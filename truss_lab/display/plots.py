@@ -19,7 +19,7 @@ from typing import Any, Iterable
 from .style import STAGE_COLOURS, STAGE_LABELS, esc
 from ..trace import Report, Trace, max_concurrent
 
-SEGMENT_STAGES = ("preprocess", "lock_wait", "predict", "postprocess")
+SEGMENT_STAGES = ("preprocess", "lock_wait", "predict", "predict_idle", "postprocess")
 ERROR_COLOUR = "#c62828"
 
 
@@ -48,9 +48,17 @@ class Timeline:
     span_ms: float
     caption: str
     by: str
+    idle_label: str = "idle"  # "waiting (GPU in use?)" when a GPU was in use
 
     def bars(self, stage: str) -> list[Segment]:
         return [s for s in self.segments if s.stage == stage]
+
+    def label(self, stage: str) -> str:
+        if stage == "predict_idle":
+            return f"predict, {self.idle_label}"
+        if stage == "predict" and self.bars("predict_idle"):
+            return "predict (computing)"
+        return STAGE_LABELS[stage]
 
     # -------------------------------------------------------------------- matplotlib
 
@@ -75,9 +83,11 @@ class Timeline:
                     left=[s.start_ms for s in segs],
                     height=bar_h,
                     color=STAGE_COLOURS[stage],
-                    label=STAGE_LABELS[stage],
+                    label=self.label(stage),
                     linewidth=0,
                     gid=stage,
+                    hatch="////" if stage == "predict_idle" else None,
+                    edgecolor=STAGE_COLOURS["predict"] if stage == "predict_idle" else None,
                 )
         if self.errors:
             ax.scatter(
@@ -118,8 +128,8 @@ class Timeline:
         row_h = max(2.0, min(14.0, 420.0 / n))
         left, right = 64, 12
         # the caption on one line if it fits (about 6 px a character at 11 px), else two
-        head, sep, tail = self.caption.partition(" · efficiency ")
-        lines = [self.caption] if len(self.caption) * 6 <= width - left or not sep else [head, "efficiency " + tail]
+        head, sep, tail = self.caption.partition(CAPTION_BREAK)  # after the idle sentence
+        lines = [self.caption] if len(self.caption) * 6 <= width - left or not sep else [head, tail]
         shift = 13 * (len(lines) - 1)
         top = 40 + shift
         lane_h, gap = 36, 10
@@ -137,10 +147,16 @@ class Timeline:
             *(f'<text x="{left}" y="{12 + 13 * i}" font-size="11">{esc(line)}</text>' for i, line in enumerate(lines)),
         ]
         lx = left
+        out.append(
+            '<defs><pattern id="tl-idle" width="4" height="4" patternUnits="userSpaceOnUse" patternTransform="rotate(45)">'
+            f'<rect width="4" height="4" fill="{STAGE_COLOURS["predict_idle"]}"/>'
+            f'<line x1="0" y1="0" x2="0" y2="4" stroke="{STAGE_COLOURS["predict"]}" stroke-width="1.2"/></pattern></defs>'
+        )
         for stage in SEGMENT_STAGES:
-            out.append(f'<rect x="{lx}" y="{20 + shift}" width="10" height="10" fill="{STAGE_COLOURS[stage]}"/>')
-            out.append(f'<text x="{lx + 14}" y="{29 + shift}">{STAGE_LABELS[stage]}</text>')
-            lx += 24 + 7 * len(STAGE_LABELS[stage])
+            fill = "url(#tl-idle)" if stage == "predict_idle" else STAGE_COLOURS[stage]
+            out.append(f'<rect x="{lx}" y="{20 + shift}" width="10" height="10" fill="{fill}"/>')
+            out.append(f'<text x="{lx + 14}" y="{29 + shift}">{esc(self.label(stage))}</text>')
+            lx += 24 + 6 * len(self.label(stage))
         if self.errors:
             out.append(f'<text x="{lx}" y="{29 + shift}" fill="{ERROR_COLOUR}">× error</text>')
         # lock lane: slots held over time, dashed line at the lock size
@@ -164,8 +180,9 @@ class Timeline:
             y = body_top + seg.row * row_h
             out.append(
                 f'<rect x="{x(seg.start_ms):.2f}" y="{y:.2f}" width="{max(plot_w * seg.ms / span, 0.5):.2f}" '
-                f'height="{max(row_h - (1 if row_h > 4 else 0), 1):.2f}" fill="{STAGE_COLOURS[seg.stage]}">'
-                f"<title>{esc(self.rows[seg.row])} {STAGE_LABELS[seg.stage]} {seg.ms:.1f} ms</title></rect>"
+                f'height="{max(row_h - (1 if row_h > 4 else 0), 1):.2f}" '
+                f'fill="{"url(#tl-idle)" if seg.stage == "predict_idle" else STAGE_COLOURS[seg.stage]}">'
+                f"<title>{esc(self.rows[seg.row])} {esc(self.label(seg.stage))} {seg.ms:.1f} ms</title></rect>"
             )
         for row, ms, what in self.errors:
             out.append(
@@ -249,7 +266,13 @@ def timeline(source: Any, by: str = "request", last: int | None = None, lock_siz
             ("postprocess", t.post_start, t.post_end),
         ):
             if a is not None and b is not None and b > a:
-                segments.append(Segment(row, stage, ms(a), ms(b), t.request_id))
+                idle = t.predict_idle_ms if stage == "predict" else None
+                if idle:  # the idle share of predict, drawn after the computing part (a share, not when)
+                    split = ms(b) - idle
+                    segments.append(Segment(row, "predict", ms(a), split, t.request_id))
+                    segments.append(Segment(row, "predict_idle", split, ms(b), t.request_id))
+                else:
+                    segments.append(Segment(row, stage, ms(a), ms(b), t.request_id))
         if not t.ok:
             errors.append((row, ms(t.end), f"{t.error_stage} error: {t.error}"))
     steps: list[tuple[float, int]] = []
@@ -264,18 +287,23 @@ def timeline(source: Any, by: str = "request", last: int | None = None, lock_siz
         level += step
         steps.append((ms(ts), level))
     span = max((ms(t.end) for t in traces), default=0.0)
-    return Timeline(rows, segments, errors, steps, report.lock_size, span, caption(report), by)
+    return Timeline(rows, segments, errors, steps, report.lock_size, span, caption(report), by, report.idle_label)
 
 
 def caption(report: Report) -> str:
+    """Leads with how much of the lock's held time predict spent not computing - the lesson - then the rest."""
     if not report.count:
         return "no requests"
     fail = sum(report.failures.values())
+    compute = f", compute bound {report.compute_bound:.1f}" if not math.isnan(report.compute_bound) else ""
     return (
+        f"{report.idle_sentence()}{CAPTION_BREAK}"
         f"{report.count} request{'s' if report.count != 1 else ''}{f' ({fail} failed)' if fail else ''} · {report.throughput:.1f} req/s · "
-        f"lock utilization {report.lock_utilization:.0%} · efficiency {report.efficiency:.2f} "
-        f"of the bound {report.bound:.1f} req/s (lock {report.lock_size})"
+        f"bound {report.bound:.1f}{compute} req/s (lock {report.lock_size})"
     )
+
+
+CAPTION_BREAK = " | "  # between the idle sentence and the rest: where the SVG breaks a long caption
 
 
 def _report(source: Any, last: int | None, lock_size: int | None) -> Report:

@@ -164,5 +164,8 @@ def report_html(report) -> str:
         f'<div style="margin-top:4px">throughput <b>{report.throughput:.2f}</b> req/s · bound {report.bound:.2f} req/s '
         f"(lock {report.lock_size} / mean predict) · efficiency <b>{report.efficiency:.2f}</b> · "
         f"lock utilization {report.lock_utilization:.0%} · max holders {report.max_lock_holders}/{report.lock_size}</div>"
+        f'<div><b>{esc(report.idle_sentence())}</b>'
+        + (f" · compute bound {report.compute_bound:.2f} req/s (if predict only computed)" if report.compute_bound == report.compute_bound else "")
+        + "</div>"
         f"{misuse}{picture}</div>"
     )

@@ -9,9 +9,11 @@ STAGE_COLOURS = {
     "preprocess": "#4e79a7",
     "lock_wait": "#bab0ac",
     "predict": "#e15759",
+    "predict_idle": "#f4b6b7",  # the part of predict (the lock held) not computing: drawn lighter, hatched
     "postprocess": "#59a14f",
 }
-STAGE_LABELS = {"preprocess": "pre", "lock_wait": "lock wait", "predict": "predict", "postprocess": "post"}
+STAGE_LABELS = {"preprocess": "pre", "lock_wait": "lock wait", "predict": "predict",
+                "predict_idle": "predict, idle", "postprocess": "post"}
 
 
 def esc(value: Any) -> str:

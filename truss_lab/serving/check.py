@@ -144,18 +144,21 @@ def check(
     truss: str | os.PathLike | Any,
     inputs: Iterable[Any] | None = None,
     *,
+    make_model: Callable[[Path], Any] | None = None,
     truss_version: str | None = None,
     rtol: float = RTOL,
     atol: float = ATOL,
     note: Callable[[str], None] | None = None,
 ) -> CheckReport:
-    """Run the check on a truss folder (or a LiveModel, whose folder is used and which serves the
-    truss_lab side). `inputs`: the requests to send (default: every example in examples.yaml)."""
-    from ..live import LiveModel, load
+    """Run the check on a LiveModel (its folder, and it serves the truss_lab side) or on a truss folder,
+    loaded with `make_model(path)` (`truss_lab.check` passes `truss_lab.load`). `inputs`: the requests
+    to send (default: every example in examples.yaml)."""
     from .truss_server import TRUSS_VERSION, ServerEnv
 
     t0 = time.perf_counter()
-    live = truss if isinstance(truss, LiveModel) else None
+    live = truss if hasattr(truss, "bundle") and hasattr(truss, "serve") else None
+    if live is None and make_model is None:
+        raise TrussLabError("check() of a folder needs make_model (truss_lab.check(path) passes truss_lab.load)")
     bundle = live.bundle if live is not None else read_bundle(truss)
     env = ServerEnv.ensure(truss_version or TRUSS_VERSION, note=note)
     requirements = _requirements(bundle)
@@ -175,7 +178,7 @@ def check(
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            live = load(bundle.path)
+            live = make_model(bundle.path)
     try:
         with env.start(bundle.path, env=server_env, timeout=600) as oracle:
             loaded = oracle.wait_ready(1)
@@ -471,10 +474,11 @@ def _lint_env_vars(bundle: Bundle, trees) -> list[Finding]:
     return out
 
 
-def main_check(path: str, inputs: list[Any] | None, as_json: bool, truss_version: str | None, rtol: float) -> int:
+def main_check(path: str, inputs: list[Any] | None, as_json: bool, truss_version: str | None, rtol: float,
+               make_model: Callable[[Path], Any]) -> int:
     """`truss-lab check` (cli.py): print the report; 0 when everything matches and no finding is an error."""
     try:
-        report = check(path, inputs, truss_version=truss_version, rtol=rtol)
+        report = check(path, inputs, make_model=make_model, truss_version=truss_version, rtol=rtol)
     except TrussLabError as exc:
         print(f"truss-lab check: {exc}", file=sys.stderr)
         return 2

@@ -137,8 +137,15 @@ def test_lock_demo_twins(tmp_path):
     # What the design guarantees, whatever else the machine is doing: the wrong twin holds the lock
     # mostly idle (waiting on the 40 ms download); the right one holds it to compute. (The throughput
     # ratio is a benchmark: README, not here.)
+    # (Shares move with load: CPU contention inside predict counts as not computing. The 40 ms download
+    # is a fixed amount of idle time that only the wrong twin holds the lock through.)
     assert a.lock_idle_share > 0.5, a.table()
-    assert b.lock_idle_share < a.lock_idle_share / 2, b.table()
     assert a.idle_measured == b.idle_measured == 16
+
+    def idle_ms(report):
+        return sum(t.predict_idle_ms for t in report.traces) / report.count
+
+    assert idle_ms(a) >= 30, a.table()  # the download's 40 ms, under the lock
+    assert idle_ms(a) - idle_ms(b) >= 20, (idle_ms(a), idle_ms(b))
     assert a.findings == {"http": 16} and not b.findings
     assert any("lock-demo-download-in-predict: predict sent GET" in str(w.message) for w in caught)

@@ -341,3 +341,27 @@ def test_wait_for_reload_returns_the_watchers_event(live):
     assert event.kind == "methods" and event.trigger == "watch" and tr.reload_count == n + 1
     assert tr.predict(1).output == [1]
     tr.unwatch()
+
+
+@pytest.mark.parametrize("style", ["rename", "three-writes"])
+def test_an_editors_burst_of_writes_is_one_reload(model, style):
+    tr, mf = model
+    good = mf.read_text()
+    new = good.replace('return f"cat:{x}"', 'return f"owl:{x}"')
+    with tr.watch():
+        n = tr.reload_count
+        if style == "rename":  # write a temp file, rename it over the original
+            save(mf, new, how="rename")
+        else:  # truncate, write in two parts, as some editors do
+            with open(mf, "w") as f:
+                f.flush()
+                f.write(new[: len(new) // 2])
+                f.flush()
+                f.write(new[len(new) // 2:])
+        event = tr.wait_for_reload(since=n)
+        assert event.ok and event.kind == "methods", event
+        # a later, separate save: if the burst had been split, its extra reload would come first
+        save(mf, new.replace("owl", "elk"))
+        last = tr.wait_for_reload(since=n + 1)
+        assert tr.reload_count == n + 2 and last.ok, tr.reload_history[-3:]
+        assert tr.predict(1).output["label"] == "elk:1"

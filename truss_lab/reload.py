@@ -503,7 +503,7 @@ class Reloader:
     def watching(self) -> bool:
         return self._watcher is not None and self._watcher.is_alive()
 
-    def watch(self, step_ms: int = 50, debounce_ms: int = 400) -> None:
+    def watch(self, step_ms: int = 20, debounce_ms: int = 400) -> None:
         """Reload on save, from a daemon thread. Saves within `step_ms` of each other count as one."""
         if self.watching:
             return

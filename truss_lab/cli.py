@@ -120,6 +120,40 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
+def cmd_snapshot(args) -> int:
+    from .examples import write_snapshot
+    from .live import load
+
+    with load(args.path) as live:
+        if not live.bundle.examples:
+            print(f"truss-lab snapshot: {live.bundle.examples_path}: no examples to snapshot", file=sys.stderr)
+            return EXIT_USAGE
+        path = write_snapshot(live)
+    print(f"wrote {path} ({len(live.bundle.examples)} examples)")
+    return EXIT_OK
+
+
+def cmd_test(args) -> int:
+    from .examples import test_snapshot, write_snapshot
+    from .live import load
+
+    with load(args.path) as live:
+        if args.update:
+            print(f"updated {write_snapshot(live)}")
+            return EXIT_OK
+        result = test_snapshot(live, rtol=args.rtol, atol=args.atol)
+    differs = [c for c in result.changes if c.status != "unchanged"]
+    if differs:
+        print(f"{live.name}: {len(differs)} of {len(result.changes)} examples differ from the snapshot "
+              f"(rtol={args.rtol:g}, atol={args.atol:g}):")
+        for c in differs:
+            print("  " + c.line())
+        print("  (truss-lab test --update rewrites the snapshot)")
+        return EXIT_MODEL
+    print(f"{live.name}: {len(result.changes)} examples match the snapshot (rtol={args.rtol:g}, atol={args.atol:g})")
+    return EXIT_OK
+
+
 def cmd_check(args) -> int:
     try:
         from .serving.check import main_check
@@ -177,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-replicas", type=int, default=1, metavar="N", help="with --ray: pre/postprocess replicas (default 1)")
     p.add_argument("--gpus", type=float, default=0, metavar="N", help="with --ray: GPUs per predict replica (default 0)")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("snapshot", help="store every example's output next to the truss (examples.snapshot.json)")
+    p.add_argument("path", metavar="PATH", help="the Truss folder")
+    p.set_defaults(func=cmd_snapshot)
+    p = sub.add_parser("test", help="re-run the examples and compare with the snapshot (exit 1 on a difference)")
+    p.add_argument("path", metavar="PATH", help="the Truss folder")
+    p.add_argument("--update", action="store_true", help="rewrite the snapshot instead")
+    p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance for numbers (default 1e-4)")
+    p.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance for numbers (default 1e-6)")
+    p.set_defaults(func=cmd_test)
     p = sub.add_parser("check", help="run the examples on the real Truss server and here, compare, and lint what fails only on deploy")
     p.add_argument("path", metavar="PATH", help="the Truss folder")
     p.add_argument("--input", action="append", metavar="JSON", help="a request to send (repeatable; default: every example)")

@@ -49,6 +49,7 @@ class LiveModel(Runner):
         self._serving: wrapper.Serving | None = None
         self._servers: list[Any] = []  # HTTP servers started by serve(); close() stops them
         self._on_close: list[Callable[[], None]] = []
+        self._examples_watch = None
         self.load_ms: float = 0.0
         self.roots = loader.user_roots(bundle)
         self.space = loader.Space(bundle)  # this model's own module names (loader.py)
@@ -108,13 +109,39 @@ class LiveModel(Runner):
         """Reload edited code now: swap changed methods, or rebuild and load() when needed (full=True forces it)."""
         return self.reloader.reload(full=full)
 
-    def watch(self) -> "_Watching":
-        """Reload on every save, from a background thread. Also a context manager: `with tr.watch(): ...`."""
+    def watch(self, examples: bool | list[str] = False) -> "_Watching":
+        """Reload on every save, from a background thread. Also a context manager: `with tr.watch(): ...`.
+
+        `examples=True` (or a list of example names): after every successful reload, run the examples
+        in the background and diff them with the run before (`tr.examples_diff`, `tr.on_examples`).
+        """
         self.reloader.watch()
+        if examples and self._examples_watch is None:
+            from .examples import ExamplesWatch
+
+            self._examples_watch = ExamplesWatch(self, None if examples is True else list(examples))
         return _Watching(self)
 
     def unwatch(self) -> None:
         self.reloader.unwatch()
+        if self._examples_watch is not None:
+            self._examples_watch.stop()
+            self._examples_watch = None
+
+    @property
+    def examples_diff(self):
+        """The latest ExamplesDiff (what the last save changed in the examples' outputs), or None."""
+        return self._examples_watch.latest if self._examples_watch is not None else None
+
+    def on_examples(self, callback) -> Callable[[], None]:
+        """Call `callback(diff)` after each examples run that follows a reload (needs watch(examples=True))."""
+        if self._examples_watch is None:
+            raise TrussLabError(f"{self.name}: examples are not watched: tr.watch(examples=True)")
+        return self._examples_watch.on_diff(callback)
+
+    def wait_for_examples(self, timeout: float = 60.0) -> bool:
+        """Block until no examples run is going (True), or `timeout` passes (False)."""
+        return self._examples_watch.wait(timeout) if self._examples_watch is not None else True
 
     @property
     def watching(self) -> bool:
@@ -286,7 +313,7 @@ class LiveModel(Runner):
         for server in self._servers:
             server.stop()
         self._servers.clear()
-        self.reloader.unwatch()
+        self.unwatch()
         self._loop.close()
         callbacks, self._on_close = self._on_close, []
         for callback in callbacks:

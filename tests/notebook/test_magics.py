@@ -284,3 +284,18 @@ def test_reloading_into_one_variable_lets_the_old_models_go(ip, tmp_path):
     gc.collect()
     assert [r() is None for r in refs] == [True, True, False]  # only the model in `m` is alive
     assert len(ip.magics_manager.registry["TrussMagics"]._notices) == 1
+
+
+def test_watch_with_examples_shows_the_diff(ip, make_truss):
+    root = make_truss("class Model:\n    def predict(self, x):\n        return {'v': x}\n", examples=[{"name": "one", "input": 1}])
+    run(ip, f"load {root} --as ex --no-watch")
+    cap = run(ip, "watch on --examples")
+    live = ip.user_ns["ex"]
+    assert live.watching and "examples will be re-run" in cap.outputs[0].data["text/plain"]
+    assert live.wait_for_examples(30)
+    got = threading.Event()
+    live.on_examples(lambda d: got.set())
+    n = live.reload_count
+    (root / "model" / "model.py").write_text("class Model:\n    def predict(self, x):\n        return {'v': x + 1}\n")
+    live.wait_for_reload(since=n)
+    assert got.wait(30) and "one: changed" in str(live.examples_diff)

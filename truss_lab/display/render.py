@@ -33,7 +33,41 @@ def to_html(value: Any) -> str:
         return report_html(value)
     if isinstance(value, ReloadEvent):
         return reload_html(value)
+    from ..examples import ExamplesDiff
+
+    if isinstance(value, ExamplesDiff):
+        return examples_diff_html(value)
     return f"<pre>{esc(repr(value))}</pre>"
+
+
+STATUS_COLOURS = {"unchanged": "#666", "changed": "#ef6c00", "now failing": "#c62828", "fixed": "#2e7d32",
+                  "still failing": "#c62828", "new": "#1565c0", "removed": "#666"}
+
+
+def examples_diff_html(d) -> str:
+    """An ExamplesDiff: one row per example - status, changed paths or rank moves, stage times old -> new."""
+    rows = []
+    for c in d.changes:
+        colour = STATUS_COLOURS.get(c.status, "#333")
+        what = "; ".join(esc(r) for r in c.ranks) if c.ranks else "; ".join(
+            f"<code>{esc(p or '<output>')}</code>: {esc(_json_short(a))} → {esc(_json_short(b))}" for p, a, b in c.paths[:5])
+        if c.error:
+            what = (what + " " if what else "") + f"<span style='color:#c62828'>{esc(c.error)}</span>"
+        times = ", ".join(f"{esc(s)} {a:.1f} → {b:.1f} ms" for s, (a, b) in c.stage_ms.items() if a > 0.05 and b > 0)
+        rows.append(f"<tr><td style='text-align:left'>{esc(c.name)}</td><td style='color:{colour};text-align:left'>"
+                    f"<b>{esc(c.status)}</b></td><td style='text-align:left'>{what}</td><td>{times}</td></tr>")
+    return (f'<div class="truss-lab truss-lab-examples-diff">{STYLE}<div class="tl-head">{esc(d.summary())}</div>'
+            f"<table>{''.join(rows)}</table></div>")
+
+
+def _json_short(value, limit: int = 60) -> str:
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def result_html(result) -> str:

@@ -92,6 +92,10 @@ def plain(value: Any) -> str:
         return value.table()
     if isinstance(value, ReloadEvent):
         return value.summary()
+    from ..examples import ExamplesDiff
+
+    if isinstance(value, ExamplesDiff):
+        return str(value)
     return repr(value)
 
 

@@ -61,6 +61,7 @@ def build_parser() -> _Parser:
     p = sub.add_parser("watch", help="turn reload-on-save on or off")
     p.add_argument("state", choices=("on", "off"))
     p.add_argument("--model", metavar="VAR")
+    p.add_argument("--examples", action="store_true", help="after every reload, re-run examples.yaml and show what changed")
     p = sub.add_parser("status", help="version, last reload, lock size, traces kept, last report")
     p.add_argument("--model", metavar="VAR")
     p = sub.add_parser("bench", help="send N requests from C workers; show the report")
@@ -207,6 +208,16 @@ class TrussMagics(Magics):
         self._notices[key] = (handle, live.on_reload(show))
         live.on_close(lambda: self._notices.pop(key, None))
 
+    def attach_examples(self, live) -> None:
+        """Show each ExamplesDiff in this cell's output, updated in place as the reload notice is."""
+        handle = display(_Notice(f"{live.name}: examples will be re-run after every reload"), display_id=True)
+
+        def show(d) -> None:
+            if handle is not None:
+                handle.update(d)
+
+        live.on_examples(show)
+
     # ------------------------------------------------------------------ commands
 
     def cmd_init(self, args, cell):
@@ -254,8 +265,10 @@ class TrussMagics(Magics):
     def cmd_watch(self, args, cell):
         live = self.model(args.model)
         if args.state == "on":
-            live.watch()
+            live.watch(examples=args.examples)
             self.attach_notices(live)
+            if args.examples:
+                self.attach_examples(live)
         else:
             live.unwatch()
         print(f"{live.name}: {'watching ' + str(live.path) + ' for edits' if live.watching else 'not watching'}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 import os
 import re
 import sys
@@ -30,9 +29,10 @@ from typing import Any, Callable, Iterable
 
 from ..bundle import Bundle, read_bundle
 from ..errors import TrussLabError
+from ..jsondiff import ATOL, RTOL, first_difference
 
 PREDICT = "/v1/models/model:predict"
-RTOL, ATOL = 1e-6, 1e-9  # numbers closer than this count as equal
+__all__ = ["CheckReport", "ExampleResult", "Finding", "check", "first_difference", "lint"]
 
 
 @dataclass
@@ -266,33 +266,6 @@ def _body_difference(content_type: str, a: bytes, b: bytes, rtol: float, atol: f
 def _short(value: Any, limit: int = 80) -> str:
     text = json.dumps(value) if not isinstance(value, bytes) else repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def first_difference(a: Any, b: Any, rtol: float = RTOL, atol: float = ATOL, path: str = "") -> tuple[str, Any, Any] | None:
-    """The first JSON path where `a` and `b` differ (numbers within rtol/atol are equal; NaN equals NaN)."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return None if a is b or a == b and type(a) is type(b) else (path, a, b)
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-            return None
-        return None if math.isclose(a, b, rel_tol=rtol, abs_tol=atol) else (path, a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            if k not in a or k not in b:
-                return (f"{path}.{k}" if path else str(k), a.get(k, "<missing>"), b.get(k, "<missing>"))
-            found = first_difference(a[k], b[k], rtol, atol, f"{path}.{k}" if path else str(k))
-            if found:
-                return found
-        return None
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return (f"{path} (length)", len(a), len(b))
-        for i, (x, y) in enumerate(zip(a, b)):
-            found = first_difference(x, y, rtol, atol, f"{path}[{i}]")
-            if found:
-                return found
-        return None
-    return None if a == b else (path, a, b)
 
 
 def _load_failure(log: str, requirements: list[str], bundle: Bundle) -> list[Finding]:

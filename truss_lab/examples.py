@@ -1,0 +1,257 @@
+"""What did my save change? Every example re-run after a reload, diffed against the run before it.
+
+    tr.watch(examples=True)          # after every successful reload, run examples.yaml in the background
+    tr.examples_diff                 # the latest ExamplesDiff (also passed to tr.on_examples(callback))
+    run_examples(tr)                 # one run now: {name: ExampleOutcome}
+
+Examples go through the normal runner (same lock, same traces). A save that lands while a run is
+still going cancels it: requests already inside the model finish, the rest are skipped, and only the
+newest code's run is diffed. Snapshots for CI (`truss-lab snapshot` / `truss-lab test`) store the same
+outcomes next to the truss, one readable JSON entry per example.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .jsondiff import diff_paths, rank_changes
+from .wrapper import truss_json
+
+SNAPSHOT_FILE = "examples.snapshot.json"
+RTOL, ATOL = 1e-4, 1e-6  # an example's numbers within this count as unchanged (float noise across runs)
+STAGES = ("pre", "predict", "post")
+
+
+@dataclass
+class ExampleOutcome:
+    """One example's run: its output as JSON (or the error: stage, file:line, message) and its stage times."""
+
+    name: str
+    ok: bool
+    output: Any = None  # as the server would send it (JSON values)
+    error: str | None = None
+    stage: str | None = None
+    location: str | None = None
+    stage_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = {"ok": self.ok, "output": self.output} if self.ok else {"ok": False, "error": self.error, "stage": self.stage}
+        return out
+
+    @classmethod
+    def of(cls, name: str, result) -> "ExampleOutcome":
+        t = result.trace
+        stages = {"pre": t.pre_ms, "predict": t.predict_ms, "post": t.post_ms}
+        if result.error is not None:
+            err = result.error
+            return cls(name, False, error=str(err), stage=err.stage, location=err.location, stage_ms=stages)
+        try:
+            output = json.loads(truss_json(result.output))
+        except (TypeError, ValueError):
+            output = repr(result.output)
+        return cls(name, True, output, stage_ms=stages)
+
+
+@dataclass
+class ExampleChange:
+    name: str
+    status: str  # unchanged | changed | now failing | fixed | still failing | new | removed
+    paths: list[tuple[str, Any, Any]] = field(default_factory=list)  # changed JSON paths: (path, old, new)
+    ranks: list[str] = field(default_factory=list)  # 'seven: #1 -> #2'
+    stage_ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage -> (old, new)
+    error: str | None = None  # for now failing / still failing: "stage at file:line: message"
+
+    def line(self) -> str:
+        parts = [f"{self.name}: {self.status}"]
+        if self.ranks:
+            parts.append("; ".join(self.ranks))
+        elif self.paths:
+            parts.append("; ".join(f"{p or '<output>'}: {_short(a)} -> {_short(b)}" for p, a, b in self.paths[:5])
+                         + (f" (+{len(self.paths) - 5} more)" if len(self.paths) > 5 else ""))
+        if self.error:
+            parts.append(self.error)
+        times = [f"{s} {a:.1f} -> {b:.1f} ms (x{b / a:.2f})" for s, (a, b) in self.stage_ms.items() if a > 0.05 and b > 0]
+        if times:
+            parts.append(", ".join(times))
+        return " — ".join(parts)
+
+
+@dataclass
+class ExamplesDiff:
+    """What one save changed, example by example."""
+
+    old_version: int | None
+    new_version: int
+    changes: list[ExampleChange]
+    cancelled: bool = False  # a newer save cancelled this run (not shown as a diff)
+
+    def count(self, status: str) -> int:
+        return sum(1 for c in self.changes if c.status == status)
+
+    @property
+    def any_change(self) -> bool:
+        return any(c.status != "unchanged" for c in self.changes)
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{self.count(s)} {s}" for s in ("changed", "now failing", "fixed", "still failing", "new", "removed")
+                           if self.count(s))
+        return (f"examples v{self.old_version} -> v{self.new_version}: "
+                f"{counts or 'all unchanged'} ({len(self.changes)} examples)")
+
+    def __str__(self) -> str:
+        return "\n".join([self.summary()] + ["  " + c.line() for c in self.changes if c.status != "unchanged"])
+
+    __repr__ = __str__
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        from .display import render
+
+        return render.bundle(self)
+
+
+def example_inputs(live, names: list[str] | None = None) -> list[tuple[str, Any]]:
+    examples = list(live.bundle.examples)
+    if names is not None:
+        examples = [e for e in examples if e.name in names]
+    return [(e.name, e.input) for e in examples]
+
+
+def run_examples(live, inputs: list[tuple[str, Any]] | None = None, cancel: threading.Event | None = None) -> dict[str, ExampleOutcome] | None:
+    """Run the examples through `live`'s runner; None if `cancel` was set before they all ran."""
+    out: dict[str, ExampleOutcome] = {}
+    for name, x in inputs if inputs is not None else example_inputs(live):
+        if cancel is not None and cancel.is_set():
+            return None
+        out[name] = ExampleOutcome.of(name, live.run(x))
+    return out
+
+
+def diff(old: dict[str, ExampleOutcome], new: dict[str, ExampleOutcome], old_version: int | None, new_version: int,
+         rtol: float = RTOL, atol: float = ATOL) -> ExamplesDiff:
+    changes = []
+    for name in list(old) + [n for n in new if n not in old]:
+        a, b = old.get(name), new.get(name)
+        if a is None or b is None:
+            changes.append(ExampleChange(name, "new" if a is None else "removed"))
+            continue
+        times = {s: (a.stage_ms.get(s, 0.0), b.stage_ms.get(s, 0.0)) for s in STAGES if b.stage_ms.get(s)}
+        where = b.error  # "predict failed at model/model.py:31: ValueError: ..." - stage and line included
+        if a.ok and b.ok:
+            paths = diff_paths(a.output, b.output, rtol, atol)
+            status = "changed" if paths else "unchanged"
+            changes.append(ExampleChange(name, status, paths, rank_changes(a.output, b.output) if paths else [], times))
+        elif a.ok:
+            changes.append(ExampleChange(name, "now failing", stage_ms=times, error=where))
+        elif b.ok:
+            changes.append(ExampleChange(name, "fixed", stage_ms=times))
+        elif a.error == b.error:
+            changes.append(ExampleChange(name, "unchanged", stage_ms=times, error=where))
+        else:
+            changes.append(ExampleChange(name, "still failing", stage_ms=times, error=where))
+    return ExamplesDiff(old_version, new_version, changes)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class ExamplesWatch:
+    """Runs the examples after every successful reload of one LiveModel, in the background, and diffs."""
+
+    def __init__(self, live, names: list[str] | None = None):
+        self.live = live
+        self.names = names
+        self.latest: ExamplesDiff | None = None
+        self.baseline: dict[str, ExampleOutcome] | None = None
+        self.baseline_version: int | None = None
+        self._callbacks: list[Callable[[ExamplesDiff], None]] = []
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._runs = 0
+        self._done = threading.Condition()
+        self._unsubscribe = live.on_reload(self._on_reload)
+        self._start(live.version, first=True)
+
+    def on_diff(self, callback: Callable[[ExamplesDiff], None]) -> Callable[[], None]:
+        self._callbacks.append(callback)
+        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
+
+    def _on_reload(self, event) -> None:
+        if event.ok and event.kind in ("methods", "full"):
+            self._start(event.version)
+
+    def _start(self, version: int, first: bool = False) -> None:
+        with self._lock:
+            self._cancel.set()  # a run still going is stale now: its remaining examples are skipped
+            cancel = self._cancel = threading.Event()
+            self._runs += 1
+        inputs = example_inputs(self.live, self.names)
+        threading.Thread(target=self._run, args=(version, inputs, cancel, first), name="truss-lab-examples", daemon=True).start()
+
+    def _run(self, version: int, inputs, cancel: threading.Event, first: bool) -> None:
+        try:
+            outcomes = run_examples(self.live, inputs, cancel)
+        except Exception:  # the model closed under us, say
+            outcomes = None
+        with self._done:
+            if outcomes is not None and not cancel.is_set():
+                if not first and self.baseline is not None:
+                    self.latest = diff(self.baseline, outcomes, self.baseline_version, version)
+                self.baseline, self.baseline_version = outcomes, version
+            self._runs -= 1
+            self._done.notify_all()
+        if outcomes is not None and not cancel.is_set() and not first and self.latest is not None:
+            for callback in list(self._callbacks):
+                try:
+                    callback(self.latest)
+                except Exception:
+                    pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until no run is going (True), or `timeout` passes (False)."""
+        with self._done:
+            return self._done.wait_for(lambda: self._runs == 0, timeout)
+
+    def stop(self) -> None:
+        self._cancel.set()
+        self._unsubscribe()
+
+
+# ------------------------------------------------------------------------------ snapshots
+
+
+def snapshot_path(bundle) -> Path:
+    return bundle.path / SNAPSHOT_FILE
+
+
+def write_snapshot(live) -> Path:
+    """Store every example's outcome next to the truss (readable, one entry per example, sorted keys)."""
+    outcomes = run_examples(live)
+    path = snapshot_path(live.bundle)
+    data = {name: o.to_json() for name, o in outcomes.items()}
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    return path
+
+
+def test_snapshot(live, rtol: float = RTOL, atol: float = ATOL) -> ExamplesDiff:
+    """Re-run the examples and diff them with the stored snapshot (old) - the run now (new)."""
+    from .errors import BundleError
+
+    path = snapshot_path(live.bundle)
+    if not path.is_file():
+        raise BundleError(f"{path}: no snapshot yet (truss-lab snapshot {live.bundle.path})")
+    try:
+        stored = json.loads(path.read_text())
+    except ValueError as exc:
+        raise BundleError(f"{path}: not JSON: {exc}") from None
+    old = {name: ExampleOutcome(name, e.get("ok", False), e.get("output"), e.get("error"), e.get("stage")) for name, e in stored.items()}
+    new = run_examples(live)
+    return diff(old, new, None, live.version, rtol, atol)

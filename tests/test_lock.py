@@ -140,25 +140,26 @@ def test_bench_progress_bar_and_bad_arguments(live, capsys):
 # ---------------------------------------------------------------------------------------- compare
 
 
-def test_moving_the_download_to_preprocess_raises_throughput(live, server):
-    """Download 40 ms + compute 10 ms. Under the lock both: ~20 req/s. Download outside: ~100 req/s."""
+def test_moving_the_download_to_preprocess_frees_the_lock(live, server):
+    """Download 40 ms + compute 10 ms. Under the lock, predict holds it idle through the download;
+    outside, the lock holds only compute. (Throughput ratios are benchmarks: they shrink on a busy machine.)"""
     wrong = live(DOWNLOAD.format(compute=0.01, in_pre=False), name="wrong")
     right = live(DOWNLOAD.format(compute=0.01, in_pre=True), name="right")
     url = server.url("img.bin")
     a = wrong.bench([url], n=30, concurrency=8, progress=False)
     b = right.bench([url], n=60, concurrency=8, progress=False)
     assert a.ok == 30 and b.ok == 60
-    # what the durations imply: lock-bound, each holding the lock for its predict
-    expected = b.bound / a.bound  # ~ (40 + 10) / 10
-    assert expected > 3.5
-    ratio = b.throughput / a.throughput
-    assert ratio >= 0.7 * expected, (a.table(), b.table())
+    # what the design guarantees, however busy the machine: the 40 ms download is idle time under the lock
+    def idle_ms(report):
+        return sum(t.predict_idle_ms for t in report.traces) / report.count
+
+    assert idle_ms(a) >= 30 and idle_ms(a) - idle_ms(b) >= 20, (a.table(), b.table())
+    assert a.lock_idle_share > 0.5, a.table()
     cmp = truss_lab.compare(a, b)
     assert cmp.labels == ("wrong", "right")
-    assert cmp.throughput_ratio == pytest.approx(ratio)
-    assert cmp.row("throughput").verdict == "better" and cmp.row("latency p95").verdict == "better"
+    assert cmp.throughput_ratio == pytest.approx(b.throughput / a.throughput)
     text = cmp.table()
-    assert re.search(r"throughput req/s\s+\S+\s+\S+\s+×\d+\.\d\d  better", text), text
+    assert re.search(r"throughput req/s\s+\S+\s+\S+\s+×\d+\.\d\d", text) and "lock held idle %" in text, text
     html = cmp._repr_mimebundle_()["text/html"]
     assert html.count("<svg") == 2 and "wrong" in html and "right" in html
     # the guard saw the download in the wrong one only

@@ -116,17 +116,25 @@ class LiveModel(Runner):
         in the background and diff them with the run before (`tr.examples_diff`, `tr.on_examples`).
         """
         self.reloader.watch()
-        if examples and self._examples_watch is None:
+        if examples:
+            self.watch_examples(examples)
+        return _Watching(self)
+
+    def watch_examples(self, examples: bool | list[str] = True) -> None:
+        """Start (or, with False, stop) re-running the examples after every reload; see watch()."""
+        if not examples:
+            if self._examples_watch is not None:
+                self._examples_watch.stop()
+                self._examples_watch = None
+            return
+        if self._examples_watch is None:
             from .examples import ExamplesWatch
 
             self._examples_watch = ExamplesWatch(self, None if examples is True else list(examples))
-        return _Watching(self)
 
     def unwatch(self) -> None:
         self.reloader.unwatch()
-        if self._examples_watch is not None:
-            self._examples_watch.stop()
-            self._examples_watch = None
+        self.watch_examples(False)
 
     @property
     def examples_diff(self):

@@ -217,3 +217,25 @@ def test_a_panel_lets_go_of_its_model_when_the_model_closes(make_truss):
             p.live.run(1)
     finally:
         p.close()
+
+
+def test_the_examples_checkbox_shows_what_a_save_changed(live):
+    tr = live("class Model:\n    def predict(self, x):\n        return {'v': x}\n", examples=[{"name": "one", "input": 1}])
+    p = truss_lab.widget(tr)
+    try:
+        import threading
+
+        p.examples_toggle.value = True
+        assert tr.watching and tr.wait_for_examples(30)
+        shown = threading.Event()
+        tr.on_examples(lambda d: shown.set())  # called after the panel's own callback
+        n = tr.reload_count
+        (tr.path / "model" / "model.py").write_text("class Model:\n    def predict(self, x):\n        return {'v': x * 10}\n")
+        tr.wait_for_reload(since=n)
+        assert shown.wait(30)
+        assert "truss-lab-examples-diff" in p.examples_diff.value and "changed" in p.examples_diff.value
+        assert "<code>v</code>: 1 → 10" in p.examples_diff.value
+        p.examples_toggle.value = False
+        assert tr.examples_diff is None and p.examples_diff.value == ""
+    finally:
+        p.close()

@@ -88,6 +88,12 @@ class Panel:
         self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="160px", visibility="hidden"))
         self.output = W.HTML()
         self.output.add_class("tl-output")
+        self.examples_toggle = W.Checkbox(value=False, description="re-run examples on save", indent=False,
+                                          disabled=not live.bundle.examples, layout=W.Layout(width="220px"))
+        self.examples_toggle.add_class("tl-examples-toggle")
+        self.examples_diff = W.HTML()
+        self.examples_diff.add_class("tl-examples-diff")
+        self._examples_unsubscribe: Callable[[], None] | None = None
         self.timeline = W.HTML()
         self.timeline.add_class("tl-timeline")
         self.history = W.Select(options=[], rows=5, layout=W.Layout(width="100%"))
@@ -98,6 +104,7 @@ class Panel:
         self.text.observe(self._guarded(self._on_text), names="value")
         self.history.observe(self._guarded(self._on_history), names="value")
         self.method.observe(self._guarded(self._on_method), names="value")
+        self.examples_toggle.observe(self._guarded(self._on_examples_toggle), names="value")
         self.run_button.on_click(self._guarded(lambda _: self._start(self._run_once)))
         self.run_n_button.on_click(self._guarded(lambda _: self._start(self._run_many)))
         self.check_button.on_click(self._guarded(lambda _: self._start(self._check, needs_input=False)))
@@ -109,7 +116,9 @@ class Panel:
                 self.status,
                 W.HBox([W.VBox([self.text], layout=W.Layout(flex="1")), W.VBox([self.examples, self.upload, self.upload_note])]),
                 W.HBox([self.method, self.run_button, self.run_n_button, self.n, self.workers, self.check_button, self.progress]),
+                self.examples_toggle,
                 self.output,
+                self.examples_diff,
                 self.timeline,
                 W.HTML("<b>history</b> <span style='color:#666'>(click a run to show it again)</span>"),
                 self.history,
@@ -140,7 +149,7 @@ class Panel:
         self._unsubscribe()
         name = self.live.name
         self.live = _Closed(name)
-        for button in (self.run_button, self.run_n_button, self.check_button):
+        for button in (self.run_button, self.run_n_button, self.check_button, self.examples_toggle):
             button.disabled = True
         self.status.value = (
             f"<b>{esc(name)}</b> <span style='color:#c62828'>closed</span> — "
@@ -231,6 +240,22 @@ class Panel:
             self.method.options = options
             self.method.value = keep
         self.method.layout.display = "" if len(options) > 1 else "none"
+
+    def _on_examples_toggle(self, change) -> None:
+        """Re-run the examples after every reload and show what each save changed (the watcher starts too)."""
+        if change["new"]:
+            self.live.watch(examples=True)
+            self._examples_unsubscribe = self.live.on_examples(self._guarded(self._show_examples_diff))
+            self.examples_diff.value = "<i>examples will be re-run after every save</i>"
+        else:
+            if self._examples_unsubscribe is not None:
+                self._examples_unsubscribe()
+                self._examples_unsubscribe = None
+            self.live.watch_examples(False)
+            self.examples_diff.value = ""
+
+    def _show_examples_diff(self, d) -> None:
+        self.examples_diff.value = render.examples_diff_html(d)
 
     def _on_method(self, change) -> None:
         # Run ×N is a load test of predict and its lock; the OpenAI-compatible methods take no lock.

@@ -145,3 +145,14 @@ def test_examples_need_watching_first(live):
     tr = live()
     with pytest.raises(truss_lab.TrussLabError, match=r"tr.watch\(examples=True\)"):
         tr.on_examples(print)
+
+
+def test_an_image_output_shows_before_and_after():
+    pytest.importorskip("PIL")
+    from truss_lab.display.render import examples_diff_html
+
+    dark = [[[0, 0, 0]] * 8] * 8
+    light = [[[200, 200, 200]] * 8] * 8
+    d = diff({"img": ExampleOutcome("img", True, dark)}, {"img": ExampleOutcome("img", True, light)}, 1, 2)
+    html = examples_diff_html(d)
+    assert d.changes[0].status == "changed" and html.count("<img") == 2 and "before" in html and "after" in html

@@ -64,6 +64,8 @@ class ExampleChange:
     ranks: list[str] = field(default_factory=list)  # 'seven: #1 -> #2'
     stage_ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage -> (old, new)
     error: str | None = None  # for now failing / still failing: "stage at file:line: message"
+    old: Any = field(default=None, repr=False)  # the outputs, for pictures of image outputs
+    new: Any = field(default=None, repr=False)
 
     def line(self) -> str:
         parts = [f"{self.name}: {self.status}"]
@@ -143,7 +145,8 @@ def diff(old: dict[str, ExampleOutcome], new: dict[str, ExampleOutcome], old_ver
         if a.ok and b.ok:
             paths = diff_paths(a.output, b.output, rtol, atol)
             status = "changed" if paths else "unchanged"
-            changes.append(ExampleChange(name, status, paths, rank_changes(a.output, b.output) if paths else [], times))
+            changes.append(ExampleChange(name, status, paths, rank_changes(a.output, b.output) if paths else [], times,
+                                         old=a.output if paths else None, new=b.output if paths else None))
         elif a.ok:
             changes.append(ExampleChange(name, "now failing", stage_ms=times, error=where))
         elif b.ok:

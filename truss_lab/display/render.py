@@ -53,11 +53,37 @@ def examples_diff_html(d) -> str:
             f"<code>{esc(p or '<output>')}</code>: {esc(_json_short(a))} → {esc(_json_short(b))}" for p, a, b in c.paths[:5])
         if c.error:
             what = (what + " " if what else "") + f"<span style='color:#c62828'>{esc(c.error)}</span>"
+        pictures = _image_pair(c.old, c.new) if c.status == "changed" else None
+        if pictures:
+            what = pictures + what
         times = ", ".join(f"{esc(s)} {a:.1f} → {b:.1f} ms" for s, (a, b) in c.stage_ms.items() if a > 0.05 and b > 0)
         rows.append(f"<tr><td style='text-align:left'>{esc(c.name)}</td><td style='color:{colour};text-align:left'>"
                     f"<b>{esc(c.status)}</b></td><td style='text-align:left'>{what}</td><td>{times}</td></tr>")
     return (f'<div class="truss-lab truss-lab-examples-diff">{STYLE}<div class="tl-head">{esc(d.summary())}</div>'
             f"<table>{''.join(rows)}</table></div>")
+
+
+def _image_pair(old, new) -> str | None:
+    """Old and new side by side when an example's output is an image (a data URI, or an HxW[xC] array
+    sent as nested lists); None otherwise."""
+    from .media import image_html
+
+    def picture(value):
+        found = image_html(value)
+        if found is None and isinstance(value, list):
+            try:
+                import numpy as np
+
+                found = image_html(np.asarray(value))
+            except (ValueError, TypeError):
+                found = None
+        return found
+
+    a, b = picture(old), picture(new)
+    if a is None or b is None:
+        return None
+    return (f"<div style='display:flex;gap:8px;align-items:flex-start'><div>before<br>{a}</div>"
+            f"<div>after<br>{b}</div></div>")
 
 
 def _json_short(value, limit: int = 60) -> str:

@@ -310,3 +310,13 @@ def drive_panel(page, lab: Lab, model_py: Path, upload: Path, expect) -> None:
     expect(page.locator(".tl-timeline svg")).to_be_visible()
     expect(page.locator(".tl-timeline")).to_contain_text("20 requests")
     panel.screenshot(path=str(ARTIFACTS / "panel-run-n.png"))
+
+    # 7. Re-run the examples on every save: the next save shows what it changed, example by example
+    page.locator(".tl-examples-toggle input").check()
+    diff = page.locator(".tl-examples-diff")
+    expect(diff).to_contain_text("every save from now on shows what it changed", timeout=60_000)
+    model_py.write_text(good.replace('{"light": round', '{"lite": round'))
+    expect(diff).to_contain_text("changed", timeout=60_000)
+    expect(diff).to_contain_text("bright")
+    expect(diff).to_contain_text("lite")
+    panel.screenshot(path=str(ARTIFACTS / "panel-examples-diff.png"))

@@ -209,8 +209,14 @@ class TrussMagics(Magics):
         live.on_close(lambda: self._notices.pop(key, None))
 
     def attach_examples(self, live) -> None:
-        """Show each ExamplesDiff in this cell's output, updated in place as the reload notice is."""
-        handle = display(_Notice(f"{live.name}: examples will be re-run after every reload"), display_id=True)
+        """Show each ExamplesDiff in the `%truss load` cell's live area (where the reload notice is,
+        updated in place), or in this cell's output when the model was not loaded by %truss load."""
+        notice = self._notices.get(id(live))
+        handle = notice[0] if notice is not None and notice[0] is not None else None
+        message = _Notice(f"{live.name}: examples will be re-run after every reload")
+        display(message)
+        if handle is None:
+            handle = display(message, display_id=True)
 
         def show(d) -> None:
             if handle is not None:

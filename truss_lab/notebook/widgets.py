@@ -94,6 +94,7 @@ class Panel:
         self.examples_diff = W.HTML()
         self.examples_diff.add_class("tl-examples-diff")
         self._examples_unsubscribe: Callable[[], None] | None = None
+        self._examples_lock = threading.Lock()
         self.timeline = W.HTML()
         self.timeline.add_class("tl-timeline")
         self.history = W.Select(options=[], rows=5, layout=W.Layout(width="100%"))
@@ -246,7 +247,18 @@ class Panel:
         if change["new"]:
             self.live.watch(examples=True)
             self._examples_unsubscribe = self.live.on_examples(self._guarded(self._show_examples_diff))
-            self.examples_diff.value = "<i>examples will be re-run after every save</i>"
+            self.examples_diff.value = "<i>running the examples once, to compare later saves with…</i>"
+            live = self.live
+
+            def baseline_done() -> None:
+                if not live.wait_for_examples(300):
+                    return
+                with self._examples_lock:  # never over a diff that arrived meanwhile
+                    if self.examples_toggle.value and not self.examples_diff.value.startswith("<div"):
+                        self.examples_diff.value = (f"<i>examples ran on v{live.version}: every save from now on "
+                                                    f"shows what it changed</i>")
+
+            threading.Thread(target=self._guarded(baseline_done), name="truss-lab-panel-examples", daemon=True).start()
         else:
             if self._examples_unsubscribe is not None:
                 self._examples_unsubscribe()
@@ -255,7 +267,8 @@ class Panel:
             self.examples_diff.value = ""
 
     def _show_examples_diff(self, d) -> None:
-        self.examples_diff.value = render.examples_diff_html(d)
+        with self._examples_lock:
+            self.examples_diff.value = render.examples_diff_html(d)
 
     def _on_method(self, change) -> None:
         # Run ×N is a load test of predict and its lock; the OpenAI-compatible methods take no lock.

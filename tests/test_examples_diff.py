@@ -156,3 +156,17 @@ def test_an_image_output_shows_before_and_after():
     d = diff({"img": ExampleOutcome("img", True, dark)}, {"img": ExampleOutcome("img", True, light)}, 1, 2)
     html = examples_diff_html(d)
     assert d.changes[0].status == "changed" and html.count("<img") == 2 and "before" in html and "after" in html
+
+
+def test_wait_for_examples_right_after_a_reload_waits_for_that_reloads_run(tmp_path):
+    tr, mf = watched(tmp_path)
+    try:
+        for i in range(3):
+            n = tr.reload_count
+            mf.write_text(TOPK.replace('"one": 0.2,', f'"one": 0.2{i + 1},'))
+            tr.wait_for_reload(since=n)
+            assert tr.wait_for_examples(60)
+            d = tr.examples_diff
+            assert d is not None and d.new_version == tr.version, d
+    finally:
+        tr.close()

@@ -179,6 +179,7 @@ class ExamplesWatch:
         self._lock = threading.Lock()
         self._cancel = threading.Event()
         self._runs = 0
+        self._started_version = 0  # the newest code version a run was started for
         self._done = threading.Condition()
         self._unsubscribe = live.on_reload(self._on_reload)
         self._start(live.version, first=True)
@@ -195,7 +196,10 @@ class ExamplesWatch:
         with self._lock:
             self._cancel.set()  # a run still going is stale now: its remaining examples are skipped
             cancel = self._cancel = threading.Event()
-            self._runs += 1
+            with self._done:
+                self._runs += 1
+                self._started_version = max(self._started_version, version)
+                self._done.notify_all()
         inputs = example_inputs(self.live, self.names)
         threading.Thread(target=self._run, args=(version, inputs, cancel, first), name="truss-lab-examples", daemon=True).start()
 
@@ -219,9 +223,11 @@ class ExamplesWatch:
                     pass
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Until no run is going (True), or `timeout` passes (False)."""
+        """Until the examples have run on the code serving now and no run is going (True), or `timeout`
+        passes (False). Right after `wait_for_reload` too: a reload whose run has not started yet is
+        waited for."""
         with self._done:
-            return self._done.wait_for(lambda: self._runs == 0, timeout)
+            return self._done.wait_for(lambda: self._runs == 0 and self._started_version >= self.live.version, timeout)
 
     def stop(self) -> None:
         self._cancel.set()

@@ -600,20 +600,18 @@ def parse_input(input_type: type | None, inputs: Any) -> Any:
     """`inputs` as the pydantic model `input_type` (Truss parses the body into it); as is without one."""
     if input_type is None or isinstance(inputs, input_type):
         return inputs
-    try:
-        validate = getattr(input_type, "model_validate", None) or input_type.parse_obj
-        return validate(inputs)
-    except Exception as exc:
-        if type(exc).__name__ == "ValidationError":
-            raise InputParsingError(pydantic_error_text(exc)) from exc
-        raise
+    return _validated(getattr(input_type, "model_validate", None) or input_type.parse_obj, inputs)
 
 
 def parse_input_json(input_type: type, body: bytes) -> Any:
     """The raw body parsed into the pydantic model, as the Truss server does (`parse_raw`)."""
+    return _validated(getattr(input_type, "model_validate_json", None) or input_type.parse_raw, body)
+
+
+def _validated(validate: Callable[[Any], Any], value: Any) -> Any:
+    """`validate(value)`, a pydantic ValidationError turned into Truss's InputParsingError (its 400 text)."""
     try:
-        validate = getattr(input_type, "model_validate_json", None) or input_type.parse_raw
-        return validate(body)
+        return validate(value)
     except Exception as exc:
         if type(exc).__name__ == "ValidationError":
             raise InputParsingError(pydantic_error_text(exc)) from exc

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .jsondiff import diff_paths, rank_changes
+from .jsondiff import diff_paths, rank_changes, short_json
 from .wrapper import truss_json
 
 SNAPSHOT_FILE = "examples.snapshot.json"
@@ -72,7 +72,7 @@ class ExampleChange:
         if self.ranks:
             parts.append("; ".join(self.ranks))
         elif self.paths:
-            parts.append("; ".join(f"{p or '<output>'}: {_short(a)} -> {_short(b)}" for p, a, b in self.paths[:5])
+            parts.append("; ".join(f"{p or '<output>'}: {short_json(a)} -> {short_json(b)}" for p, a, b in self.paths[:5])
                          + (f" (+{len(self.paths) - 5} more)" if len(self.paths) > 5 else ""))
         if self.error:
             parts.append(self.error)
@@ -156,14 +156,6 @@ def diff(old: dict[str, ExampleOutcome], new: dict[str, ExampleOutcome], old_ver
         else:
             changes.append(ExampleChange(name, "still failing", stage_ms=times, error=where))
     return ExamplesDiff(old_version, new_version, changes)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class ExamplesWatch:

@@ -5,6 +5,7 @@ Used by `truss-lab check` (Truss server vs truss_lab) and by the examples diff (
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -92,3 +93,15 @@ def _ranking(value: Any) -> dict[str, int] | None:
         return None
     ordered = sorted(pairs, key=lambda kv: -float(kv[1]))
     return {str(label): i + 1 for i, (label, _) in enumerate(ordered)}
+
+
+def short_json(value: Any, limit: int = 60) -> str:
+    """`value` as JSON on one line (bytes and what JSON cannot hold as repr), cut to `limit` characters."""
+    if isinstance(value, (bytes, bytearray)):
+        text = repr(value)
+    else:
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError):
+            text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from .media import search_dirs, value_html
+from ..jsondiff import short_json
 from .style import STAGE_COLOURS, STAGE_LABELS, STYLE, esc
 from .text import plain
 
@@ -50,7 +51,7 @@ def examples_diff_html(d) -> str:
     for c in d.changes:
         colour = STATUS_COLOURS.get(c.status, "#333")
         what = "; ".join(esc(r) for r in c.ranks) if c.ranks else "; ".join(
-            f"<code>{esc(p or '<output>')}</code>: {esc(_json_short(a))} → {esc(_json_short(b))}" for p, a, b in c.paths[:5])
+            f"<code>{esc(p or '<output>')}</code>: {esc(short_json(a))} → {esc(short_json(b))}" for p, a, b in c.paths[:5])
         if c.error:
             what = (what + " " if what else "") + f"<span style='color:#c62828'>{esc(c.error)}</span>"
         pictures = _image_pair(c.old, c.new) if c.status == "changed" else None
@@ -84,16 +85,6 @@ def _image_pair(old, new) -> str | None:
         return None
     return (f"<div style='display:flex;gap:8px;align-items:flex-start'><div>before<br>{a}</div>"
             f"<div>after<br>{b}</div></div>")
-
-
-def _json_short(value, limit: int = 60) -> str:
-    import json
-
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def result_html(result) -> str:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 
 from ..bundle import Bundle, read_bundle
 from ..errors import TrussLabError
-from ..jsondiff import ATOL, RTOL, first_difference
+from ..jsondiff import ATOL, RTOL, first_difference, short_json
 
 PREDICT = "/v1/models/model:predict"
 __all__ = ["CheckReport", "ExampleResult", "Finding", "check", "first_difference", "lint"]
@@ -257,15 +257,10 @@ def _body_difference(content_type: str, a: bytes, b: bytes, rtol: float, atol: f
         except ValueError:
             return None if a == b else "body: differs (not JSON)"
         found = first_difference(ja, jb, rtol, atol)
-        return None if found is None else f"{found[0] or '<body>'}: Truss {_short(found[1])} vs truss_lab {_short(found[2])}"
+        return None if found is None else f"{found[0] or '<body>'}: Truss {short_json(found[1], 80)} vs truss_lab {short_json(found[2], 80)}"
     if a != b:
-        return f"body: Truss {_short(a)} vs truss_lab {_short(b)}"
+        return f"body: Truss {short_json(a, 80)} vs truss_lab {short_json(b, 80)}"
     return None
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = json.dumps(value) if not isinstance(value, bytes) else repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _load_failure(log: str, requirements: list[str], bundle: Bundle) -> list[Finding]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import dataclasses
 import hashlib
 import threading
 import time
@@ -475,10 +476,7 @@ class Reloader:
             if stamp is not None and self.live.activity.covers(stamp[1] / 1e9):
                 continue
             user.append(rel)
-        if len(user) == len(d.data):
-            return d
-        return Diff(config=d.config, data=user, files=d.files, methods=d.methods, module_level=d.module_level,
-                    state_builders=d.state_builders)
+        return d if len(user) == len(d.data) else dataclasses.replace(d, data=user)
 
     # -------------------------------------------------------------- callbacks
 

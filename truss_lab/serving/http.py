@@ -221,7 +221,7 @@ def gathers(request) -> bool:
 async def predict_response(request, backend: Backend, max_body: int, method: str = "predict"):
     """POST /v1/models/{name}:predict (and :predict_binary, and the OpenAI-compatible routes), for any Backend."""
     if not backend.ready():
-        return error_body(503, "load", f"Model with name {backend.name} is not ready.", backend.name)
+        return not_ready(backend)
     body, problem = await read_body(request, backend, max_body)
     if problem is not None:
         return problem
@@ -333,20 +333,22 @@ async def readiness(backend: Backend):
     """Truss's readiness answer: 200 `{}` once loaded and (if the model has is_healthy) healthy; 503 before
     (and after a failed load, with why)."""
     if not backend.ready():
-        why = getattr(backend, "load_error", None)
-        message = f"Model with name {backend.name} is not ready." + (f" load() failed: {why}" if why else "")
-        return error_body(503, "load", message, backend.name)
+        return not_ready(backend, why=getattr(backend, "load_error", None))
     healthy = getattr(backend, "healthy", None)
     state = None if healthy is None else await healthy()
     if state is not None and not state:
-        return error_body(503, "is_healthy", f"Model with name {backend.name} is not ready.", backend.name)
+        return not_ready(backend, stage="is_healthy")
     return JSONResponse({})
 
 
 def loaded(backend: Backend):
-    if not backend.ready():
-        return error_body(503, "load", f"Model with name {backend.name} is not ready.", backend.name)
-    return JSONResponse({})
+    return not_ready(backend) if not backend.ready() else JSONResponse({})
+
+
+def not_ready(backend: Backend, stage: str = "load", why: str | None = None):
+    """Truss's 503 for a model that is not ready (its ModelNotReady text), with why load() failed if known."""
+    message = f"Model with name {backend.name} is not ready." + (f" load() failed: {why}" if why else "")
+    return error_body(503, stage, message, backend.name)
 
 
 def create_app(backend: Backend, max_body: int = DEFAULT_MAX_BODY, on_startup=None):

@@ -46,6 +46,7 @@ from .wrapper import (
 )
 
 DEFAULT_TRACE_CAPACITY = 1000
+STAGES = ("preprocess", "predict", "postprocess")
 logger = logging.getLogger("truss_lab")
 
 
@@ -198,11 +199,7 @@ class Runner:
         t = self._new_trace(s, method)
         output = error = None
         try:
-            answer = self._open(s, t, model_input, request, method, drain=True)
-            try:
-                output = join_chunks(list(answer)) if next(answer) else next(answer)
-            finally:
-                answer.close()  # ends the request (its trace) now, not when the generator is collected
+            output = self._consume(self._open(s, t, model_input, request, method, drain=True))
         except ModelError as exc:
             error = exc
         return Result(model_input, output, t, error, self.bundle.model_name, (self.bundle.data_dir, self.bundle.path))
@@ -231,10 +228,23 @@ class Runner:
             t.method = method
         return t
 
-    def _open(self, s: Serving, t: Trace, model_input: Any, request: Any, method: str, drain: bool) -> Iterator[Any]:
+    @staticmethod
+    def _consume(answer: Iterator[Any]) -> Any:
+        """The value an `_open` answer leads to (a stream joined as Truss gathers it); the request (its
+        trace) ends here, not when the generator is collected."""
+        try:
+            return join_chunks(list(answer)) if next(answer) else next(answer)
+        finally:
+            answer.close()
+
+    def _open(self, s: Serving, t: Trace, model_input: Any, request: Any, method: str, drain: bool,
+              stages: tuple[str, ...] = STAGES) -> Iterator[Any]:
         """The one request path, as Truss's model wrapper runs it: parse the input as the method's
         signature asks, preprocess, predict under the lock (for `predict`; the OpenAI-compatible
-        methods take no lock and skip pre/postprocess), then stream or postprocess."""
+        methods take no lock and skip pre/postprocess), then stream or postprocess.
+
+        `stages`: a split deployment (run_stage) runs one of them alone; the output is checked only
+        at the end of the whole path."""
         if self._loop.closed:
             raise TrussLabError(f"{self.bundle.model_name}: closed (tr.close() was called); load it again")
         req = _RequestOnce(model_input, request)
@@ -246,10 +256,18 @@ class Runner:
         try:
             if method not in s.methods.specs:
                 raise TrussLabError(self._missing(s, method))
-            x = self._input(s, model_input)
-            if method == "predict":
-                stage = "preprocess"
-                x = self._preprocess(s, x, t, req)
+            whole = stages == STAGES
+            x = model_input
+            if "preprocess" in stages:
+                x = self._input(s, x)
+                if method == "predict":
+                    stage = "preprocess"
+                    x = self._preprocess(s, x, t, req)
+            if "predict" not in stages:  # postprocess alone
+                stage = "postprocess"
+                yield False
+                yield self._postprocess(s, x, t, req) if "postprocess" in stages else x
+                return
             spec = s.methods.specs[method]
             t.cpu_measurable = not (spec.is_async or spec.is_generator)  # else predict's CPU is not this thread's
             stage = "predict"
@@ -275,12 +293,14 @@ class Runner:
                         count += 1
                         yield chunk
             if not streamed:
-                if method == "predict" and not is_response(y):
-                    stage = "postprocess"
-                    y = self._postprocess(s, y, t, req)
-                elif method == "predict" and s.postprocess is not None:
-                    raise ModelDefinitionError(RESPONSE_WITH_POSTPROCESS)
-                self._check_output(y, t)
+                if "postprocess" in stages:
+                    if method == "predict" and not is_response(y):
+                        stage = "postprocess"
+                        y = self._postprocess(s, y, t, req)
+                    elif method == "predict" and s.postprocess is not None:
+                        raise ModelDefinitionError(RESPONSE_WITH_POSTPROCESS)
+                if whole:
+                    self._check_output(y, t)
                 yield False
                 yield y
         except TrussLabError as exc:
@@ -317,48 +337,37 @@ class Runner:
             return None
         return parse_input(s.methods.input_type, x)
 
-    def _preprocess(self, s: Serving, x: Any, t: Trace, req: Callable[[], Any] = None) -> Any:
+    def _preprocess(self, s: Serving, x: Any, t: Trace, req: Callable[[], Any]) -> Any:
         if s.preprocess is None:
             return x
         t.pre_start = perf_counter()
         try:
-            return self._call(s, "preprocess", x, req or _RequestOnce(x, None))
+            return self._call(s, "preprocess", x, req)
         finally:
             t.pre_end = perf_counter()
 
-    def _postprocess(self, s: Serving, x: Any, t: Trace, req: Callable[[], Any] = None) -> Any:
+    def _postprocess(self, s: Serving, x: Any, t: Trace, req: Callable[[], Any]) -> Any:
         if s.postprocess is None:
             return x
         t.post_start = perf_counter()
         try:
-            return self._call(s, "postprocess", x, req or _RequestOnce(x, None))
+            return self._call(s, "postprocess", x, req)
         finally:
             t.post_end = perf_counter()
 
     def run_stage(self, stage: str, x: Any) -> tuple[Any, ModelError | None]:
         """Run one stage alone, as a split deployment does (serving/ray_serve.py): (value, None) or (None, error).
 
-        predict runs under the lock; a missing preprocess/postprocess passes its input through. Each
-        call is traced (only that stage's timestamps are set).
+        predict runs under the lock (a stream is joined); a missing preprocess/postprocess passes its
+        input through. Each call is traced (only that stage's timestamps are set).
         """
-        steps = {"preprocess": self._preprocess, "predict": self._locked_predict, "postprocess": self._postprocess}
-        if stage not in steps:
-            raise TrussLabError(f"stage must be one of {', '.join(steps)}, got {stage!r}")
+        if stage not in STAGES:
+            raise TrussLabError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
         s = self._serving
-        t = self._new_trace(s, "predict")
-        self._enter_version(s)
-        active = self.activity.begin()
         try:
-            if stage == "preprocess":
-                x = self._input(s, x)
-            return steps[stage](s, x, t), None
-        except Exception as exc:
-            return None, self._fail(t, stage, exc)
-        finally:
-            t.end = perf_counter()
-            self._traces.append(t)
-            self.activity.end(active)
-            self._leave_version(s)
+            return self._consume(self._open(s, self._new_trace(s, "predict"), x, None, "predict", drain=True, stages=(stage,))), None
+        except ModelError as exc:
+            return None, exc
 
     # ------------------------------------------------------------------ versions in use
 
@@ -426,35 +435,6 @@ class Runner:
         finally:
             if t.lock_acquired is not None:
                 t.lock_released = perf_counter()
-
-    def _locked_predict(self, s: Serving, x: Any, t: Trace) -> Any:
-        """predict alone under the lock (a split deployment's predict step); a stream is joined."""
-        answer = self._open_predict_only(s, t, x)
-        try:
-            return join_chunks(list(answer)) if next(answer) else next(answer)
-        finally:
-            answer.close()
-
-    def _open_predict_only(self, s: Serving, t: Trace, x: Any) -> Iterator[Any]:
-        req = _RequestOnce(x, None)
-        spec = s.methods.specs["predict"]
-        t.cpu_measurable = not (spec.is_async or spec.is_generator)
-        with self._predict_slot(s, t) as watch:
-            token = lockguard.enter(watch) if watch is not None else None
-            try:
-                y = self._call(s, "predict", x, req, watch)
-            finally:
-                if token is not None:
-                    lockguard.leave(token)
-            if is_stream(y):
-                t.cpu_measurable = False
-                refuse_postprocess(s, y)
-                yield True
-                chunks = self._iterate(y, watch)
-                yield from chunks if watch is None else lockguard.iterate(watch, chunks)
-                return
-        yield False
-        yield y
 
     def _call(self, s: Serving, name: str, x: Any, req: Callable[[], Any], watch: lockguard.Watch | None = None) -> Any:
         y = s.call(name, x, req)

@@ -51,9 +51,12 @@ def _inputs(args, live) -> list[Any]:
 
 
 def _json(value: Any) -> str:
-    from .display.text import short
+    from .display.text import json_fallback, short
 
-    return json.dumps(value, indent=2, ensure_ascii=False, default=lambda v: short(v, 200))
+    try:
+        return json.dumps(value, indent=2, ensure_ascii=False, default=json_fallback)
+    except (TypeError, ValueError, RecursionError):  # a cycle, say: a bounded one-line form instead
+        return short(value)
 
 
 def cmd_init(args) -> int:

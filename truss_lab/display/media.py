@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from ..jsoncheck import type_name
 from .style import esc
-from .text import MAX_TEXT, array_info, json_fallback, summarised, image_kind, is_pil, short
+from .text import MAX_TEXT, array_info, image_kind, is_pil, json_fallback, safe_repr, short, summarised
 
 MAX_IMAGE_SIDE = 256  # displayed size; the PNG itself is at most 2x that
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
@@ -56,7 +56,10 @@ def value_html(value: Any, depth: int = 0, labels: bool = True) -> str:
         return "".join(f"<div>{value_html(v, depth + 1, labels)}</div>" for v in value)
     if isinstance(value, str) and len(value) <= MAX_TEXT:
         return f"<pre>{esc(json.dumps(value, ensure_ascii=False))}</pre>"
-    text = json.dumps(summarised(value), indent=1, ensure_ascii=False, default=json_fallback)
+    try:
+        text = json.dumps(summarised(value), indent=1, ensure_ascii=False, default=json_fallback)
+    except (TypeError, ValueError, RecursionError):
+        text = safe_repr(value)
     if len(text) <= 300:
         return f"<pre>{esc(text)}</pre>"
     return f"<details><summary>{esc(short(value, 80))}</summary><pre>{esc(text)}</pre></details>"

@@ -1,5 +1,6 @@
 """The magics, driven through a real IPython InteractiveShell; assertions on namespace and MIME bundles."""
 
+import os
 import re
 import subprocess
 import sys
@@ -241,8 +242,39 @@ def test_predict_expr_keeps_its_quotes_and_spacing(ip, make_truss):
         assert text.splitlines()[1] == f"  output: {expected}", text
     from truss_lab.notebook.magics import split_line
 
-    tokens, starts = split_line('predict -n 3  "a b" c')
-    assert tokens == ["predict", "-n", "3", "a b", "c"] and starts == [0, 8, 11, 14, 20]
+    assert split_line('load -n 3  "a b" c') == ["load", "-n", "3", "a b", "c"]
+
+
+def test_every_typed_input_is_a_result_or_one_usage_line(ip, make_truss, tmp_path):
+    root = make_truss("class Model:\n    def predict(self, x):\n        return x\n")
+    run(ip, f"load {root} --no-watch --as q")
+    long_prompt = "x" * 300
+    for line, expected in (
+        ('predict {"prompt": "%s"}' % long_prompt, '{"prompt": "%s' % long_prompt[:100]),  # not tried as a 300-char path
+        ("predict -1", "-1"),
+        ("predict -1.5 * 2", "-3.0"),
+        ("predict 'it\\'s'", '"it\'s"'),
+        ("predict --model q -- --model", None),
+        ("predict --method=predict [3]", "[3]"),
+    ):
+        if expected is None:  # `--` ends the options: the rest is EXPR, here a Python expression that fails
+            result, printed = cell_error(ip, f"%truss {line}")
+            assert "cannot evaluate '--model'" in printed and "Traceback" not in printed
+            continue
+        text = run(ip, line).outputs[-1].data["text/plain"]
+        assert text.splitlines()[1].startswith(f"  output: {expected}"), (line, text)
+    cap = run(ip, 'bench -n 2 -c 1 {"prompt": "%s"}' % long_prompt)
+    assert "2 requests" in cap.outputs[-1].data["text/plain"] or "requests" in cap.outputs[-1].data["text/plain"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result, printed = cell_error(ip, f"%truss init {locked / 'new'}")
+        if os.geteuid() == 0:  # root writes anyway: use a path under a file instead
+            result, printed = cell_error(ip, f"%truss init {root / 'config.yaml' / 'new'}")
+        assert "UsageError" in printed and "%truss init" in printed and "Traceback" not in printed, printed
+    finally:
+        locked.chmod(0o700)
 
 
 def test_magics_use_the_only_model_in_the_notebook(ip, make_truss):

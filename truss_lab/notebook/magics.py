@@ -90,21 +90,44 @@ def build_parser() -> _Parser:
     return parser
 
 
-def split_line(line: str) -> tuple[list[str], list[int]]:
-    """shlex.split(line) plus where each token starts in `line` (so EXPR can be taken verbatim)."""
+def split_line(line: str) -> list[str]:
+    """The words of a line for commands without EXPR, as a shell splits them (quotes kept together)."""
     lexer = shlex.shlex(line, posix=True)
     lexer.whitespace_split = True
     lexer.commenters = ""
+    return list(lexer)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices
+    return {}
+
+
+def split_expr(rest: str, parser: argparse.ArgumentParser) -> tuple[list[str], str]:
+    """(option words, EXPR): the leading words of `rest` that are `parser`'s options (and their
+    values), then everything after them, verbatim. `--` ends the options."""
+    takes_value = {o: a.nargs != 0 for a in parser._actions for o in a.option_strings}
     tokens: list[str] = []
-    starts: list[int] = []
+    pos = 0
     while True:
-        pos = lexer.instream.tell()
-        token = lexer.get_token()
-        if token is None:
-            return tokens, starts
-        rest = line[pos:]
-        tokens.append(token)
-        starts.append(pos + len(rest) - len(rest.lstrip()))
+        m = re.compile(r"\s*(\S+)").match(rest, pos)
+        if m is None:
+            return tokens, ""
+        word = m.group(1)
+        if word == "--":
+            return tokens, rest[m.end(1):].strip()
+        name = word.split("=", 1)[0]
+        if name not in takes_value:
+            return tokens, rest[m.start(1):].strip()
+        tokens.append(word)
+        pos = m.end(1)
+        if takes_value[name] and "=" not in word:
+            value = re.compile(r"\s*(\S+)").match(rest, pos)
+            if value is not None:
+                tokens.append(value.group(1))
+                pos = value.end(1)
 
 
 def variable_name(path: str) -> str:
@@ -112,6 +135,16 @@ def variable_name(path: str) -> str:
     if name[0].isdigit() or keyword.iskeyword(name):
         name = f"truss_{name}"
     return name
+
+
+def _is_file(text: str) -> bool:
+    """Whether `text` names an existing file (a 300-character dict literal is not a path: no OSError)."""
+    if len(text) > 4096 or "\n" in text:
+        return False
+    try:
+        return Path(text).expanduser().is_file()
+    except (OSError, ValueError, RuntimeError):  # name too long, NUL byte, no home for ~user
+        return False
 
 
 @magics_class
@@ -127,18 +160,12 @@ class TrussMagics(Magics):
     @line_cell_magic
     def truss(self, line: str, cell: str | None = None):
         try:
-            tokens, starts = split_line(line)
-            args = self.parser.parse_args(tokens)
+            args = self.parse(line)
         except _HelpShown:
             return None
-        except ValueError as exc:  # shlex: unbalanced quotes
-            raise UsageError(f"%truss: cannot parse the arguments: {exc}") from None
         if args.command is None:
             self.parser.print_help()
             return None
-        expr = getattr(args, "expr", None)
-        # EXPR is the line's own text after the options: shlex would drop its quotes ("a" -> a)
-        args.expr_text = line[starts[len(tokens) - len(expr)]:].strip() if expr else ""
         try:
             return getattr(self, f"cmd_{args.command}")(args, cell)
         except UsageError:
@@ -147,6 +174,28 @@ class TrussMagics(Magics):
             if isinstance(exc, ModelError):
                 self.last_error = exc
             raise UsageError(f"{type(exc).__name__}: {exc}") from None
+        except OSError as exc:  # a folder it cannot write, a file it cannot read: say which, in one line
+            raise UsageError(f"%truss {args.command}: {exc}") from None
+
+    def parse(self, line: str) -> argparse.Namespace:
+        """The line's arguments. A command that takes EXPR (predict, bench) reads its options up to the
+        first word that is not one of them, and takes the rest of the line verbatim as EXPR: `-1`,
+        `'it\\'s'` or a 300-character dict are inputs, not options or shell words."""
+        command = line.split(None, 1)[0] if line.strip() else ""
+        sub = _subparsers(self.parser).get(command)
+        if sub is not None and any(a.dest == "expr" for a in sub._actions):
+            rest = line.split(None, 1)[1] if len(line.split(None, 1)) > 1 else ""
+            tokens, expr_text = split_expr(rest, sub)
+            args = self.parser.parse_args([command, *tokens])
+            args.expr_text = expr_text
+            return args
+        try:
+            tokens = split_line(line)
+        except ValueError as exc:  # shlex: unbalanced quotes
+            raise UsageError(f"%truss: cannot parse the arguments: {exc}") from None
+        args = self.parser.parse_args(tokens)
+        args.expr_text = ""
+        return args
 
     # ------------------------------------------------------------------ helpers
 
@@ -175,7 +224,7 @@ class TrussMagics(Magics):
             raise UsageError("%truss predict: give an input: a Python value, a path, a URL, or example:NAME")
         if text.startswith("example:"):
             return live.example(text[len("example:"):])
-        if re.match(r"^[a-z][a-z0-9+.-]*://", text) or (len(text) < 4096 and Path(text).expanduser().is_file()):
+        if re.match(r"^[a-z][a-z0-9+.-]*://", text) or _is_file(text):
             return text
         try:
             return self.shell.ev(text)
@@ -296,6 +345,8 @@ class TrussMagics(Magics):
         from ..display.plots import timeline
 
         live = self.model(args.model)
+        if args.last is not None and args.last < 1:
+            raise UsageError(f"%truss timeline --last {args.last}: N must be 1 or more (the last N traces)")
         if self.last_bench is not None and args.last is None:
             source = self.last_bench
         else:

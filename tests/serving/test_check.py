@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -156,3 +157,87 @@ def test_the_check_magic(truss_env, make_truss):
     finally:
         ip.user_ns["checked"].close()
         ip.run_line_magic("unload_ext", "truss_lab")
+
+
+def test_lints_that_cannot_be_sure_warn_and_never_fail(tmp_path):
+    root = write_truss(tmp_path / "unsure", """
+        import numpy as np
+        import mylib
+        import otherlib
+        class Model:
+            def __init__(self, data_dir, **kw):
+                self._data_dir = data_dir
+            def load(self):
+                self.w = np.load(self._data_dir / "weights" / "w.npy")
+                self.missing = np.load(self._data_dir / "weights" / "gone.npy")
+                self.cache = self._data_dir / "cache" / "tokens.json"
+            def predict(self, x):
+                return x
+        """, config={"requirements": ["git+https://example.invalid/org/mylib.git@v1", "numpy"]})
+    (root / "data" / "weights").mkdir(parents=True)
+    np_file = root / "data" / "weights" / "w.npy"
+    np_file.write_bytes(b"x")
+    findings = lint(read_bundle(root))
+    data = [f for f in findings if f.kind == "data-file"]
+    assert [(f.severity, "gone.npy" in f.message) for f in data if "weights" in f.message] == [("error", True)]  # w.npy is there
+    assert any(f.severity == "warning" and "cache/tokens.json" in f.message and "writes it itself" in f.message for f in data)
+    reqs = [f for f in findings if f.kind == "requirement"]
+    assert all(f.severity == "warning" for f in reqs) and [("otherlib" in f.message) for f in reqs] == [True]
+    assert "git+https://example.invalid/org/mylib.git@v1" in reqs[0].message  # mylib: guessed from the URL, covered
+    from truss_lab.serving.check import requirement_names
+
+    names, opaque = requirement_names(["tqdm>=4", "foo[x] @ https://h/foo-1.0.tar.gz", "-e git+https://h/o/bar.git#egg=bar_pkg",
+                                       "https://h/baz-2.0-py3-none-any.whl", "git+ssh://git@h/o/qux.git"])
+    assert names == {"tqdm", "foo", "bar-pkg", "baz", "qux"} and opaque == ["https://h/baz-2.0-py3-none-any.whl", "git+ssh://git@h/o/qux.git"]
+
+
+def test_two_checks_at_once_share_the_cache_safely(truss_env, tmp_path):
+    """Two processes (two kernels, a kernel and a terminal) preparing the same app folder and the same
+    requirements overlay at once: both get a complete folder; the work is done once."""
+    from truss_lab.serving import truss_server
+
+    root = write_truss(tmp_path / "twice", "class Model:\n    def predict(self, x):\n        return x\n")
+    script = (
+        "import sys; from truss_lab.serving.truss_server import ServerEnv, build_once; from pathlib import Path; import time\n"
+        "env = ServerEnv.ensure()\n"
+        "app = env.app_folder(sys.argv[1])\n"
+        "assert (app / 'config.yaml').is_file() and (app / 'model' / 'model.py').is_file(), app\n"
+        "def slow(tmp):\n"
+        "    with open(sys.argv[2] + '.count', 'a') as f: f.write('x')\n"
+        "    time.sleep(0.5); (tmp / 'done').write_text('yes')\n"
+        "out = build_once(Path(sys.argv[2]), slow)\n"
+        "print(app, (out / 'done').read_text())\n"
+    )
+    target = tmp_path / "cache" / "overlay"
+    target.parent.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(root), str(target)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert len({o.split()[0] for o, _ in outs}) == 1 and all(o.split()[1] == "yes" for o, _ in outs)
+    assert (tmp_path / "cache" / "overlay.count").read_text() == "x"  # built once; the other waited for it
+    assert not [p for p in target.parent.iterdir() if ".tmp-" in p.name]  # no half-built folder left
+
+
+def test_ctrl_c_during_an_install_stops_pip_too(tmp_path):
+    import signal
+    import threading
+
+    from truss_lab.serving.truss_server import _install
+
+    pid_file = tmp_path / "pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); print('Collecting x', flush=True); time.sleep(120)"
+
+    def interrupt_when_started() -> None:
+        for _ in range(600):
+            if pid_file.exists() and pid_file.read_text():
+                os.kill(os.getpid(), signal.SIGINT)  # what a kernel interrupt sends
+                return
+            threading.Event().wait(0.05)
+
+    threading.Thread(target=interrupt_when_started, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        _install([sys.executable, "-c", child], "fake pip")
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone (terminated and reaped)

@@ -324,11 +324,41 @@ def _local_names(bundle: Bundle) -> set[str]:
     return names
 
 
+def requirement_names(requirements: list[str]) -> tuple[set[str], list[str]]:
+    """(the distribution names the requirements name, the URL/path ones whose name is only a guess).
+
+    `tqdm>=4`, `name[extra] @ https://...` and `-e git+https://...#egg=name` name their package; a bare
+    `git+https://host/org/mylib.git` or a wheel URL names none until installed: its name is guessed
+    from the URL (`mylib`), and the lint only warns about imports it might provide."""
+    names: set[str] = set()
+    opaque: list[str] = []
+    for raw in requirements:
+        req = re.sub(r"^(-e|--editable)\s+", "", raw.strip())
+        egg = re.search(r"#.*\begg=([A-Za-z0-9._-]+)", req)
+        named = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*@", req)
+        if egg:
+            names.add(_norm(egg.group(1)))
+        elif named:
+            names.add(_norm(named.group(1)))
+        elif "://" in req or req.startswith(("git+", ".", "/")) or re.search(r"\.(whl|zip|tar\.gz|tgz)$", req):
+            last = req.split("#")[0].split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+            last = re.sub(r"\.git$", "", last)
+            if last.endswith(".whl"):
+                last = last.split("-")[0]
+            else:
+                last = re.sub(r"(-\d[\w.]*)?(\.tar\.gz|\.tgz|\.zip)$", "", last)
+            names.add(_norm(last))
+            opaque.append(raw.strip())
+        else:
+            names.add(_norm(re.split(r"[<>=!~;\[ @]", req, maxsplit=1)[0]))
+    return names, opaque
+
+
 def _lint_imports(bundle: Bundle, trees, server_site: Path | None) -> list[Finding]:
     import importlib.metadata as md
 
     local = _local_names(bundle)
-    required = {_norm(re.split(r"[<>=!~;\[ @]", r, maxsplit=1)[0]) for r in _requirements(bundle)}
+    required, opaque = requirement_names(_requirements(bundle))
     dists = md.packages_distributions()
     on_server = {p.name.split("-")[0].split(".")[0] for p in server_site.iterdir()} if server_site else set()
     seen: set[str] = set()
@@ -350,6 +380,14 @@ def _lint_imports(bundle: Bundle, trees, server_site: Path | None) -> list[Findi
                     continue
                 seen.add(top)
                 provider = sorted(dists.get(top, [top]))[0]
+                if opaque:  # cannot be sure: a URL requirement may well provide it
+                    out.append(Finding("warning", "requirement",
+                                       f"`import {top}` is not covered by a named requirement; it may come from {opaque[0]}"
+                                       f"{f' (or {len(opaque) - 1} other URL requirements)' if len(opaque) > 1 else ''}, "
+                                       "whose modules are known only once it is installed",
+                                       f"if it does not, add `{provider}` to requirements in {bundle.config_path.name}",
+                                       _where(bundle, path, node)))
+                    continue
                 out.append(Finding("error", "requirement",
                                    f"`import {top}` is not covered by `requirements` (and the Truss server's own environment lacks it)",
                                    f"add `{provider}` to requirements in {bundle.config_path.name}", _where(bundle, path, node)))
@@ -408,18 +446,61 @@ def _lint_secrets(bundle: Bundle, trees) -> list[Finding]:
     return out
 
 
+_READERS = ("open", "load", "read", "loadtxt", "genfromtxt", "imread", "from_file", "load_model", "from_pretrained", "fromfile")
+
+
+def _data_path(node: ast.AST) -> list[str] | None:
+    """The parts of a `data_dir / "a" / "b.npy"` chain (["a", "b.npy"]), None if it is not one or any
+    part is not a constant."""
+    parts: list[str] = []
+    while isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+        part = _string_key(node.right)
+        if part is None:
+            return None
+        parts.insert(0, part)
+        node = node.left
+    root = ast.unparse(node).split(".")[-1].lower()
+    return parts if parts and root.strip("_") in ("data_dir", "datadir", "data_path", "data") else None
+
+
 def _lint_data_files(bundle: Bundle, trees) -> list[Finding]:
     out, seen = [], set()
     for path, tree in trees:
+        inner = set()  # a chain's own left-hand sides (data_dir / "weights" in data_dir / "weights" / "w.npy")
+        read = set()  # chains passed straight to a reader: open(...), np.load(...), ...
         for node in ast.walk(tree):
-            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and _named(node.left, "data_dir", "data"):
-                name = _string_key(node.right)
-                if not name or name in seen or any(ch in name for ch in "*?{"):
-                    continue
-                seen.add(name)
-                if not (bundle.data_dir / name).exists():
-                    out.append(Finding("error", "data-file", f"`{ast.unparse(node)}` is opened but {bundle.data_dir_name}/{name} is not in the truss",
-                                       f"put {name} in {bundle.data_dir_name}/ (only data/ is deployed)", _where(bundle, path, node)))
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+                inner.add(id(node.left))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr in ("read_bytes", "read_text", "open") and not node.args:
+                read.add(id(node.func.value))  # (data_dir / "x").read_bytes()
+            if isinstance(node, ast.Call) and node.args:
+                func = ast.unparse(node.func).split(".")[-1]
+                mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+                writes = func == "open" and isinstance(mode, ast.Constant) and any(c in str(mode.value) for c in "wax")
+                if any(func.startswith(r) for r in _READERS) and not writes:
+                    read.add(id(node.args[0]))
+        for node in ast.walk(tree):
+            if id(node) in inner:
+                continue
+            parts = _data_path(node)
+            if parts is None:
+                continue
+            name = "/".join(parts)
+            if name in seen or any(ch in name for ch in "*?{"):
+                continue
+            seen.add(name)
+            if (bundle.data_dir / name).exists():
+                continue
+            where = _where(bundle, path, node)
+            if id(node) in read:
+                out.append(Finding("error", "data-file", f"`{ast.unparse(node)}` is read but {bundle.data_dir_name}/{name} is not in the truss",
+                                   f"put {name} in {bundle.data_dir_name}/ (only data/ is deployed)", where))
+            else:  # maybe a file the model writes itself (a cache): cannot be sure
+                out.append(Finding("warning", "data-file",
+                                   f"`{ast.unparse(node)}`: {bundle.data_dir_name}/{name} is not in the truss "
+                                   "(fine if the model writes it itself; this lint cannot tell how the path is used)",
+                                   f"if the model reads it, put {name} in {bundle.data_dir_name}/ (only data/ is deployed)", where))
     return out
 
 

@@ -21,12 +21,14 @@ Both venvs are made once and cached under `cache_dir()` (`$TRUSS_LAB_CACHE`, els
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,15 +94,73 @@ def _install(cmd: list[str], what: str) -> None:
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
-    with tqdm(desc=what, bar_format="{desc}: {elapsed} {postfix}", file=sys.stderr, leave=False) as bar:
-        for line in proc.stdout:
-            line = line.strip()
-            if line:
-                tail = (tail + [line])[-5:]
-                if line.startswith(("Collecting", "Downloading", "Installing", "Successfully")):
-                    bar.set_postfix_str(line[:70])
+    try:
+        with tqdm(desc=what, bar_format="{desc}: {elapsed} {postfix}", file=sys.stderr, leave=False) as bar:
+            for line in proc.stdout:
+                line = line.strip()
+                if line:
+                    tail = (tail + [line])[-5:]
+                    if line.startswith(("Collecting", "Downloading", "Installing", "Successfully")):
+                        bar.set_postfix_str(line[:70])
+    except BaseException:  # Ctrl-C (a kernel interrupt reaches only this process): pip stops too
+        _stop(proc)
+        raise
     if proc.wait() != 0:
         raise TrussLabError(f"{what} failed (exit {proc.returncode}): " + " | ".join(tail))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path, say: Callable[[str], None] | None = None):
+    """Hold an advisory lock on `lock_file` (across processes: two kernels, a kernel and a terminal)."""
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): one check at a time is then up to the user
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if say is not None:
+                say(f"truss_lab: waiting for another check that is preparing {lock_file.stem}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_once(final: Path, build: Callable[[Path], None], say: Callable[[str], None] | None = None) -> Path:
+    """`final`, built by `build(folder)` once: into a private folder renamed into place when complete,
+    under a lock, so concurrent checks never see (or break) a half-built folder, and an interrupted
+    build leaves nothing behind."""
+    if (final / ".ready").is_file():
+        return final
+    with _exclusive(final.parent / f".{final.name}.lock", say):
+        if (final / ".ready").is_file():  # another check built it while we waited
+            return final
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+        try:
+            build(tmp)
+            (tmp / ".ready").write_text("ok")
+            if final.exists():  # left half-built by a run killed before this lock existed
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
 
 
 @dataclass
@@ -134,6 +194,13 @@ class ServerEnv:
             return env
         say = note or (lambda msg: print(msg, file=sys.stderr, flush=True))
         env.root.mkdir(parents=True, exist_ok=True)
+        with _exclusive(env.root / ".install.lock", say):  # venvs are not relocatable: built in place, one at a time
+            if not env.ready:
+                env._install(say)
+        return env
+
+    def _install(self, say: Callable[[str], None]) -> None:
+        env, version = self, self.version
         say(f"truss_lab: installing the Truss {version} server once, into {env.root} (about two minutes)")
         if not env.cli_python.exists():
             _run([sys.executable, "-m", "venv", str(env.cli_python.parent.parent)], "creating the truss venv")
@@ -152,7 +219,6 @@ class ServerEnv:
         _install([str(env.server_python), "-m", "pip", "install", "--progress-bar", "off", "-r", str(reqs), "-c", str(cons)],
                  "installing the Truss server's requirements")
         (env.root / ".ready").write_text(version)
-        return env
 
     # ---------------------------------------------------------------------------------- requirements
 
@@ -169,17 +235,17 @@ class ServerEnv:
         if (folder / ".ready").is_file():
             return folder
         say = note or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        say(f"truss_lab: installing the truss's requirements into the Truss server's environment, once "
-            f"(cached in {folder}): {', '.join(reqs)}")
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        (folder / "requirements.txt").write_text("\n".join(reqs) + "\n")
-        site = folder / "site"
-        _install([str(self.server_python), "-m", "pip", "install", "--progress-bar", "off", "--target", str(site),
-                  "-r", str(folder / "requirements.txt"), "-c", str(self.server_code / "constraints.txt")],
-                 f"pip install of the truss's requirements ({', '.join(reqs)})")
-        (folder / ".ready").write_text(digest)
-        return folder
+
+        def build(tmp: Path) -> None:
+            say(f"truss_lab: installing the truss's requirements into the Truss server's environment, once "
+                f"(cached in {folder}): {', '.join(reqs)}")
+            (tmp / "requirements.txt").write_text("\n".join(reqs) + "\n")
+            _install([str(self.server_python), "-m", "pip", "install", "--progress-bar", "off", "--target", str(tmp / "site"),
+                      "-r", str(tmp / "requirements.txt"), "-c", str(self.server_code / "constraints.txt")],
+                     f"pip install of the truss's requirements ({', '.join(reqs)})")
+
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        return build_once(folder, build, say)
 
     @property
     def python_version(self) -> str:
@@ -197,23 +263,23 @@ class ServerEnv:
         app = (apps or self.root / "apps") / f"{src.name}-{digest[:12]}"
         if (app / ".ready").is_file():
             return app
-        shutil.rmtree(app, ignore_errors=True)
-        app.mkdir(parents=True)
-        for item in self.server_code.iterdir():
-            target = app / item.name
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)
         import yaml
 
         raw = yaml.safe_load((src / "config.yaml").read_text()) or {}
-        for key, default in (("model_module_dir", "model"), ("data_dir", "data"), ("bundled_packages_dir", "packages")):
-            folder = src / str(raw.get(key) or default)
-            if folder.is_dir():
-                shutil.copytree(folder, app / ("packages" if key == "bundled_packages_dir" else str(raw.get(key) or default)),
-                                ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
-        _run([str(self.cli_python), "-c", NORMALISE, str(src / "config.yaml"), str(app / "config.yaml")],
-             f"{src / 'config.yaml'}: Truss could not read it")
-        (app / ".ready").write_text(digest)
-        return app
+
+        def build(tmp: Path) -> None:
+            for item in self.server_code.iterdir():
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            for key, default in (("model_module_dir", "model"), ("data_dir", "data"), ("bundled_packages_dir", "packages")):
+                folder = src / str(raw.get(key) or default)
+                if folder.is_dir():
+                    shutil.copytree(folder, tmp / ("packages" if key == "bundled_packages_dir" else str(raw.get(key) or default)),
+                                    ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+            _run([str(self.cli_python), "-c", NORMALISE, str(src / "config.yaml"), str(tmp / "config.yaml")],
+                 f"{src / 'config.yaml'}: Truss could not read it")
+
+        app.parent.mkdir(parents=True, exist_ok=True)
+        return build_once(app, build)
 
     def start(self, truss_dir: str | os.PathLike, *, env: dict[str, str] | None = None,
               timeout: float = 120.0, apps: Path | None = None) -> "RunningServer":
@@ -222,7 +288,13 @@ class ServerEnv:
 
         app = self.app_folder(truss_dir, apps)
         port = _free_port()
-        log = app / "server.log"
+        logs = app.parent / ".logs"  # one log per run: two checks of one truss may share its app folder
+        logs.mkdir(exist_ok=True)
+        for old in sorted(logs.glob("*.log"), key=lambda p: p.stat().st_mtime)[:-50]:  # keep the latest 50
+            old.unlink(missing_ok=True)
+        fd, log_name = tempfile.mkstemp(dir=logs, prefix=f"{app.name}-", suffix=".log")
+        os.close(fd)
+        log = Path(log_name)
         # The platform sets config.yaml's environment_variables in the container (not the server): so do
         # we. Nothing else of this process's environment goes in - a variable set only in the notebook's
         # kernel is not set on deploy either - except what a process needs to run, and TRUSS_SECRET_*
@@ -275,13 +347,7 @@ class RunningServer:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        _stop(self.proc)
 
     def __enter__(self) -> "RunningServer":
         return self

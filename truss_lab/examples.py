@@ -45,7 +45,8 @@ class ExampleOutcome:
     @classmethod
     def of(cls, name: str, result) -> "ExampleOutcome":
         t = result.trace
-        stages = {"pre": t.pre_ms, "predict": t.predict_ms, "post": t.post_ms}
+        ran = {"pre": t.pre_start, "predict": t.predict_start, "post": t.post_start}  # which stages ran: never how fast
+        stages = {s: ms for s, ms in (("pre", t.pre_ms), ("predict", t.predict_ms), ("post", t.post_ms)) if ran[s] is not None}
         if result.error is not None:
             err = result.error
             return cls(name, False, error=str(err), stage=err.stage, location=err.location, stage_ms=stages)
@@ -76,7 +77,8 @@ class ExampleChange:
                          + (f" (+{len(self.paths) - 5} more)" if len(self.paths) > 5 else ""))
         if self.error:
             parts.append(self.error)
-        times = [f"{s} {a:.1f} -> {b:.1f} ms (x{b / a:.2f})" for s, (a, b) in self.stage_ms.items() if a > 0.05 and b > 0]
+        # every stage that ran in both versions, however fast: what is shown never depends on the machine's speed
+        times = [f"{s} {a:.1f} -> {b:.1f} ms (x{b / max(a, 1e-9):.2f})" for s, (a, b) in self.stage_ms.items()]
         if times:
             parts.append(", ".join(times))
         return " — ".join(parts)
@@ -140,7 +142,7 @@ def diff(old: dict[str, ExampleOutcome], new: dict[str, ExampleOutcome], old_ver
         if a is None or b is None:
             changes.append(ExampleChange(name, "new" if a is None else "removed"))
             continue
-        times = {s: (a.stage_ms.get(s, 0.0), b.stage_ms.get(s, 0.0)) for s in STAGES if b.stage_ms.get(s)}
+        times = {s: (a.stage_ms[s], b.stage_ms[s]) for s in STAGES if s in a.stage_ms and s in b.stage_ms}
         where = b.error  # "predict failed at model/model.py:31: ValueError: ..." - stage and line included
         if a.ok and b.ok:
             paths = diff_paths(a.output, b.output, rtol, atol)
@@ -181,7 +183,7 @@ class ExamplesWatch:
         return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
 
     def _on_reload(self, event) -> None:
-        if event.ok and event.kind in ("methods", "full"):
+        if event.ok and event.kind in ("methods", "full", "examples"):
             self._start(event.version)
 
     def _start(self, version: int, first: bool = False) -> None:

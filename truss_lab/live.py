@@ -92,6 +92,9 @@ class LiveModel(Runner):
         self._serving = serving
         self._warner.reset()  # a new version warns again about a misuse it still has
 
+    def _set_examples(self, bundle: Bundle) -> None:
+        self.bundle.examples = bundle.examples
+
     def _forget(self, s: wrapper.Serving) -> None:
         self.space.forget_version(loader.version_package(s.module))
 

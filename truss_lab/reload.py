@@ -46,7 +46,7 @@ class ReloadEvent:
     """One reload: what happened, to which version, what changed, and how long it took."""
 
     version: int  # the version serving after this event
-    kind: str  # "methods" | "full" | "unchanged" | "failed"
+    kind: str  # "methods" | "full" | "examples" (examples.yaml only: the model untouched) | "unchanged" | "failed"
     changed: list[str] = field(default_factory=list)
     error: str | None = None
     location: str | None = None
@@ -65,6 +65,8 @@ class ReloadEvent:
             return f"v{self.version}: swapped {what} in {self.duration_ms:.0f} ms (model kept, load() not re-run)"
         if self.kind == "full":
             return f"v{self.version}: full reload ({what}) in {self.duration_ms:.0f} ms (load() re-run)"
+        if self.kind == "examples":
+            return f"v{self.version}: {what} changed; the model was not reloaded"
         if self.kind == "unchanged":
             return f"v{self.version}: no change in behaviour{f' ({what})' if what else ''}; nothing swapped"
         return f"reload failed: {self.error} (still serving v{self.version})"
@@ -142,6 +144,7 @@ class Snapshot:
 
     config: str
     data: dict[str, tuple[int, int]]
+    examples: str  # sha1 of examples.yaml ("" when there is none): an edit reloads the examples, not the model
     py_bytes: dict[str, str]  # rel path -> sha1 of the bytes (cheap check before compiling)
     py: dict[str, PyFile]
 
@@ -150,6 +153,7 @@ class Snapshot:
         """Read the folder; compile only .py files whose bytes changed since `previous`."""
         root = bundle.path
         config = hashlib.sha1(bundle.config_path.read_bytes()).hexdigest() if bundle.config_path.exists() else ""
+        examples = hashlib.sha1(bundle.examples_path.read_bytes()).hexdigest() if bundle.examples_path.is_file() else ""
         data: dict[str, tuple[int, int]] = {}
         if bundle.data_dir.is_dir():
             for p in sorted(bundle.data_dir.rglob("*")):
@@ -176,7 +180,7 @@ class Snapshot:
                         py[rel] = fingerprint_file(p, None)
                     except SyntaxError:  # a scratch file the model may never import: its import says so if it does
                         py[rel] = PyFile(module="unparseable:" + py_bytes[rel], methods={}, outside_class="")
-        return cls(config=config, data=data, py_bytes=py_bytes, py=py)
+        return cls(config=config, data=data, examples=examples, py_bytes=py_bytes, py=py)
 
 
 def _ignored(path: Path) -> bool:
@@ -371,6 +375,9 @@ class Reloadable(Protocol):
     def _switch(self, serving: Serving, bundle: Bundle) -> None:
         """Make `serving` the code every request from now on runs."""
 
+    def _set_examples(self, bundle: Bundle) -> None:
+        """Take `bundle`'s examples (examples.yaml was edited; nothing else changed)."""
+
     def retire(self, serving: Serving) -> None:
         """The replaced version: drop its modules once no request runs on it."""
 
@@ -444,8 +451,14 @@ class Reloader:
             user = self._without_model_writes(d, new_snapshot)
             model_wrote, d = user is not d, user
         names = d.names(model_rel)
+        examples_changed = new_snapshot.examples != self.snapshot.examples
+        if examples_changed:
+            names.append(bundle.examples_filename)
         if not full and not d.any:
             self.snapshot = new_snapshot
+            if examples_changed:  # examples.yaml alone: the new examples, the same loaded model
+                live._set_examples(bundle)
+                return ReloadEvent(current.version, "examples", names)
             return None if model_wrote else ReloadEvent(current.version, "unchanged", [])
         version = current.version + 1  # reloads are serialised, and a failed one leaves no trace
         packages_changed = any(Path(bundle.path, f).is_relative_to(bundle.packages_dir) for f in d.files)

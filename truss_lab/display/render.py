@@ -57,7 +57,7 @@ def examples_diff_html(d) -> str:
         pictures = _image_pair(c.old, c.new) if c.status == "changed" else None
         if pictures:
             what = pictures + what
-        times = ", ".join(f"{esc(s)} {a:.1f} → {b:.1f} ms" for s, (a, b) in c.stage_ms.items() if a > 0.05 and b > 0)
+        times = ", ".join(f"{esc(s)} {a:.1f} → {b:.1f} ms" for s, (a, b) in c.stage_ms.items())
         rows.append(f"<tr><td style='text-align:left'>{esc(c.name)}</td><td style='color:{colour};text-align:left'>"
                     f"<b>{esc(c.status)}</b></td><td style='text-align:left'>{what}</td><td>{times}</td></tr>")
     return (f'<div class="truss-lab truss-lab-examples-diff">{STYLE}<div class="tl-head">{esc(d.summary())}</div>'
@@ -168,7 +168,7 @@ def timing_bar(trace, width: int = 480) -> str:
 
 
 def reload_html(event) -> str:
-    colour = {"methods": "#2e7d32", "full": "#1565c0", "unchanged": "#666", "failed": "#c62828"}[event.kind]
+    colour = {"methods": "#2e7d32", "full": "#1565c0", "examples": "#6a1b9a", "unchanged": "#666", "failed": "#c62828"}[event.kind]
     return (
         f'<div class="truss-lab truss-lab-reload" style="color:{colour};font-family:monospace;font-size:12px">'
         f"⟳ {esc(event.summary())}</div>"

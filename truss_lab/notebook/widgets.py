@@ -109,7 +109,7 @@ class Panel:
         self.run_button.on_click(self._guarded(lambda _: self._start(self._run_once)))
         self.run_n_button.on_click(self._guarded(lambda _: self._start(self._run_many)))
         self.check_button.on_click(self._guarded(lambda _: self._start(self._check, needs_input=False)))
-        self._unsubscribe = live.on_reload(self._guarded(lambda event: self._show_status(event)))
+        self._unsubscribe = live.on_reload(self._guarded(self._reloaded))
         live.on_close(self._model_closed)
 
         self.box = W.VBox(
@@ -130,6 +130,21 @@ class Panel:
         if names:
             self.examples.value = names[0]  # start from something runnable
         self._show_status(None)
+
+    def _reloaded(self, event) -> None:
+        if event.ok:  # examples.yaml may have changed: the dropdown lists what is there now
+            self._refresh_examples()
+        self._show_status(event)
+
+    def _refresh_examples(self) -> None:
+        names = list(self.live.examples)
+        options = [("— example —", "")] + [(n, n) for n in names]
+        if list(self.examples.options) != options:
+            keep = self.examples.value if self.examples.value in names else ""
+            self.examples.options = options
+            self.examples.value = keep
+            self.examples.disabled = not names
+            self.examples_toggle.disabled = not names
 
     # ------------------------------------------------------------------ display
 

@@ -35,6 +35,7 @@ import re
 import sys
 import threading
 import time
+import types
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Awaitable
@@ -97,6 +98,7 @@ class Watch:
     events: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, detail) -> count
     dropped: int = 0  # events past MAX_EVENTS distinct ones
     idle_check: bool = True  # off for async predicts and streams: the thread's CPU time says nothing
+    stall0: float | None = None  # the machine's CPU stall counter at the start (cpu_stall_ms), if read
 
 
 _CURRENT: ContextVar[Watch | None] = ContextVar("truss_lab_guard", default=None)
@@ -148,6 +150,8 @@ def _classify(event: str, args: tuple) -> tuple[str, str] | None:
         shown = " ".join(redact_argv(list(map(str, argv)))) if isinstance(argv, (list, tuple)) else redact_url(str(argv))
         return "subprocess", shown[:80]
     if event == "time.sleep":
+        if not float(args[0]) > 0:  # sleep(0) yields the CPU to another thread: not a wait
+            return None
         return "sleep", f"{float(args[0]) * 1000:.0f} ms"
     return None
 
@@ -193,16 +197,14 @@ def _wrap_all() -> None:
 
     def wrap(owner: Any, name: str, event: str, shape) -> None:
         original = getattr(owner, name)
+        if isinstance(original, types.BuiltinFunctionType):  # open, time.sleep: a stand-in that never binds
+            setattr(owner, name, Watched(original, event, shape))
+            return
 
         @functools.wraps(original)
-        def watched(*args, **kwargs):
+        def watched(*args, **kwargs):  # a method or Python function: it binds as the original did
             if current() is not None:
-                try:
-                    seen = shape(*args, **kwargs)
-                except Exception:  # an odd call: the original says what is wrong with it
-                    seen = None
-                if seen is not None:
-                    _hook(event, seen)
+                _seen(event, shape, args, kwargs)
             return original(*args, **kwargs)
 
         watched.__truss_lab_wrapped__ = original
@@ -217,6 +219,50 @@ def _wrap_all() -> None:
     wrap(urllib.request.OpenerDirector, "open", "urllib.Request", _urllib_shape)
     wrap(subprocess.Popen, "_execute_child", "subprocess.Popen", lambda self, args, executable, *a, **k: (executable, args))
     wrap(time, "sleep", "time.sleep", lambda secs: (secs,))
+
+
+def _seen(event: str, shape, args: tuple, kwargs: dict) -> None:
+    try:
+        seen = shape(*args, **kwargs)
+    except Exception:  # an odd call: the original says what is wrong with it
+        return
+    if seen is not None:
+        _hook(event, seen)
+
+
+class Watched:
+    """What stands in for a builtin function (`open`, `time.sleep`) once the guard is installed.
+
+    A Python function would bind as a method (`class R: opener = open` then `self.opener(p)` would pass
+    `self`); a builtin never does, and neither does this: it has no `__get__`. Its name, doc, repr,
+    signature and pickling are the builtin's; outside a guarded predict a call costs one ContextVar
+    read before the builtin runs."""
+
+    def __init__(self, original: Any, event: str, shape) -> None:
+        vars(self).update(
+            __wrapped__=original, __truss_lab_wrapped__=original, _event=event, _shape=shape,
+            __name__=original.__name__, __qualname__=original.__qualname__, __doc__=original.__doc__,
+            __module__=getattr(original, "__module__", None), __self__=getattr(original, "__self__", None),
+            __text_signature__=getattr(original, "__text_signature__", None),
+        )
+        self._original = original
+
+    def __call__(self, *args, **kwargs):
+        if _CURRENT.get() is not None:
+            _seen(self._event, self._shape, args, kwargs)
+        return self._original(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return repr(self._original)
+
+    def __reduce__(self) -> str:
+        return self.__qualname__  # pickled by name, as the builtin is
+
+    @property
+    def __signature__(self):
+        import inspect
+
+        return inspect.signature(self._original)
 
 
 def _urllib_shape(self, fullurl, data=None, *a, **k) -> tuple:
@@ -261,9 +307,35 @@ def redact_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def begin() -> Watch:
-    """Start a watch for one predict (then `enter` it in every thread or task that runs predict)."""
-    return Watch(time.perf_counter(), time.process_time())
+def begin(contention: bool = True) -> Watch:
+    """Start a watch for one predict (then `enter` it in every thread or task that runs predict).
+
+    `contention`: also read the machine's CPU stall counter, so that a predict whose threads waited
+    for a CPU (other processes busy) is not called idle. The runner skips it for predicts too short to
+    be called idle anyway."""
+    return Watch(time.perf_counter(), time.process_time(), stall0=cpu_stall_ms() if contention else None)
+
+
+_PRESSURE = "/proc/pressure/cpu"
+_pressure_ok = os.path.exists(_PRESSURE)
+
+
+def cpu_stall_ms() -> float | None:
+    """The machine's cumulative CPU stall (Linux PSI, `some total`: time at least one runnable task
+    waited for a CPU), in ms; on a kernel without PSI, the 1-minute load average above the CPU count,
+    as a stand-in that is either 0 or 'busy'. None where neither is known."""
+    global _pressure_ok
+    if _pressure_ok:
+        try:
+            fd = os.open(_PRESSURE, os.O_RDONLY)  # not open(): that is the guard's own stand-in
+            try:
+                line = os.read(fd, 128).split(b"\n", 1)[0]
+            finally:
+                os.close(fd)
+            return int(line.rsplit(b"total=", 1)[1]) / 1000.0
+        except (OSError, ValueError, IndexError):
+            _pressure_ok = False
+    return None
 
 
 def enter(watch: Watch) -> Any:
@@ -275,11 +347,47 @@ def leave(token: Any) -> None:
     _CURRENT.reset(token)
 
 
-def end(watch: Watch, held_ms: float, cpu_ms: float | None = None) -> list[Finding]:
+class _RunQueueFile(threading.local):
+    fd: int | None = None
+    failed = False
+
+    def __del__(self) -> None:  # the thread ended: its file goes too
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+
+
+_RUN_QUEUE = _RunQueueFile()
+
+
+def run_queue_ns() -> int | None:
+    """How long this thread has been runnable but not running, in ns (Linux: the second field of
+    /proc/thread-self/schedstat), or None where the kernel does not say. One pread of a file kept open
+    per thread: about a microsecond."""
+    rq = _RUN_QUEUE
+    if rq.fd is None:
+        if rq.failed:
+            return None
+        try:
+            rq.fd = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY)
+        except (OSError, AttributeError):
+            rq.failed = True
+            return None
+    try:
+        return int(os.pread(rq.fd, 64, 0).split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def end(watch: Watch, held_ms: float, cpu_ms: float | None = None, cpu_wait_ms: float | None = None) -> list[Finding]:
     """Turn what was seen into findings (one per kind and detail); [] on the fast path.
 
     `cpu_ms`: predict's thread CPU time as the runner measured it for the trace's compute/idle split
     (one measurement for both); None where it says nothing (async, streamed), and then no idle finding.
+    `cpu_wait_ms`: the time predict's thread waited for a CPU (a busy machine): contention, so it is not
+    counted as idle, for the thread or for the process.
     """
     wall_ms = (time.perf_counter() - watch.wall0) * 1000.0
     idle_check = watch.idle_check and cpu_ms is not None
@@ -291,17 +399,28 @@ def end(watch: Watch, held_ms: float, cpu_ms: float | None = None) -> list[Findi
     if watch.dropped and out:
         last = out[-1]
         out[-1] = Finding(last.kind, f"{last.detail} and {watch.dropped} other things", held_ms, last.count)
+    waited = cpu_wait_ms or 0.0
     if (
         not out  # a download or a sleep already explains the waiting
         and idle_check
         and wall_ms >= IDLE_MIN_MS
-        and cpu_ms < IDLE_CPU_SHARE * wall_ms
-        and proc_ms < IDLE_PROCESS_SHARE * wall_ms
+        and cpu_ms + waited < IDLE_CPU_SHARE * wall_ms
+        and proc_ms + waited < IDLE_PROCESS_SHARE * wall_ms
         and not gpu_in_use()
+        and not _machine_busy(watch, wall_ms)
     ):
-        idle = f"{max(0.0, held_ms - cpu_ms):.0f} of its {held_ms:.0f} ms (thread CPU {cpu_ms:.0f} ms)"  # = the trace's idle split
+        idle = f"{max(0.0, held_ms - cpu_ms - waited):.0f} of its {held_ms:.0f} ms (thread CPU {cpu_ms:.0f} ms)"  # = the trace's idle split
         out.append(Finding("idle", idle, held_ms))
     return out
+
+
+def _machine_busy(watch: Watch, wall_ms: float) -> bool:
+    """Whether runnable tasks waited for a CPU for most of the predict: its threads (a framework's
+    thread pool among them) may have been ready to compute, so idle time cannot be told from contention."""
+    if watch.stall0 is None:
+        return False
+    stall1 = cpu_stall_ms()
+    return stall1 is not None and stall1 - watch.stall0 > IDLE_PROCESS_SHARE * wall_ms
 
 
 def _most_telling(events: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:

@@ -30,6 +30,7 @@ from .aio import LoopThread
 from .bundle import Bundle, validate_concurrency
 from .errors import STAGE_ERRORS, ModelError, TrussLabError, describe
 from .lock import FairLock
+from .guard import run_queue_ns
 from .trace import ActivityLog, Report, Trace
 from .wrapper import (
     ENDPOINTS,
@@ -124,6 +125,7 @@ class Runner:
         self._lock = FairLock(self._valid_size(concurrency))
         self._lock_size = self._lock.size
         self._concurrency_override: int | None = None
+        self._long_predicts = True  # the last predict took >= 1 ms: measure contention for the next one
 
     @property
     def concurrency(self) -> int:
@@ -172,9 +174,12 @@ class Runner:
         self._traces.clear()
 
     def report(self, last: int | None = None) -> Report:
+        """A Report of the traces kept, or of the last `last` of them (0: none)."""
         traces = self.traces
         if last is not None:
-            traces = traces[-last:]
+            if isinstance(last, bool) or not isinstance(last, int) or last < 0:
+                raise TrussLabError(f"last must be a number of traces (0 or more), got {last!r}")
+            traces = traces[-last:] if last else []
         return Report.from_traces(traces, self._lock_size)
 
     # ------------------------------------------------------------------ requests
@@ -420,7 +425,9 @@ class Runner:
             with lock:  # `with`: no instruction between acquiring and the guaranteed release
                 t.lock_acquired = t.predict_start = perf_counter()
                 cpu0 = thread_time()
-                watch = lockguard.begin() if self._guard else None
+                long = self._long_predicts  # a predict of a microsecond is never idle: skip the contention reads
+                rq0 = run_queue_ns() if long and t.cpu_measurable else None
+                watch = lockguard.begin(long) if self._guard else None
                 try:
                     yield watch
                 finally:
@@ -428,10 +435,14 @@ class Runner:
                     cpu_ms = None
                     if t.cpu_measurable and (watch is None or watch.idle_check):
                         cpu_ms = t.predict_cpu_ms = (thread_time() - cpu0) * 1000.0
-                        if cpu_ms < 0.5 * t.predict_ms:  # mostly not computing: was a GPU busy instead?
+                        if rq0 is not None and cpu_ms < 0.9 * t.predict_ms:  # time not computing: was it waiting for a CPU?
+                            rq1 = run_queue_ns()
+                            t.predict_cpu_wait_ms = (rq1 - rq0) / 1e6 if rq1 is not None else None
+                        if cpu_ms + (t.predict_cpu_wait_ms or 0.0) < 0.5 * t.predict_ms:  # mostly not computing: a GPU busy?
                             t.gpu_in_use = lockguard.gpu_in_use()
+                    self._long_predicts = t.predict_ms >= 1.0
                     if watch is not None:
-                        self._found(s, t, lockguard.end(watch, t.predict_ms, cpu_ms))
+                        self._found(s, t, lockguard.end(watch, t.predict_ms, cpu_ms, t.predict_cpu_wait_ms))
         finally:
             if t.lock_acquired is not None:
                 t.lock_released = perf_counter()

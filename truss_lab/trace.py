@@ -49,6 +49,7 @@ class Trace:
     findings: list[Any] = field(default_factory=list)  # lock-misuse findings (guard.py)
     method: str = "predict"  # or the OpenAI-compatible method called (no lock, no pre/postprocess)
     predict_cpu_ms: float | None = None  # predict's thread CPU time; None where it says nothing (async, streamed)
+    predict_cpu_wait_ms: float | None = None  # predict's thread runnable but not running (other work had the CPUs)
     gpu_in_use: bool = False  # torch/TensorFlow had a GPU: a CPU-idle predict may be waiting for it
     cpu_measurable: bool = field(default=True, repr=False, compare=False)  # predict ran in this thread, not streamed
 
@@ -82,9 +83,14 @@ class Trace:
     @property
     def predict_idle_ms(self) -> float | None:
         """Of predict's time (the lock held), how much it was not computing: waiting on I/O, a sleep,
-        a download - or, with a GPU in use, possibly the GPU. None when not measured."""
+        a download - or, with a GPU in use, possibly the GPU. None when not measured.
+
+        Time its thread was ready to run but waited for a CPU (a busy machine: `predict_cpu_wait_ms`,
+        from the kernel's per-thread run-queue time) is contention, not idleness: it is left out."""
         compute = self.predict_compute_ms
-        return None if compute is None else max(0.0, self.predict_ms - compute)
+        if compute is None:
+            return None
+        return max(0.0, self.predict_ms - compute - (self.predict_cpu_wait_ms or 0.0))
 
     @property
     def post_ms(self) -> float:

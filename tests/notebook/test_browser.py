@@ -133,10 +133,9 @@ class Lab:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90.0) -> None:
-        settings = self.home / "settings"
-        notify = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-        notify.parent.mkdir(parents=True)
-        notify.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))  # no network
+        from truss_lab.devtools.lab import write_lab_settings
+
+        settings = write_lab_settings(self.home / "settings")  # what `make lab` uses: no news prompt, no network
         env = dict(
             os.environ,
             JUPYTER_RUNTIME_DIR=str(self.home / "runtime"),
@@ -240,6 +239,8 @@ def drive_panel(page, lab: Lab, model_py: Path, upload: Path, expect) -> None:
         " return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel"
         " && w.sessionContext.session.kernel.status === 'idle'; }"
     )
+    # `make lab`'s settings: nothing to dismiss (JupyterLab asks about its news in a toast otherwise)
+    assert page.locator(".jp-Notification-Toast, .Toastify__toast").filter(has_text="news").count() == 0
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
     panel = page.locator(".truss-lab-panel")
     expect(panel).to_be_visible(timeout=90_000)

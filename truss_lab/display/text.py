@@ -97,10 +97,10 @@ def safe_repr(value: Any, limit: int = MAX_TEXT) -> str:
     """`repr(value)`, cut to `limit`; a repr that raises (or recurses) says so instead."""
     try:
         text = repr(value)
-    except Exception as exc:  # a model's own __repr__ may fail: still show something
-        text = f"<{type_name(value)} object (repr failed: {type(exc).__name__})>"
     except RecursionError:
-        text = f"<{type_name(value)} object (repr too deep)>"
+        text = f"<{type(value).__qualname__} object (repr too deep)>"
+    except Exception as exc:  # a model's own __repr__ may fail: still show something
+        text = f"<{type(value).__qualname__} object (repr failed: {type(exc).__name__})>"  # short: it may be cut
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

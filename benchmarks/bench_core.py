@@ -1,7 +1,7 @@
 """Core benchmarks (issue 3), each a ratio measured in one run.
 
 Runner overhead: a no-op model through LiveModel.run (tracing and the lock guard on) vs calling its
-three methods directly. Target: <= 20 us per request. (Throughput against the lock's bound is in
+three methods directly. Target: <= 12 us per request. (Throughput against the lock's bound is in
 bench_lock.py.)
 
     python benchmarks/bench_core.py [--quick] [--json]
@@ -57,8 +57,8 @@ def overhead(n: int) -> dict:
         "runner_us": round(best_runner * 1e6, 3),
         "overhead_us": round(over_us, 2),
         "ratio_runner_to_direct": round(best_runner / best_direct, 1),
-        "target_us": 20,
-        "met": over_us <= 20,
+        "target_us": 12,
+        "met": over_us <= 12,
     }
 
 
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
         o = results["runner_overhead"]
         print(
             f"runner overhead: {o['overhead_us']:.2f} us/request over direct calls "
-            f"({o['runner_us']:.2f} vs {o['direct_us']:.2f} us; target <= 20 us: {'met' if o['met'] else 'MISSED'})"
+            f"({o['runner_us']:.2f} vs {o['direct_us']:.2f} us; target <= 12 us: {'met' if o['met'] else 'MISSED'})"
         )
     return results
 

@@ -6,6 +6,8 @@ untouched, because real configs carry dozens (model_metadata, system_packages, b
 
 from __future__ import annotations
 
+import functools
+
 import os
 import re
 from collections.abc import Mapping
@@ -58,27 +60,27 @@ class Bundle:
     examples: list[Example] = field(default_factory=list)
     streaming_read_timeout: float = 60.0  # runtime.streaming_read_timeout: the longest gap between chunks over HTTP
 
-    @property
+    @functools.cached_property
     def config_path(self) -> Path:
         return self.path / "config.yaml"
 
-    @property
+    @functools.cached_property
     def model_dir(self) -> Path:
         return self.path / self.model_module_dir
 
-    @property
+    @functools.cached_property
     def model_file(self) -> Path:
         return self.model_dir / self.model_class_filename
 
-    @property
+    @functools.cached_property  # read on every request (Result's image folders): computed once
     def data_dir(self) -> Path:
         return self.path / self.data_dir_name
 
-    @property
+    @functools.cached_property
     def packages_dir(self) -> Path:
         return self.path / self.packages_dir_name
 
-    @property
+    @functools.cached_property
     def examples_path(self) -> Path:
         return self.path / self.examples_filename
 

@@ -182,4 +182,7 @@ def test_from_model_import_follows_the_version_after_a_reload(make_truss):
         assert tr.predict(None).output == "v1"
         (root / "model" / "helper.py").write_text("K = 'v2'\n")
         assert tr.reload().ok and tr.predict(None).output == "v2"
-        assert "model" not in sys.modules  # nothing global: another truss's `model` is its own
+        from truss_lab.names import NameProxy
+
+        assert isinstance(sys.modules["model"], NameProxy)  # a name, resolved per truss and version: never one truss's module
+    assert "model" not in sys.modules  # and gone with the last truss that provides it

@@ -1,255 +1,49 @@
-"""Import a Truss's model.py as a module of its own, as Truss's image lays it out (wrapper.py builds the Model).
+"""Import a Truss's code as Truss's image does, one version at a time (wrapper.py builds the Model).
 
-Each LiveModel has a `Space` of module names: `_truss_lab.<slug>_<hash>_<n>_v<k>` per code version
-(bound to the model folder) and `..._pk<g>` per generation of packages/. Two trusses that both have
-`model/model.py` or `packages/utils.py` load side by side, as do two LiveModels of one folder;
-relative imports inside the model folder (`from .helpers import x`) work; `from model.helper import
-x` works as in Truss's image (whose truss root is on the path) and stays within the version; a
-reload imports into fresh modules. packages/ is appended to sys.path as in a Truss server, for
-code outside the truss.
+A `Version` is one snapshot of the truss's code: its real modules, under their Truss names
+(`model.model` - or the file's stem when it is not named like its folder, as Truss names it -
+`model.<helper>`, and the names under `packages/`), compiled from the sources as they were when the
+version was made. A request that imports a helper only after a save still gets its own version's
+file. Every module's `__loader__` is its version's `names.VersionLoader`, which is how a Truss name
+used by that code (an `import`, a pickle, `importlib`) finds this version's module (names.py).
+
+A `Space` is one LiveModel's versions and the Truss names they provide. Releasing a version drops
+its modules; nothing else (no `sys.modules` entry) holds them.
 """
 
 from __future__ import annotations
 
-import ast
-import contextlib
-import hashlib
-import importlib
 import importlib.machinery
-import importlib.util
-import itertools
 import os
-import re
-import sys
+import threading
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from . import carry, names
 from .bundle import Bundle
 from .errors import LoadError
 
-ROOT_PACKAGE = "_truss_lab"
+
+def model_package(bundle: Bundle) -> str:
+    """The Truss name of the model folder: `model` for `model_module_dir: model`."""
+    return ".".join(Path(bundle.model_module_dir).parts)
 
 
-COMPILED: dict[str, bytes] = {}  # module name -> the source it was compiled from (until it is forgotten)
-IMPORT_TIME: dict[str, tuple[dict, dict]] = {}  # model module name -> (its globals, its model class's attributes) right after import
-
-
-def import_time_state(module: types.ModuleType) -> tuple[dict, dict, bytes] | None:
-    """(globals, model-class attributes, source) of a model module as they were right after its import."""
-    name = module.__name__
-    if name not in IMPORT_TIME or name not in COMPILED:
-        return None
-    return (*IMPORT_TIME[name], COMPILED[name])
-
-
-class SourceLoader(importlib.machinery.SourceFileLoader):
-    """Compile from the source file every time; never read or write __pycache__.
-
-    A .pyc is trusted when the source's mtime (whole seconds) and size match, so two saves of the
-    same length within one second would run stale code after a reload. User code is small; compiling
-    it is cheap.
-    """
-
-    def get_code(self, fullname):
-        source = self.get_data(self.path)
-        if fullname.startswith(ROOT_PACKAGE + "."):
-            COMPILED[fullname] = source  # what this version was compiled from (hot reload compares it)
-        names = Space.import_map(fullname)
-        if names:
-            source = rewrite_imports(source, self.path, names)
-        return compile(source, self.path, "exec", dont_inherit=True)
-
-
-def rewrite_imports(source: bytes, filename: str, names: dict[str, str]) -> Any:
-    """`source` with absolute imports of `names` (top-level name -> this truss's module for it) made
-    to import this truss's own copy: `from model.helper import X` (the truss root is on the path in
-    Truss's image) and `import utils` (from packages/) stay inside this truss and this version.
-
-    Only an absolute import whose first name is in `names` changes; line numbers are kept. Returns
-    the source untouched (bytes) when no line can match, else an AST for compile().
-    """
-    text = source.decode("utf-8", errors="replace") if isinstance(source, bytes) else source
-    if not any(re.search(rf"\b(?:import|from)\s+{re.escape(n)}\b", text) for n in names):
-        return source
-    tree = ast.parse(source, filename)
-    _ImportRewriter(names).visit(tree)
-    return ast.fix_missing_locations(tree)
-
-
-class _ImportRewriter(ast.NodeTransformer):
-    def __init__(self, names: dict[str, str]):
-        self.names = names
-
-    def _target(self, dotted: str) -> str | None:
-        top, _, rest = dotted.partition(".")
-        base = self.names.get(top)
-        if base is None:
-            return None
-        return f"{base}.{rest}" if rest else base
-
-    def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST:
-        if node.level == 0 and node.module:
-            target = self._target(node.module)
-            if target is not None:
-                node.module = target
-        return node
-
-    def visit_Import(self, node: ast.Import) -> Any:
-        out: list[ast.stmt] = []
-        kept: list[ast.alias] = []
-        for alias in node.names:
-            target = self._target(alias.name)
-            if target is None:
-                kept.append(alias)
-                continue
-            top = alias.name.partition(".")[0]
-            if alias.asname:  # `import model.x as m`: m is model.x
-                out.append(ast.copy_location(ast.Import(names=[ast.alias(target, alias.asname)]), node))
-            else:  # `import model.x`: imports model.x, binds `model`
-                out.append(ast.copy_location(ast.Import(names=[ast.alias(target, top)]), node))
-                if "." in alias.name:
-                    out.append(ast.copy_location(ast.Import(names=[ast.alias(self._target(top), top)]), node))
-        if kept:
-            out.insert(0, ast.copy_location(ast.Import(names=kept), node))
-        return out
-
-
-class TrussFinder:
-    """Finds modules under a loaded truss's model folder or packages/ and loads them with SourceLoader.
-
-    Top-level names are looked up only in the registered packages/ folders, and submodules only when
-    their parent lives under a registered folder, so other imports pay one cheap check.
-    """
-
-    roots: dict[str, None] = {}  # folders (as str), in registration order
-    packages: dict[str, None] = {}  # packages/ folders: where top-level names may come from
-
-    @classmethod
-    def register(cls, folder: Path, *, top_level: bool) -> None:
-        cls.roots[str(folder)] = None
-        if top_level:
-            cls.packages[str(folder)] = None
-        if cls not in sys.meta_path:
-            sys.meta_path.insert(0, cls)
-
-    @classmethod
-    def owns(cls, filename: str) -> bool:
-        return any(filename.startswith(root + os.sep) for root in cls.roots)
-
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        if path is None:
-            if not cls.packages:
-                return None
-            search = list(cls.packages)
-        else:
-            search = [p for p in path if cls.owns(p + os.sep)]  # p itself, or a folder under a root
-            if not search:
-                return None
-        spec = importlib.machinery.PathFinder.find_spec(name, search)
-        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-            return spec if path is None and spec is not None else None
-        return importlib.util.spec_from_file_location(
-            name,
-            spec.origin,
-            loader=SourceLoader(name, spec.origin),
-            submodule_search_locations=spec.submodule_search_locations,
-        )
-
-
-class Space:
-    """One LiveModel's own module names: `<space>_v<k>` per code version (the model folder), and
-    `<space>_pk<g>` per generation of packages/. Two LiveModels, of one folder or of two, never share
-    a module; a reload imports into new names while requests in flight keep the old ones.
-
-    User code is compiled with its absolute imports of the truss's own top-level names rewritten
-    (`rewrite_imports`): the model folder's name (`model`, as the truss root is on the path in
-    Truss's image) and every module in packages/ that an installed module does not shadow.
-    """
-
-    _counter = itertools.count(1)
-    _maps: dict[str, dict[str, str]] = {}  # package name (a version or a packages generation) -> import map
-
-    def __init__(self, bundle: Bundle):
-        slug = re.sub(r"\W", "_", bundle.path.name)[:40] or "truss"
-        digest = hashlib.sha1(str(bundle.path).encode()).hexdigest()[:8]
-        self.name = f"{ROOT_PACKAGE}.{slug}_{digest}_{next(self._counter)}"
-        self.generation = 0
-        self._packages: dict[str, str] = {}  # top-level name -> module name, for this generation
-
-    @classmethod
-    def import_map(cls, fullname: str) -> dict[str, str] | None:
-        if not fullname.startswith(ROOT_PACKAGE + "."):
-            return None
-        return cls._maps.get(".".join(fullname.split(".")[:2]))
-
-    def version_package(self, version: int) -> str:
-        return f"{self.name}_v{version}"
-
-    def packages_package(self) -> str:
-        return f"{self.name}_pk{self.generation}"
-
-    def prepare_packages(self, bundle: Bundle) -> None:
-        """Make this generation's packages/ namespace (once) and the names it provides."""
-        name = self.packages_package()
-        if name in sys.modules or not bundle.packages_dir.is_dir():
-            return
-        _ensure_root()
-        TrussFinder.register(bundle.packages_dir, top_level=False)
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(bundle.packages_dir)]
-        sys.modules[name] = pkg
-        self._packages = {n: f"{name}.{n}" for n in packages_names(bundle.packages_dir)}
-        self._maps[name] = self._map(bundle, None)
-        # As in Truss's image, packages/ is also on sys.path (appended: installed modules win), so code
-        # outside the truss that imports a name from it (a pickle naming a class) still finds it.
-        PACKAGES_ON_PATH.add(str(bundle.packages_dir))
-        if str(bundle.packages_dir) not in sys.path:
-            sys.path.append(str(bundle.packages_dir))
-
-    def _map(self, bundle: Bundle, version_pkg: str | None) -> dict[str, str]:
-        names = dict(self._packages)
-        top = Path(bundle.model_module_dir).parts
-        if version_pkg is not None and len(top) == 1:
-            names[top[0]] = version_pkg
-        return names
-
-    def register_version(self, bundle: Bundle, version: int) -> str:
-        pkg = self.version_package(version)
-        self._maps[pkg] = self._map(bundle, pkg)
-        return pkg
-
-    @contextlib.contextmanager
-    def fresh_packages(self, bundle: Bundle, refresh: bool):
-        """Import packages/ anew inside this block (a new generation) when `refresh`; keep the old
-        generation if the block fails."""
-        if not refresh:
-            yield
-            return
-        old_generation, old_packages = self.generation, self._packages
-        self.generation += 1
-        try:
-            yield
-        except BaseException:
-            forget_modules(self.packages_package())
-            self._maps.pop(self.packages_package(), None)
-            self.generation, self._packages = old_generation, old_packages
-            raise
-
-    def forget_version(self, version_pkg: str) -> None:
-        forget_modules(version_pkg)
-        self._maps.pop(version_pkg, None)
-
-
-PACKAGES_ON_PATH: set[str] = set()  # packages/ folders of loaded trusses, appended to sys.path
+def model_module_name(bundle: Bundle) -> str:
+    """What Truss's model wrapper names model.py: `<folder>.<stem>` when the two are named alike
+    (`model/model.py` -> `model.model`), else the stem alone (`model/my_model.py` -> `my_model`)."""
+    stem = Path(bundle.model_class_filename).stem
+    return f"{model_package(bundle)}.{stem}" if bundle.model_dir.name == stem else stem
 
 
 def packages_names(folder: Path) -> list[str]:
-    """Top-level names packages/ provides that an installed or standard-library module does not
-    shadow (packages/ is appended to sys.path in Truss's image, so those win there too)."""
-    others = [p for p in sys.path if p and p not in PACKAGES_ON_PATH and p != str(folder)]
-    names = []
+    """Top-level names packages/ provides that an installed or standard-library module does not shadow
+    (packages/ is appended to sys.path in Truss's image, so those win there too)."""
+    import sys
+
+    others = [p for p in sys.path if p and p != str(folder)]
+    found = []
     for entry in sorted(folder.iterdir()):
         if entry.suffix == ".py" and entry.stem.isidentifier():
             name = entry.stem
@@ -267,28 +61,195 @@ def packages_names(folder: Path) -> list[str]:
             continue  # an installed module of that name: it wins, as on Truss
         if entry.is_dir() and not (entry / "__init__.py").is_file() and spec is not None:
             continue  # two namespace portions: leave it to Python
-        names.append(name)
-    return names
+        found.append(name)
+    return found
 
 
-def _ensure_root() -> None:
-    if ROOT_PACKAGE not in sys.modules:
-        root = types.ModuleType(ROOT_PACKAGE)
-        root.__path__ = []  # a namespace for the per-truss packages
-        sys.modules[ROOT_PACKAGE] = root
+class Version:
+    """One version of a truss's code: its real modules by Truss name, imported on first use."""
+
+    def __init__(self, space: "Space", bundle: Bundle, number: int, sources: dict[str, bytes]):
+        self.space, self.bundle, self.number = space, bundle, number
+        self.sources = sources  # absolute path -> the bytes this version compiles
+        self.loader = names.VersionLoader(self)
+        self.package = model_package(bundle)
+        self.model_name = model_module_name(bundle)
+        self.packages = packages_names(bundle.packages_dir) if bundle.packages_dir.is_dir() else []
+        self.tops = frozenset({self.package.partition(".")[0], self.model_name.partition(".")[0], *self.packages})
+        self.modules: dict[str, types.ModuleType] = {}
+        self.compiled: dict[str, bytes] = {}  # module name -> the source it ran (carry.py compares them)
+        self.import_state: dict[str, carry.ImportState] = {}  # module name -> its values right after import
+        self._lock = threading.RLock()
+        self._importing: dict[str, tuple[int, threading.Event]] = {}  # module name -> (importing thread, done)
+
+    def __repr__(self) -> str:
+        return f"<truss_lab code {self.bundle.model_name!r} v{self.number}>"
+
+    # ------------------------------------------------------------------ names.Code
+
+    def sys_path(self) -> list[str]:
+        roots = [str(self.bundle.model_dir.parents[len(Path(self.bundle.model_module_dir).parts) - 1])]
+        if self.model_name.partition(".")[0] != self.package.partition(".")[0]:
+            roots.append(str(self.bundle.model_dir))  # model/my_model.py is `my_model`
+        if self.bundle.packages_dir.is_dir():
+            roots.append(str(self.bundle.packages_dir))
+        return roots
+
+    def module(self, name: str) -> types.ModuleType:
+        """The real module `name`, imported into this version now if it is not yet (its parent
+        package first, as Python imports it); ModuleNotFoundError if this version has none."""
+        parent, _, child = name.rpartition(".")
+        if parent and name not in self.modules:
+            self.module(parent)
+        me = threading.get_ident()
+        with self._lock:
+            found = self.modules.get(name)
+            importing = self._importing.get(name)
+            if found is not None and (importing is None or importing[0] == me):
+                return found  # imported, or being imported by this very thread (an import cycle)
+            if importing is None:
+                path, is_package = self._locate(name)
+                module = self._new_module(name, path, is_package)
+                done = threading.Event()
+                self._importing[name] = (me, done)
+                self.modules[name] = module
+        names.ensure_proxy(name)
+        if importing is not None:  # another thread is importing it: wait for its result
+            importing[1].wait()
+            with self._lock:
+                if name in self.modules:
+                    return self.modules[name]
+            raise ModuleNotFoundError(f"No module named {name!r} (its import failed in another thread)", name=name)
+        try:
+            self._exec(name, module, path)
+            if parent:
+                setattr(self.modules[parent], child, module)
+        except BaseException:
+            with self._lock:
+                self.modules.pop(name, None)
+            raise
+        finally:
+            with self._lock:
+                self._importing.pop(name, None)
+            done.set()
+        return module
+
+    def _locate(self, name: str) -> tuple[Path | None, bool]:
+        """(file, is a package) for `name` in this version; (None, True) for a namespace folder."""
+        bundle = self.bundle
+        if name == self.model_name:
+            return bundle.model_file, False
+        top, _, rest = name.partition(".")
+        if name == self.package or name.startswith(self.package + "."):
+            base = bundle.model_dir
+            rest = name[len(self.package) + 1:] if name != self.package else ""
+        elif top in self.packages:
+            base, rest = bundle.packages_dir / top, rest
+        else:
+            raise ModuleNotFoundError(f"No module named {name!r} in the truss {bundle.model_name!r}", name=name)
+        folder = base.joinpath(*rest.split(".")) if rest else base
+        if (folder / "__init__.py").is_file() or str(folder / "__init__.py") in self.sources:
+            return folder / "__init__.py", True
+        as_file = folder.with_suffix(".py") if rest or base != bundle.model_dir else None
+        if as_file is not None and (str(as_file) in self.sources or as_file.is_file()):
+            return as_file, False
+        if folder.is_dir():
+            return None, True
+        raise ModuleNotFoundError(f"No module named {name!r} in the truss {bundle.model_name!r}", name=name)
+
+    def _new_module(self, name: str, path: Path | None, is_package: bool) -> types.ModuleType:
+        module = types.ModuleType(name)
+        spec = importlib.machinery.ModuleSpec(name, self.loader, origin=str(path) if path else None, is_package=is_package)
+        if is_package:
+            folder = path.parent if path is not None else self._folder(name)
+            spec.submodule_search_locations = [str(folder)]
+            module.__path__ = [str(folder)]
+        spec.has_location = path is not None
+        module.__spec__, module.__loader__ = spec, self.loader
+        module.__package__ = name if is_package else name.rpartition(".")[0]
+        if path is not None:
+            module.__file__ = str(path)
+        return module
+
+    def _folder(self, name: str) -> Path:
+        if name == self.package or name.startswith(self.package + "."):
+            return self.bundle.model_dir.joinpath(*name[len(self.package) + 1:].split(".")) if name != self.package else self.bundle.model_dir
+        return self.bundle.packages_dir.joinpath(*name.split("."))
+
+    def _exec(self, name: str, module: types.ModuleType, path: Path | None) -> None:
+        if path is None:
+            return
+        source = self.sources.get(str(path))
+        if source is None:
+            source = path.read_bytes()  # a file the snapshot did not hold (outside model/ and packages/)
+        self.compiled[name] = source
+        code = compile(source, str(path), "exec", dont_inherit=True)
+        exec(code, module.__dict__)
+        self.import_state[name] = carry.ImportState.of(module)
+
+    def source_of(self, name: str) -> bytes | None:
+        """The source this version has for module `name` (None: not a module of the truss, or a folder)."""
+        try:
+            path, _ = self._locate(name)
+        except ModuleNotFoundError:
+            return None
+        if path is None:
+            return None
+        source = self.sources.get(str(path))
+        if source is None and path.is_file():
+            source = path.read_bytes()
+        return source
+
+    def package_of(self, name: str) -> str:
+        """The package a relative import in module `name` is relative to."""
+        module = self.modules.get(name)
+        if module is not None and module.__package__ is not None:
+            return module.__package__
+        return name.rpartition(".")[0]
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        """`importlib.util.module_from_spec(spec)` + `spec.loader.exec_module(m)` on one of our specs."""
+        origin = getattr(module.__spec__, "origin", None)
+        if origin:
+            source = self.sources.get(origin) or Path(origin).read_bytes()
+            exec(compile(source, origin, "exec", dont_inherit=True), module.__dict__)
+
+    def release(self) -> None:
+        """Drop this version's modules: once nothing else holds them, their globals are collected."""
+        with self._lock:
+            self.modules.clear()
+            self.compiled.clear()
+            self.import_state.clear()
+            self.sources = {}
 
 
-def _exec_source_module(name: str, path: Path, package_dir: Path | None = None) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        name,
-        path,
-        loader=SourceLoader(name, str(path)),
-        submodule_search_locations=[str(package_dir)] if package_dir else None,
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+class Space:
+    """One LiveModel's code: its versions, the one serving, and the Truss names they provide."""
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self.current: Version | None = None
+        self.env = EnvironmentVariables()
+        self.activity: Any = None  # the LiveModel's trace.ActivityLog (origins.py adds what its code starts)
+
+    def current_code(self) -> Version | None:
+        return self.current
+
+    def new_version(self, bundle: Bundle, number: int, sources: dict[str, bytes]) -> Version:
+        version = Version(self, bundle, number, sources)
+        names.register(self, version.tops, last=self.current is None)  # a first load is the truss loaded last
+        return version
+
+    def serve(self, version: Version) -> None:
+        """`version` now serves: Truss names used outside model code resolve to it when this truss
+        is the one loaded last."""
+        self.current = version
+        names.register(self, version.tops, last=False)
+
+    def close(self) -> None:
+        names.unregister(self)
+        self.env.restore()
+        self.current = None
 
 
 def user_roots(bundle: Bundle) -> list[Path]:
@@ -298,35 +259,6 @@ def user_roots(bundle: Bundle) -> list[Path]:
 
 def load_error(exc: BaseException, bundle: Bundle, what: str) -> LoadError:
     return LoadError.from_exception(exc, user_roots(bundle), what=what)
-
-
-def import_model_module(bundle: Bundle, version: int, space: Space) -> types.ModuleType:
-    """Import the model folder as a fresh package and return its model.py module."""
-    refuse_non_python(bundle)
-    if not bundle.model_dir.is_dir():
-        raise LoadError(f"{bundle.model_dir}: model folder missing (config key 'model_module_dir')")
-    if not bundle.model_file.is_file():
-        raise LoadError(f"{bundle.model_file}: missing (config key 'model_class_filename')")
-    TrussFinder.register(bundle.model_dir, top_level=False)
-    _ensure_root()
-    space.prepare_packages(bundle)
-    pkg_name = space.register_version(bundle, version)
-    init_file = bundle.model_dir / "__init__.py"
-    mod_name = f"{pkg_name}.{Path(bundle.model_class_filename).stem}"
-    try:
-        if init_file.is_file():
-            _exec_source_module(pkg_name, init_file, package_dir=bundle.model_dir)
-        else:
-            pkg = types.ModuleType(pkg_name)
-            pkg.__path__ = [str(bundle.model_dir)]
-            sys.modules[pkg_name] = pkg
-        module = _exec_source_module(mod_name, bundle.model_file)
-        cls = getattr(module, bundle.model_class_name, None)
-        IMPORT_TIME[mod_name] = (dict(vars(module)), dict(vars(cls)) if isinstance(cls, type) else {})
-    except (Exception, SystemExit) as exc:  # sys.exit() at the top of model.py is a load error too
-        space.forget_version(pkg_name)
-        raise load_error(exc, bundle, f"importing {bundle.model_class_filename}") from exc
-    return module
 
 
 def refuse_non_python(bundle: Bundle) -> None:
@@ -343,32 +275,74 @@ def refuse_non_python(bundle: Bundle) -> None:
         )
 
 
-@contextlib.contextmanager
-def imported(bundle: Bundle, version: int, space: Space):
-    """Import one version of model.py; if the block using it fails, drop that version from sys.modules."""
-    module = import_model_module(bundle, version, space)
+def import_model(version: Version, also: list[str] = ()) -> types.ModuleType:
+    """Import `version`'s model.py (and the modules in `also`: those the version it replaces had
+    imported, so their state can be carried); a failure is a LoadError with file:line."""
+    bundle = version.bundle
+    refuse_non_python(bundle)
+    if not bundle.model_dir.is_dir():
+        raise LoadError(f"{bundle.model_dir}: model folder missing (config key 'model_module_dir')")
+    if not bundle.model_file.is_file():
+        raise LoadError(f"{bundle.model_file}: missing (config key 'model_class_filename')")
+    what = f"importing {bundle.model_class_filename}"
     try:
-        yield module
-    except BaseException:
-        space.forget_version(version_package(module))
-        raise
+        with names.active(version):
+            module = version.module(version.model_name)
+            for name in also:
+                what = f"importing {name}"
+                try:
+                    version.module(name)
+                except ModuleNotFoundError as exc:
+                    if exc.name != name:
+                        raise
+    except (Exception, SystemExit) as exc:  # sys.exit() at the top of model.py is a load error too
+        version.release()
+        raise load_error(exc, bundle, what) from exc
+    return module
 
 
-def version_package(module: types.ModuleType) -> str:
-    """`_truss_lab.<slug>_<hash>_v<k>` for that version's model.py module."""
-    return module.__name__.rpartition(".")[0]
+class EnvironmentVariables:
+    """config.yaml's `environment_variables`, set in this process as the Truss container has them:
+    applied exactly on every full reload (a variable no longer declared goes back to the value it had
+    before this truss set it, or is unset), and all put back when the model closes."""
 
+    _lock = threading.Lock()
 
-def forget_modules(pkg_name: str) -> None:
-    """Drop a version's package and every module under it from sys.modules (and what we kept of them)."""
-    for name in [n for n in sys.modules if n == pkg_name or n.startswith(pkg_name + ".")]:
-        del sys.modules[name]
-    for kept in (COMPILED, IMPORT_TIME):
-        for name in [n for n in kept if n == pkg_name or n.startswith(pkg_name + ".")]:
-            del kept[name]
+    def __init__(self) -> None:
+        self.before: dict[str, str | None] = {}  # name -> its value before this truss set it
 
+    def apply(self, declared: dict[str, str]) -> "Callable[[], None]":
+        """Set exactly `declared`; returns an undo (a failed reload keeps the serving version's)."""
+        with self._lock:
+            touched = set(self.before) | set(declared)
+            was = {n: os.environ.get(n) for n in touched}
+            before = dict(self.before)
+            for name in [n for n in self.before if n not in declared]:
+                self._put_back(name)
+            for name, value in declared.items():
+                if name not in self.before:
+                    self.before[name] = os.environ.get(name)
+                os.environ[name] = value
 
-def apply_environment_variables(bundle: Bundle) -> None:
-    """Set config.yaml's environment_variables in this process, as the Truss container does."""
-    for name, value in bundle.environment_variables.items():
-        os.environ[name] = value
+        def undo() -> None:
+            with self._lock:
+                self.before = before
+                for name, value in was.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
+
+        return undo
+
+    def restore(self) -> None:
+        with self._lock:
+            for name in list(self.before):
+                self._put_back(name)
+
+    def _put_back(self, name: str) -> None:
+        old = self.before.pop(name)
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old

@@ -1,0 +1,271 @@
+"""Issue 23: model code under its Truss module names; isolation between trusses; versions released."""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import weakref
+
+import pytest
+
+import truss_lab
+from conftest import write_truss
+from truss_lab.names import NameProxy
+
+TRANSFORMERS = """
+from sklearn.base import BaseEstimator, TransformerMixin
+
+class Scale(BaseEstimator, TransformerMixin):
+    def __init__(self, k=2.0):
+        self.k = k
+    def fit(self, X, y=None):
+        self.n_features_in_ = len(X[0])
+        return self
+    def transform(self, X):
+        return X * self.k
+"""
+
+JOBLIB_MODEL = """
+import joblib
+import numpy as np
+
+class Model:
+    def __init__(self, data_dir, **kwargs):
+        self._data_dir = data_dir
+    def load(self):
+        self.pipe = joblib.load(self._data_dir / "pipeline.joblib")
+    def predict(self, x):
+        return self.pipe.transform(np.asarray(x, dtype=float)).tolist()
+"""
+
+
+def test_a_joblib_pipeline_naming_the_trusss_own_transformer_loads(tmp_path):
+    pytest.importorskip("sklearn")
+    root = write_truss(tmp_path / "pipe", JOBLIB_MODEL, files={"model/transformers.py": TRANSFORMERS})
+    # the training script, as one is written: from the truss root, importing model.transformers
+    subprocess.run([sys.executable, "-c",
+                    "import joblib, sys; sys.path.insert(0, '.'); from sklearn.pipeline import make_pipeline; "
+                    "from model.transformers import Scale; joblib.dump(make_pipeline(Scale(3.0)).fit([[0.0, 0.0]]), 'data/pipeline.joblib')"],
+                   cwd=root, check=True)
+    with truss_lab.load(root) as tr:
+        assert tr.predict([[1.0, 2.0]]).output == [[3.0, 6.0]]
+        step = tr.model.pipe.steps[0][1]
+        assert type(step).__module__ == "model.transformers" and type(step).__name__ == "Scale"
+        assert importlib.import_module("model.transformers").Scale is type(step)  # from a notebook cell, too
+
+
+HELPER_MODEL = """
+import importlib, logging, pickle, sys
+from model.helper import Item
+log = logging.getLogger(__name__)
+
+class Model:
+    def __init__(self, data_dir, **kwargs):
+        self._data_dir = data_dir
+    def load(self):
+        cache = self._data_dir / "cache.pkl"
+        if cache.exists():
+            self.items = pickle.loads(cache.read_bytes())  # the cache an earlier load() wrote
+        else:
+            self.items = [Item(1), Item(2)]
+            cache.write_bytes(pickle.dumps(self.items))
+    def predict(self, x):
+        return {"module": type(self).__module__, "logger": log.name, "item": Item.__module__,
+                "by_name": importlib.import_module("model.helper").Item is Item,
+                "by_module": sys.modules[Item.__module__].Item is Item, "items": [i.n for i in self.items]}
+"""
+
+
+def test_code_has_its_truss_names_and_a_cache_it_pickles_survives_full_reloads(tmp_path):
+    root = write_truss(tmp_path / "cache", HELPER_MODEL, files={"model/helper.py": "class Item:\n    def __init__(self, n):\n        self.n = n\n"})
+    with truss_lab.load(root) as tr:
+        out = tr.predict(None).output
+        assert out == {"module": "model.model", "logger": "model.model", "item": "model.helper", "by_name": True,
+                       "by_module": True, "items": [1, 2]}
+        blob = (root / "data" / "cache.pkl").read_bytes()
+        assert b"model.helper" in blob and b"_truss_lab" not in blob  # it would load on Truss too
+        for _ in range(2):  # the second and later full reloads read that cache
+            event = tr.reload(full=True)
+            assert event.kind == "full", event
+            assert tr.predict(None).output["items"] == [1, 2]
+
+
+SPAWN_MODEL = """
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from model.work import square
+
+class Model:
+    def predict(self, xs):
+        with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+            return list(pool.map(square, xs))
+"""
+
+
+def test_a_spawn_process_pool_runs_model_code(tmp_path):
+    root = write_truss(tmp_path / "spawn", SPAWN_MODEL, files={"model/work.py": "def square(x):\n    return x * x\n"})
+    with truss_lab.load(root) as tr:
+        assert tr.predict([1, 2, 3]).output == [1, 4, 9]
+
+
+def test_spawn_from_a_thread_the_model_started(tmp_path):
+    model = SPAWN_MODEL.replace("    def predict(self, xs):\n", "    def predict(self, xs):\n        return self._in_thread(xs)\n\n    def _work(self, xs):\n")
+    model += "\n    def _in_thread(self, xs):\n        import threading\n        box = []\n        t = threading.Thread(target=lambda: box.append(self._work(xs)))\n        t.start(); t.join()\n        return box[0]\n"
+    root = write_truss(tmp_path / "spawn2", model, files={"model/work.py": "def square(x):\n    return x * x\n"})
+    with truss_lab.load(root) as tr:
+        assert tr.predict([4]).output == [16]
+
+
+# ------------------------------------------------------------------ isolation
+
+TWIN = """
+import utils
+from model.helper import WHO
+
+class Model:
+    def predict(self, x):
+        import importlib
+        return [WHO, utils.WHO, importlib.import_module("model.helper").WHO]
+"""
+
+
+def _twin(tmp_path, name):
+    return write_truss(tmp_path / name, TWIN, files={"model/helper.py": f"WHO = {name!r}\n",
+                                                     "packages/utils.py": f"WHO = {name!r} + '-utils'\n"})
+
+
+def test_two_trusses_with_the_same_names_never_see_each_others_modules(tmp_path):
+    a_root, b_root = _twin(tmp_path, "a"), _twin(tmp_path, "b")
+    with truss_lab.load(a_root) as a, truss_lab.load(b_root) as b:
+        results = {}
+
+        def hammer(tr, key):
+            results[key] = [tr.predict(None).output for _ in range(50)]
+
+        threads = [threading.Thread(target=hammer, args=(tr, k)) for tr, k in ((a, "a"), (b, "b"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert set(map(tuple, results["a"])) == {("a", "a-utils", "a")}
+        assert set(map(tuple, results["b"])) == {("b", "b-utils", "b")}
+        # outside any model's code: the truss loaded last, or the one named by tr.active()
+        assert importlib.import_module("model.helper").WHO == "b"
+        with a.active():
+            assert importlib.import_module("model.helper").WHO == "a"
+            assert sys.modules["utils"].WHO == "a-utils"
+        assert sys.modules["model.helper"].WHO == "b"
+    assert "model" not in sys.modules and "utils" not in sys.modules  # gone with the trusses
+
+
+def test_a_truss_without_a_module_does_not_get_anothers(tmp_path):
+    a_root = _twin(tmp_path, "a")
+    lone = write_truss(tmp_path / "lone", "class Model:\n    def predict(self, x):\n        import utils\n        return utils.WHO\n")
+    with truss_lab.load(a_root) as a, truss_lab.load(lone) as tr:
+        assert a.predict(None).ok
+        result = tr.run(None)
+        assert not result.ok and "No module named 'utils'" in str(result.error)
+
+
+def test_two_live_models_of_one_folder_keep_their_own_state(tmp_path):
+    root = write_truss(tmp_path / "twice", "import model.registry as registry\nclass Model:\n    def load(self):\n"
+                       "        registry.COUNT.append(1)\n    def predict(self, x):\n        return len(registry.COUNT)\n",
+                       files={"model/registry.py": "COUNT = []\n"})
+    with truss_lab.load(root) as one, truss_lab.load(root) as two:
+        assert one.predict(None).output == 1 and two.predict(None).output == 1
+
+
+# ------------------------------------------------------------------ versions released
+
+
+def test_replaced_and_closed_versions_are_collected(tmp_path):
+    root = write_truss(tmp_path / "free", "import numpy as np\nBIG = np.ones(1000)\nclass Model:\n    def predict(self, x):\n        return x\n")
+    with truss_lab.load(root) as tr:
+        refs = [weakref.ref(tr.serving.module.BIG)]
+        for i in range(3):
+            (root / "model" / "model.py").write_text(f"import numpy as np\nBIG = np.ones(1000) * {i}\nclass Model:\n    def predict(self, x):\n        return x\n")
+            assert tr.reload().ok
+            refs.append(weakref.ref(tr.serving.module.BIG))
+        gc.collect()
+        assert [r() is None for r in refs] == [True, True, True, False]
+    gc.collect()
+    assert refs[-1]() is None  # closed: its version went too
+
+
+def test_five_reloads_of_a_truss_with_a_200_mb_global_keep_one_copy(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    root = write_truss(tmp_path / "big", "import numpy as np\nWEIGHTS = np.ones(25_000_000)  # 200 MB, touched\n"
+                                         "class Model:\n    def predict(self, x):\n        return float(WEIGHTS[0])\n")
+    me = psutil.Process()
+    tr = truss_lab.load(root)
+    gc.collect()
+    one = me.memory_info().rss
+    for _ in range(5):  # as re-running `%truss load` does: the new model, then the old one closed
+        new = truss_lab.load(root)
+        tr.close()
+        tr = new
+        gc.collect()
+    after = me.memory_info().rss
+    tr.close()
+    assert after - one < 100 * 2**20, f"grew {(after - one) / 2**20:.0f} MB over five re-loads"
+
+
+# ------------------------------------------------------------------ environment, loggers, messages
+
+
+def test_a_removed_environment_variable_is_unset_and_never_leaks(tmp_path, monkeypatch):
+    monkeypatch.delenv("TL_GONE", raising=False)
+    monkeypatch.setenv("TL_KEPT", "outer")
+    root = write_truss(tmp_path / "env", "import os\nclass Model:\n    def predict(self, x):\n        return [os.environ.get('TL_GONE'), os.environ.get('TL_KEPT')]\n",
+                       config={"environment_variables": {"TL_GONE": "1", "TL_KEPT": "inner"}})
+    with truss_lab.load(root) as tr:
+        assert tr.predict(None).output == ["1", "inner"]
+        import yaml
+
+        (root / "config.yaml").write_text(yaml.safe_dump({"model_name": "env"}))
+        assert tr.reload().kind == "full"
+        assert tr.predict(None).output == [None, "outer"]  # unset; the other back to what it was before
+    other = write_truss(tmp_path / "other", "import os\nclass Model:\n    def predict(self, x):\n        return os.environ.get('TL_GONE')\n",
+                        config={"environment_variables": {"TL_GONE": "2"}})
+    with truss_lab.load(other) as tr:
+        assert tr.predict(None).output == "2"
+    assert "TL_GONE" not in os.environ and os.environ["TL_KEPT"] == "outer"
+
+
+def test_one_logger_per_module_name_whatever_the_reloads(tmp_path):
+    root = write_truss(tmp_path / "logs", "import logging\nlog = logging.getLogger(__name__)\nlog.addHandler(logging.NullHandler()) if not log.handlers else None\n"
+                                          "class Model:\n    def predict(self, x):\n        return log.name\n")
+    before = set(logging.Logger.manager.loggerDict)
+    with truss_lab.load(root) as tr:
+        for i in range(4):
+            (root / "model" / "model.py").write_text((root / "model" / "model.py").read_text() + f"\n# {i}\nX{i} = {i}\n")
+            assert tr.reload().ok
+        assert tr.predict(None).output == "model.model"
+    added = set(logging.Logger.manager.loggerDict) - before
+    assert added <= {"model", "model.model"}, added
+    assert len(logging.getLogger("model.model").handlers) == 1
+
+
+def test_errors_and_tracebacks_say_the_truss_names(tmp_path):
+    root = write_truss(tmp_path / "err", "from model import helper\nclass Model:\n    def predict(self, x):\n        return helper.missing\n",
+                       files={"model/helper.py": "X = 1\n"})
+    with truss_lab.load(root) as tr:
+        result = tr.run(None)
+        assert "module 'model.helper' has no attribute 'missing'" in str(result.error)
+        assert "_truss_lab" not in str(result.error) and "_truss_lab" not in (result.error.model_traceback() or "")
+
+
+def test_a_notebook_pickle_of_model_objects_needs_no_active_model(tmp_path):
+    root = write_truss(tmp_path / "nb", "from model.helper import Item\nclass Model:\n    def predict(self, x):\n        return Item(x)\n",
+                       files={"model/helper.py": "class Item:\n    def __init__(self, n):\n        self.n = n\n"})
+    with truss_lab.load(root) as tr:
+        item = tr.predict(3).output
+        again = pickle.loads(pickle.dumps(item))  # in a notebook cell: the truss loaded last
+        assert type(again) is type(item) and again.n == 3
+        assert isinstance(sys.modules["model.helper"], NameProxy)

@@ -273,7 +273,8 @@ def test_an_interrupted_async_call_returns_only_once_its_coroutine_stopped():
 
 
 def test_a_request_in_flight_keeps_its_versions_helper_modules(make_truss):
-    import sys
+    import gc
+    import weakref
 
     model = (
         "import threading\nGATE = threading.Event()\nENTERED = threading.Event()\n"
@@ -283,7 +284,7 @@ def test_a_request_in_flight_keeps_its_versions_helper_modules(make_truss):
     root = make_truss(model, files={"model/helper.py": "K = 'v1'\n"})
     with truss_lab.load(root) as tr:
         m1 = tr.serving.module
-        v1_package = m1.__name__.rpartition(".")[0]
+        v1 = weakref.ref(tr.serving.code.modules["model.model"])
         box = {}
         worker = threading.Thread(target=lambda: box.update(result=tr.run(None)))
         worker.start()
@@ -291,13 +292,14 @@ def test_a_request_in_flight_keeps_its_versions_helper_modules(make_truss):
         (root / "model" / "helper.py").write_text("K = 'v2'\n")
         (root / "model" / "model.py").write_text(model.replace("return K", "return K + '!'"))
         assert tr.reload().kind == "methods"
-        assert v1_package in sys.modules  # still in use by the request in flight
         m1.GATE.set()
         worker.join(30)
         assert box["result"].ok, box["result"].error
-        # its own version's package, imported after the swap (a file is read as it is on disk now)
-        assert box["result"].output == "v2"
-        assert v1_package not in sys.modules  # dropped once that request ended
+        # it imported helper only after the save, and got its own version's helper (the file as it was)
+        assert box["result"].output == "v1"
+        del m1, box
+        gc.collect()
+        assert v1() is None  # that version's modules were dropped once its request ended
         tr.serving.module.GATE.set()
         assert tr.predict(None).output == "v2!"
 

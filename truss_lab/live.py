@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from . import loader, wrapper
+from . import carry, loader, names, origins, wrapper
 from .bundle import Bundle, read_bundle, resolve_secrets
 from .errors import TrussLabError
-from .reload import Reloader, carry_module_state
+from .reload import Reloader, Snapshot
 from .runner import DEFAULT_TRACE_CAPACITY, Result, Runner
 from .trace import BenchReport, Trace
 
@@ -52,34 +52,56 @@ class LiveModel(Runner):
         self._examples_watch = None
         self.load_ms: float = 0.0
         self.roots = loader.user_roots(bundle)
-        self.space = loader.Space(bundle)  # this model's own module names (loader.py)
+        self.space = loader.Space(bundle)  # this model's code versions and their Truss names (loader.py)
+        self.space.activity = self.activity  # threads, jobs and processes its code starts count as its activity
+        origins.install()
         self._start()
 
     # ------------------------------------------------------------------ loading
 
-    def _build(self, bundle: Bundle, version: int) -> tuple[wrapper.Serving, float]:
+    def _build(self, bundle: Bundle, version: int, sources: dict[str, bytes]) -> tuple[wrapper.Serving, float]:
         """Import, construct and load() one version of the model; raise LoadError on any failure."""
-        loader.apply_environment_variables(bundle)
-        with loader.imported(bundle, version, self.space) as module:
-            model_cls = wrapper.model_class(bundle, module)
-            methods = wrapper.ModelMethods.check(bundle, model_cls)  # before load(): it may take minutes
-            kwargs = wrapper.model_kwargs(bundle, resolve_secrets(bundle, self._secret_overrides), self.environment)
-            active = self.activity.begin()  # files __init__/load() write under data/ are the model's own
-            try:
-                instance = wrapper.build_instance(bundle, model_cls, kwargs)
-                load_ms = wrapper.run_load(bundle, instance, self._loop.run, methods, self.environment)
-            finally:
-                self.activity.end(active)
-            return wrapper.Serving.bind(version, instance, module, model_cls, methods), load_ms
+        code = self.space.new_version(bundle, version, sources)
+        undo_env = self.space.env.apply(bundle.environment_variables)  # before the import, as in the container
+        try:
+            with names.active(code):  # Truss names the wrapper itself looks up (annotations) are this version's
+                module = loader.import_model(code)
+                model_cls = wrapper.model_class(bundle, module)
+                methods = wrapper.ModelMethods.check(bundle, model_cls)  # before load(): it may take minutes
+                kwargs = wrapper.model_kwargs(bundle, resolve_secrets(bundle, self._secret_overrides), self.environment)
+                active = self.activity.begin()  # files __init__/load() write under data/ are the model's own
+                try:
+                    instance = wrapper.build_instance(bundle, model_cls, kwargs)
+                    load_ms = wrapper.run_load(bundle, instance, self._loop.run, methods, self.environment)
+                finally:
+                    self.activity.end(active)
+        except BaseException:
+            code.release()
+            undo_env()
+            raise
+        return wrapper.Serving.bind(version, instance, module, model_cls, methods, code), load_ms
 
-    def _rebind(self, bundle: Bundle, version: int) -> wrapper.Serving:
-        """Import a new version of the code and bind it to the live instance's state (no load())."""
-        with loader.imported(bundle, version, self.space) as module:
-            model_cls = wrapper.model_class(bundle, module)
-            methods = wrapper.ModelMethods.check(bundle, model_cls)
-            carry_module_state(self._serving.module, module, bundle.model_class_name)
-            instance = wrapper.share_state(self._serving.instance, model_cls, bundle)
-            return wrapper.Serving.bind(version, instance, module, model_cls, methods)
+    def _rebind(self, bundle: Bundle, version: int, sources: dict[str, bytes]) -> wrapper.Serving:
+        """Import a new version of the code and bind it to the live instance's state (no load()).
+
+        Every module the serving version has imported is imported in the new one too, and the
+        run-time state of each is carried by carry.py's rules; carry.NeedsFullReload when state was
+        built by code that changed."""
+        old = self._serving.code
+        code = self.space.new_version(bundle, version, sources)
+        try:
+            with names.active(code):
+                module = loader.import_model(code, also=list(old.modules))
+                model_cls = wrapper.model_class(bundle, module)
+                methods = wrapper.ModelMethods.check(bundle, model_cls)
+                _, full = carry.carry_version(old, code)
+                if full:
+                    raise carry.NeedsFullReload(full)
+                instance = wrapper.share_state(self._serving.instance, model_cls, bundle)
+        except BaseException:
+            code.release()
+            raise
+        return wrapper.Serving.bind(version, instance, module, model_cls, methods, code)
 
     def _switch(self, serving: wrapper.Serving, bundle: Bundle) -> None:
         """Make `serving` the code for every request that starts from now on (one reference swap)."""
@@ -90,21 +112,35 @@ class LiveModel(Runner):
         if self._concurrency_override is None and bundle.predict_concurrency != self._lock_size:
             self._set_lock_size(bundle.predict_concurrency)
         self._serving = serving
+        self.space.serve(serving.code)
         self._warner.reset()  # a new version warns again about a misuse it still has
 
     def _set_examples(self, bundle: Bundle) -> None:
         self.bundle.examples = bundle.examples
 
     def _forget(self, s: wrapper.Serving) -> None:
-        self.space.forget_version(loader.version_package(s.module))
+        if s.code is not None:
+            s.code.release()
 
     def _start(self) -> None:
         try:
-            self._serving, self.load_ms = self._build(self.bundle, 1)
-            self.reloader = Reloader(self)
+            try:
+                snapshot = Snapshot.take(self.bundle)  # before the import: a save during load() is a reload after it
+            except SyntaxError:  # the import says where, as a LoadError
+                snapshot = None
+            self._serving, self.load_ms = self._build(self.bundle, 1, snapshot.sources if snapshot else {})
+            self.space.serve(self._serving.code)
+            self.reloader = Reloader(self, snapshot)
         except BaseException:
             self._loop.close()
+            self.space.close()
             raise
+
+    def active(self):
+        """`with tr.active():` Truss names used outside model code in the block (`joblib.load` of a
+        file naming `model.transformers.Scale`, `importlib.import_module("model.helper")`) resolve to
+        this model's serving code. Outside such a block they resolve to the truss loaded last."""
+        return names.active(self._serving.code)
 
     # ------------------------------------------------------------------ hot reload
 
@@ -333,6 +369,13 @@ class LiveModel(Runner):
             except Exception as exc:  # a front end's cleanup must never stop a close
                 warnings.warn(f"{self.name}: an on_close callback failed: {exc}", RuntimeWarning, stacklevel=2)
         self.reloader.clear_callbacks()
+        self.space.close()  # its Truss names resolve to other loaded trusses; its variables are put back
+        if self._serving is not None:
+            s = self._serving
+            self.retire(s)  # its modules go once no request runs on them
+            closed = type(s.model_cls.__name__, (), {"__module__": s.model_cls.__module__})
+            # nothing of the model's code stays reachable from a closed model: its globals can be collected
+            self._serving = wrapper.Serving(s.version, None, None, closed, wrapper.ModelMethods({}), {}, None)
 
     def __enter__(self) -> "LiveModel":
         return self

@@ -2,7 +2,9 @@
 
 The rules (what a user sees):
   * only methods other than __init__/load changed (or module-level helpers): the new methods serve
-    the *same* instance state; load() is not re-run;
+    the *same* instance state; load() is not re-run; module- and class-level values follow carry.py's
+    rule (run-time state is carried, a value whose code changed is the new import's, run-time state
+    whose code changed makes it a full reload);
   * __init__ or load changed, config.yaml or data/ changed: a new instance is built and load()ed, and
     only switched to once that succeeded;
   * nothing changed in behaviour (whitespace, comments): nothing is swapped;
@@ -26,13 +28,13 @@ import dataclasses
 import hashlib
 import threading
 import time
-import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from . import loader
+from .carry import NeedsFullReload
 from .bundle import Bundle, read_bundle
 from .errors import BundleError, TrussLabError, describe
 from .wrapper import Serving
@@ -147,6 +149,7 @@ class Snapshot:
     examples: str  # sha1 of examples.yaml ("" when there is none): an edit reloads the examples, not the model
     py_bytes: dict[str, str]  # rel path -> sha1 of the bytes (cheap check before compiling)
     py: dict[str, PyFile]
+    sources: dict[str, bytes] = field(default_factory=dict, repr=False)  # absolute path -> bytes: what a version compiles
 
     @classmethod
     def take(cls, bundle: Bundle, previous: "Snapshot | None" = None) -> "Snapshot":
@@ -162,6 +165,7 @@ class Snapshot:
                     data[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
         py_bytes: dict[str, str] = {}
         py: dict[str, PyFile] = {}
+        sources: dict[str, bytes] = {}
         for folder in (bundle.model_dir, bundle.packages_dir):
             if not folder.is_dir():
                 continue
@@ -170,6 +174,7 @@ class Snapshot:
                     continue
                 rel = str(p.relative_to(root))
                 raw = p.read_bytes()
+                sources[str(p)] = raw
                 py_bytes[rel] = hashlib.sha1(raw).hexdigest()
                 if previous is not None and previous.py_bytes.get(rel) == py_bytes[rel]:
                     py[rel] = previous.py[rel]
@@ -180,7 +185,7 @@ class Snapshot:
                         py[rel] = fingerprint_file(p, None)
                     except SyntaxError:  # a scratch file the model may never import: its import says so if it does
                         py[rel] = PyFile(module="unparseable:" + py_bytes[rel], methods={}, outside_class="")
-        return cls(config=config, data=data, examples=examples, py_bytes=py_bytes, py=py)
+        return cls(config=config, data=data, examples=examples, py_bytes=py_bytes, py=py, sources=sources)
 
 
 def _ignored(path: Path) -> bool:
@@ -256,99 +261,6 @@ def _state_builders(old: Snapshot, new: Snapshot, model_rel: str) -> list[str]:
     return found
 
 
-# ------------------------------------------------------------------------------ module state across a swap
-
-_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset, range)
-_CODE_STATEMENTS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)
-
-
-def carry_module_state(old_module: types.ModuleType, new_module: types.ModuleType, class_name: str) -> list[str]:
-    """Move state that load() or requests put in module globals or model-class attributes into the new
-    version, for every name whose defining statement did not change. Returns the names carried.
-
-    A value is state when it is no longer the one the import gave (`TOKENIZER = None`, then load()
-    sets it) or is a mutable container or object (`CACHE = {}`, then filled): the new module's fresh
-    import-time value would lose it. An untouched immutable value (`K = helper.K`) is taken from the
-    new import, so edited helpers still show. Functions, classes and imports always come from the
-    new code.
-    """
-    old_state, new_state = loader.import_time_state(old_module), loader.import_time_state(new_module)
-    if old_state is None or new_state is None:
-        return []
-    old_globals, old_class_attrs, old_source = old_state
-    _, _, new_source = new_state
-    try:
-        old_top, old_body = _defining_statements(old_source, class_name)
-        new_top, new_body = _defining_statements(new_source, class_name)
-    except SyntaxError:
-        return []
-    carried = []
-    for name, value in list(vars(old_module).items()):
-        if _carries(name, value, old_globals, old_top, new_top):
-            setattr(new_module, name, value)
-            carried.append(name)
-    old_cls, new_cls = getattr(old_module, class_name, None), getattr(new_module, class_name, None)
-    if isinstance(old_cls, type) and isinstance(new_cls, type):
-        for name, value in list(vars(old_cls).items()):
-            if callable(value) or isinstance(value, (staticmethod, classmethod, property)) or hasattr(value, "__get__"):
-                continue
-            if _carries(name, value, old_class_attrs, old_body, new_body):
-                try:
-                    setattr(new_cls, name, value)
-                    carried.append(f"{class_name}.{name}")
-                except (AttributeError, TypeError):
-                    pass
-    return carried
-
-
-def _carries(name: str, value: Any, import_time: dict, old_defs: dict, new_defs: dict) -> bool:
-    if name.startswith("__") and name.endswith("__"):
-        return False
-    if old_defs.get(name) == "code" or new_defs.get(name) == "code":
-        return False
-    if old_defs.get(name) != new_defs.get(name):  # its statement changed: the new value stands
-        return False
-    if isinstance(value, (types.ModuleType, types.FunctionType, type)):
-        return False
-    if name in import_time and value is import_time[name] and isinstance(value, _IMMUTABLE):
-        return False
-    return True
-
-
-def _defining_statements(source: bytes, class_name: str) -> tuple[dict[str, str], dict[str, str]]:
-    """name -> fingerprint of the statements that assign it ("code" for def/class/import), at the top
-    level and in the model class's body."""
-    tree = ast.parse(source)
-    top: dict[str, str] = {}
-    body: dict[str, str] = {}
-    for stmt in tree.body:
-        _collect(stmt, top)
-        if isinstance(stmt, ast.ClassDef) and stmt.name == class_name:
-            for inner in stmt.body:
-                _collect(inner, body)
-    return top, body
-
-
-def _collect(stmt: ast.stmt, out: dict[str, str]) -> None:
-    if isinstance(stmt, _CODE_STATEMENTS):
-        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
-            names = [(a.asname or a.name).partition(".")[0] for a in stmt.names]
-        else:
-            names = [stmt.name]
-        for n in names:
-            out[n] = "code"
-        return
-    targets: list[ast.AST] = []
-    if isinstance(stmt, ast.Assign):
-        targets = stmt.targets
-    elif isinstance(stmt, (ast.AnnAssign, ast.AugAssign)):
-        targets = [stmt.target]
-    for target in targets:
-        for node in ast.walk(target):
-            if isinstance(node, ast.Name) and out.get(node.id) != "code":
-                out[node.id] = out.get(node.id, "") + _digest(stmt)
-
-
 # ------------------------------------------------------------------------------ the reloader
 
 
@@ -357,7 +269,6 @@ class Reloadable(Protocol):
 
     bundle: Bundle
     name: str
-    space: Any  # loader.Space: the model's own module names
     activity: Any  # trace.ActivityLog: when the model's code ran
 
     @property
@@ -366,11 +277,12 @@ class Reloadable(Protocol):
     @property
     def version(self) -> int: ...
 
-    def _build(self, bundle: Bundle, version: int) -> tuple[Serving, float]:
+    def _build(self, bundle: Bundle, version: int, sources: dict[str, bytes]) -> tuple[Serving, float]:
         """Import, construct and load() a new version (a full reload); raise LoadError on failure."""
 
-    def _rebind(self, bundle: Bundle, version: int) -> Serving:
-        """Import a new version and bind it to the live instance's state (a method swap)."""
+    def _rebind(self, bundle: Bundle, version: int, sources: dict[str, bytes]) -> Serving:
+        """Import a new version and bind it to the live instance's state (a method swap); raise
+        carry.NeedsFullReload when run-time state was built by code that changed."""
 
     def _switch(self, serving: Serving, bundle: Bundle) -> None:
         """Make `serving` the code every request from now on runs."""
@@ -385,14 +297,14 @@ class Reloadable(Protocol):
 class Reloader:
     """Owns a LiveModel's reloads: one at a time, a history, callbacks, and the file watcher."""
 
-    def __init__(self, live: Reloadable):
+    def __init__(self, live: Reloadable, snapshot: "Snapshot | None" = None):
         self.live = live
         self._lock = threading.Lock()
         self.history: collections.deque[ReloadEvent] = collections.deque(maxlen=HISTORY)
         self._callbacks: list[Callable[[ReloadEvent], None]] = []
         self._recorded = threading.Condition()
         self.count = 0  # events ever recorded (the history keeps only the last HISTORY)
-        self.snapshot = Snapshot.take(live.bundle)
+        self.snapshot = snapshot if snapshot is not None else Snapshot.take(live.bundle)
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -461,15 +373,19 @@ class Reloader:
                 return ReloadEvent(current.version, "examples", names)
             return None if model_wrote else ReloadEvent(current.version, "unchanged", [])
         version = current.version + 1  # reloads are serialised, and a failed one leaves no trace
-        packages_changed = any(Path(bundle.path, f).is_relative_to(bundle.packages_dir) for f in d.files)
+        sources = new_snapshot.sources
         try:
-            with live.space.fresh_packages(bundle, packages_changed):
-                if full or d.needs_full:
-                    serving, _ = live._build(bundle, version)
-                    kind = "full"
-                else:
-                    serving = live._rebind(bundle, version)
+            if full or d.needs_full:
+                serving, _ = live._build(bundle, version, sources)
+                kind = "full"
+            else:
+                try:
+                    serving = live._rebind(bundle, version, sources)
                     kind = "methods"
+                except NeedsFullReload as why:  # state built by code that changed: build it again
+                    names += why.reasons
+                    serving, _ = live._build(bundle, version, sources)
+                    kind = "full"
         except TrussLabError as exc:  # LoadError, and ModelMethods' definition errors
             return ReloadEvent(current.version, "failed", names, error=str(exc), location=getattr(exc, "location", None), exception=exc)
         except (Exception, SystemExit) as exc:  # anything else user code raised (sys.exit() in model.py, ...)
@@ -514,7 +430,7 @@ class Reloader:
     def watching(self) -> bool:
         return self._watcher is not None and self._watcher.is_alive()
 
-    def watch(self, step_ms: int = 20, debounce_ms: int = 400) -> None:
+    def watch(self, step_ms: int = 12, debounce_ms: int = 400) -> None:
         """Reload on save, from a daemon thread. Saves within `step_ms` of each other count as one."""
         if self.watching:
             return

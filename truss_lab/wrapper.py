@@ -419,11 +419,12 @@ class Serving:
     model_cls: type
     methods: ModelMethods
     bound: dict[str, Callable]  # method name -> bound method, for every method in `methods.specs`
+    code: Any = None  # the loader.Version its modules belong to
 
     @classmethod
-    def bind(cls, version: int, instance: Any, module, model_cls: type, methods: ModelMethods) -> "Serving":
+    def bind(cls, version: int, instance: Any, module, model_cls: type, methods: ModelMethods, code: Any = None) -> "Serving":
         bound = {name: _bound(model_cls, instance, name) for name in methods.specs}
-        return cls(version, instance, module, model_cls, methods, bound)
+        return cls(version, instance, module, model_cls, methods, bound, code)
 
     @property
     def preprocess(self) -> Callable | None:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import keyword
 import re
@@ -292,6 +293,9 @@ class TrussMagics(Magics):
         if isinstance(old, LiveModel):
             old.close()  # re-running the cell replaces the model; stop the old one's watcher
         self.shell.user_ns[var] = live
+        if isinstance(old, LiveModel):
+            del old
+            gc.collect()  # the old model's module globals sit in reference cycles: free them (and its weights) now
         self.current = live
         if not args.no_watch:
             live.watch()

@@ -269,3 +269,12 @@ def test_a_notebook_pickle_of_model_objects_needs_no_active_model(tmp_path):
         again = pickle.loads(pickle.dumps(item))  # in a notebook cell: the truss loaded last
         assert type(again) is type(item) and again.n == 3
         assert isinstance(sys.modules["model.helper"], NameProxy)
+
+
+def test_cloudpickle_pickles_model_code_by_reference(tmp_path):
+    cloudpickle = pytest.importorskip("cloudpickle")
+    model = ("import cloudpickle\nfrom model.helper import double\nclass Model:\n    def predict(self, x):\n"
+             "        blob = cloudpickle.dumps(double)\n        return [b'model.helper' in blob, len(blob) < 200, cloudpickle.loads(blob)(x)]\n")
+    root = write_truss(tmp_path / "cp", model, files={"model/helper.py": "def double(x):\n    return 2 * x\n"})
+    with truss_lab.load(root) as tr:
+        assert tr.predict(21).output == [True, True, 42]  # by name, as on Truss: not by value

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .jsondiff import diff_paths, rank_changes, short_json
-from .wrapper import truss_json
+from .serialization import truss_json
 
 SNAPSHOT_FILE = "examples.snapshot.json"
 RTOL, ATOL = 1e-4, 1e-6  # an example's numbers within this count as unchanged (float noise across runs)

@@ -184,7 +184,7 @@ def test_lints_that_cannot_be_sure_warn_and_never_fail(tmp_path):
     reqs = [f for f in findings if f.kind == "requirement"]
     assert all(f.severity == "warning" for f in reqs) and [("otherlib" in f.message) for f in reqs] == [True]
     assert "git+https://example.invalid/org/mylib.git@v1" in reqs[0].message  # mylib: guessed from the URL, covered
-    from truss_lab.serving.check import requirement_names
+    from truss_lab.serving.lints import requirement_names
 
     names, opaque = requirement_names(["tqdm>=4", "foo[x] @ https://h/foo-1.0.tar.gz", "-e git+https://h/o/bar.git#egg=bar_pkg",
                                        "https://h/baz-2.0-py3-none-any.whl", "git+ssh://git@h/o/qux.git"])

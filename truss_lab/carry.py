@@ -41,8 +41,8 @@ RULES: list[tuple[Callable[[Value], bool], str, str]] = [
     (lambda v: v.code or v.dunder, NEW, "functions, classes, imports and dunders come from the new code"),
     (lambda v: v.same_statement, CARRY, "the same statement from the same inputs: keep what the model has (built by load() or not)"),
     (lambda v: v.state is False, NEW, "untouched since import and its statement or inputs changed: the new value"),
-    (lambda v: v.state is None, FULL, "its code changed and whether load() or a request changed it cannot be told"),
-    (lambda v: True, FULL, "run-time state whose code changed: load() builds it again"),
+    (lambda v: v.state is None, FULL, "its code changed; cannot tell whether load() or a request changed it"),
+    (lambda v: True, FULL, "run-time state whose code changed"),
 ]
 __doc__ += "\n" + "\n".join(f"  {i + 1}. {outcome:5}  {why}" for i, (_, outcome, why) in enumerate(RULES))
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from . import carry, loader, names, origins, wrapper
+from . import carry, collectors, loader, names, origins, wrapper
 from .bundle import Bundle, read_bundle, resolve_secrets
 from .errors import TrussLabError
 from .reload import Reloader, Snapshot
@@ -55,6 +55,7 @@ class LiveModel(Runner):
         self.space = loader.Space(bundle)  # this model's code versions and their Truss names (loader.py)
         self.space.activity = self.activity  # threads, jobs and processes its code starts count as its activity
         origins.install()
+        collectors.install()
         self._start()
 
     # ------------------------------------------------------------------ loading
@@ -76,6 +77,7 @@ class LiveModel(Runner):
                 finally:
                     self.activity.end(active)
         except BaseException:
+            collectors.give_back(code)
             code.release()
             undo_env()
             raise
@@ -97,8 +99,10 @@ class LiveModel(Runner):
                 _, full = carry.carry_version(old, code)
                 if full:
                     raise carry.NeedsFullReload(full)
+                collectors.settle(old, code)  # a carried metric keeps counting where it was registered
                 instance = wrapper.share_state(self._serving.instance, model_cls, bundle)
         except BaseException:
+            collectors.give_back(code)
             code.release()
             raise
         return wrapper.Serving.bind(version, instance, module, model_cls, methods, code)

@@ -79,6 +79,8 @@ class Version:
         self.modules: dict[str, types.ModuleType] = {}
         self.compiled: dict[str, bytes] = {}  # module name -> the source it ran (carry.py compares them)
         self.import_state: dict[str, carry.ImportState] = {}  # module name -> its values right after import
+        self.collectors: list = []  # Prometheus collectors its code registered (collectors.py)
+        self.replaced_collectors: list = []  # an older version's, whose names it took over
         self._lock = threading.RLock()
         self._importing: dict[str, tuple[int, threading.Event]] = {}  # module name -> (importing thread, done)
 
@@ -247,6 +249,9 @@ class Space:
         names.register(self, version.tops, last=False)
 
     def close(self) -> None:
+        from . import collectors
+
+        collectors.forget(self)
         names.unregister(self)
         self.env.restore()
         self.current = None

@@ -127,6 +127,10 @@ def test_secrets_resolution_and_never_printed(make_truss, monkeypatch):
         s.get("nope", "default")
     with pytest.raises(truss_lab.SecretNotFound):
         "nope" in s
+    with pytest.warns(UserWarning, match="'undeclared' passed to load\\(\\) are not declared"):
+        s = resolve_secrets(b, {"undeclared": "x"})
+    with pytest.raises(truss_lab.SecretNotFound, match="not declared"):
+        s["undeclared"]  # as on Truss: only declared secrets reach the model
     with pytest.raises(NotImplementedError):
         list(s)
 

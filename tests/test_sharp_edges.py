@@ -266,3 +266,47 @@ def test_a_predict_that_really_waits_is_still_called_idle(tmp_path):
         assert [f.kind for f in t.findings] == ["idle"] and t.predict_idle_ms >= 100
     else:  # only a machine busy for most of that wait may hide it (CI shares its machine)
         assert stall0 is not None and guard.cpu_stall_ms() - stall0 > 0.5 * t.predict_ms, "no idle finding on a quiet machine"
+
+
+# ------------------------------------------------------------------ issue 24 in the notebook
+
+
+def test_in_the_notebook_a_postprocess_generator_streams_and_nobody_disconnects(tmp_path):
+    model = """
+import asyncio
+from fastapi import Request
+
+class Model:
+    async def predict(self, x, request: Request):
+        return [x, await request.is_disconnected()]
+
+    async def postprocess(self, y):
+        for v in y:
+            yield f"{v};"
+"""
+    root = write_truss(tmp_path / "postgen", model)
+    with truss_lab.load(root) as tr:
+        assert list(tr.stream(1)) == ["1;", "False;"]  # the chunks, not the generator object
+        result = tr.run(2)
+        assert result.ok and result.output == "2;False;" and result.trace.chunks == 2
+
+
+def test_a_secret_the_model_lacks_is_its_stages_error(tmp_path):
+    root = write_truss(tmp_path / "sec", "class Model:\n    def __init__(self, secrets, **kw):\n        self.s = secrets\n"
+                                         "    def predict(self, x):\n        return self.s['missing']\n")
+    with truss_lab.load(root) as tr:
+        result = tr.run(1)  # returned, not raised
+        assert not result.ok and result.error.stage == "predict" and "SecretNotFound" in str(result.error)
+
+
+def test_schema_of_typed_io(tmp_path):
+    model = ("import pydantic\nclass In(pydantic.BaseModel):\n    prompt: str\nclass Out(pydantic.BaseModel):\n    text: str\n"
+             "class Model:\n    def predict(self, x: In) -> Out:\n        return Out(text=x.prompt)\n")
+    root = write_truss(tmp_path / "typed", model)
+    with truss_lab.load(root) as tr:
+        schema = tr.schema()
+        assert schema["input_schema"]["title"] == "In" and schema["output_schema"]["title"] == "Out"
+        assert schema["supports_streaming"] is False
+    plain = write_truss(tmp_path / "plain", "class Model:\n    def predict(self, x):\n        return x\n")
+    with truss_lab.load(plain) as tr:
+        assert tr.schema() is None

@@ -144,8 +144,18 @@ def resolve_secrets(bundle: Bundle, overrides: Mapping[str, str] | None = None) 
         env = os.environ.get(SECRET_ENV_PREFIX + name)
         if env is not None:
             values[name] = env
+    undeclared = []
     for name, value in (overrides or {}).items():
+        if str(name) not in values:  # Truss hands the model only the secrets config.yaml declares
+            undeclared.append(str(name))
+            continue
         values[str(name)] = None if value is None else str(value)
+    if undeclared:
+        import warnings
+
+        warnings.warn(f"{bundle.config_path}: secrets {', '.join(map(repr, sorted(undeclared)))} passed to load() are not "
+                      f"declared under `secrets`, so the model does not get them (as on Truss): declare them there",
+                      UserWarning, stacklevel=3)
     return Secrets(values, str(bundle.config_path))
 
 

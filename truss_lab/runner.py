@@ -28,26 +28,25 @@ from typing import Any, Callable, Iterator
 from . import guard as lockguard
 from .aio import LoopThread
 from .bundle import Bundle, validate_concurrency
-from .errors import STAGE_ERRORS, ModelError, TrussLabError, describe
+from .errors import STAGE_ERRORS, ModelError, SecretNotFound, TrussLabError, describe
 from .lock import FairLock
 from .guard import run_queue_ns
 from .trace import ActivityLog, Report, Trace
+from .serialization import is_response, parse_input, truss_json_check
 from .wrapper import (
     ENDPOINTS,
     RESPONSE_WITH_POSTPROCESS,
     ModelDefinitionError,
     Serving,
-    is_response,
     is_stream,
     join_chunks,
     local_request,
-    parse_input,
     refuse_postprocess,
-    truss_json_check,
 )
 
 DEFAULT_TRACE_CAPACITY = 1000
 STAGES = ("preprocess", "predict", "postprocess")
+POSTPROCESS_STREAM = "postprocess"  # what open_stream leads with for a postprocess that yields (True: predict's stream)
 logger = logging.getLogger("truss_lab")
 
 
@@ -222,8 +221,10 @@ class Runner:
         yield from chunks
 
     def open_stream(self, model_input: Any, *, request: Any = None, method: str = "predict") -> Iterator[Any]:
-        """`stream()`, led by one bool: True if the method returned a stream (chunks follow), False if
-        not (one output follows). An HTTP front end needs to know before the first chunk."""
+        """`stream()`, led by one value: True if the method returned a stream (chunks follow),
+        POSTPROCESS_STREAM if postprocess did (chunks follow; Truss never gathers those into one JSON
+        answer), False if neither (one output follows). An HTTP front end needs to know before the
+        first chunk."""
         s = self._serving
         return self._open(s, self._new_trace(s, method), model_input, request, method, drain=False)
 
@@ -302,6 +303,16 @@ class Runner:
                     if method == "predict" and not is_response(y):
                         stage = "postprocess"
                         y = self._postprocess(s, y, t, req)
+                        if is_stream(y):  # a postprocess that yields streams, as on Truss (outside the lock)
+                            streamed = True
+                            yield POSTPROCESS_STREAM
+                            for chunk in self._iterate(y):
+                                if t.first_chunk is None:
+                                    t.first_chunk = perf_counter()
+                                count += 1
+                                yield chunk
+                            t.post_end = perf_counter()  # its work happened while it was iterated
+                            return
                     elif method == "predict" and s.postprocess is not None:
                         raise ModelDefinitionError(RESPONSE_WITH_POSTPROCESS)
                 if whole:
@@ -309,10 +320,10 @@ class Runner:
                 yield False
                 yield y
         except TrussLabError as exc:
-            if not isinstance(exc, ModelError):
+            if not isinstance(exc, (ModelError, SecretNotFound)):  # ours (a closed model, a bad method name)
                 t.error, t.error_stage = str(exc), stage
                 raise
-            raise self._fail(t, stage, exc, method) from exc
+            raise self._fail(t, stage, exc, method) from exc  # the model's: a secret it lacks is its stage's error
         except Exception as exc:
             raise self._fail(t, stage, exc, method) from exc
         except BaseException as exc:  # GeneratorExit (closed early), KeyboardInterrupt
@@ -478,6 +489,14 @@ class Runner:
                 self._loop.finish(stream.aclose())  # scheduled, not awaited, if the GC finalises it on the loop thread
         else:
             yield from stream
+
+    def schema(self) -> dict | None:
+        """The input and output JSON schemas of a model with pydantic-typed I/O, as the Truss server's
+        `GET /v1/models/{name}/schema` answers them; None for a model without typed I/O."""
+        from .serialization import truss_schema
+
+        s = self._serving
+        return truss_schema(s.model_cls, s.methods.input_type)
 
     def is_healthy(self) -> bool | None:
         """The model's is_healthy(), as the Truss server's readiness check asks it: None when the model

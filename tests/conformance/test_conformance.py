@@ -431,6 +431,55 @@ class Model:
     def predict(self, x):
         return [getattr(csv, "MARK", "stdlib"), own_util.MARK]
 """),
+    # ---- issue 24: a postprocess that yields streams; a secret the model lacks is its stage's error
+    Case("postprocess-generator", [Req(1), Req(1, headers={"accept": "application/json"})], model="""
+class Model:
+    def predict(self, x):
+        return [1, 2, 3]
+    def postprocess(self, y):
+        for v in y:
+            yield f"{v},"
+"""),
+    Case("postprocess-async-generator", [Req(1), Req(1, headers={"accept": "application/json"})], model="""
+class Model:
+    def predict(self, x):
+        return [x, x + 1]
+    async def postprocess(self, y):
+        for v in y:
+            yield f"{v};"
+"""),
+    Case("secret-not-found-in-predict", [Req(1)], config="model_name: sec\nsecrets: {declared: null}\n", model="""
+class Model:
+    def __init__(self, secrets, **kwargs):
+        self._secrets = secrets
+    def predict(self, x):
+        return self._secrets["declared"] if x else self._secrets["undeclared"]
+"""),
+    # ---- issue 24: the rest of the server's routes
+    Case("schema-typed", [Req(path="/v1/models/model/schema", method="GET"), Req({"prompt": "hi"}, path="/invocations"),
+                          Req(path="/ping", method="GET"), Req({"prompt": 1}, path="/invocations")], model="""
+import pydantic
+class In(pydantic.BaseModel):
+    prompt: str
+class Out(pydantic.BaseModel):
+    text: str
+    n: int = 0
+class Model:
+    def predict(self, x: In) -> Out:
+        return Out(text=x.prompt)
+"""),
+    Case("schema-streaming", [Req(path="/v1/models/model/schema", method="GET")], model="""
+from typing import Generator
+import pydantic
+class In(pydantic.BaseModel):
+    prompt: str
+class Model:
+    def predict(self, x: In) -> Generator[str, None, None]:
+        yield x.prompt
+"""),
+    Case("schema-none", [Req(path="/v1/models/whatever/schema", method="GET"), Req(path="/metrics", method="GET"),
+                         Req(path="/hot-reload"), Req([1], path="/invocations")],
+         model="class Model:\n    def predict(self, x):\n        return x\n"),
 ]
 
 
@@ -520,12 +569,12 @@ def test_same_answers_as_the_truss_server(case: Case, truss_env, tmp_path):
             assert _same(w, h), f"{req}:\n  Truss:     {w}\n  truss_lab: {h}"
             plain = req.method == "POST" and req.path == PREDICT and req.content is None and not req.headers
             if plain and w["status"] == 200 and (want.streamed or w["content_type"] == "application/json") \
-                    and not truss_lab.wrapper.is_response(tr.run(req.json).output):  # a Response is sent as it is
+                    and not truss_lab.serialization.is_response(tr.run(req.json).output):  # a Response is sent as it is
                 in_process = _chunks_until_error(tr, req.json) if want.streamed else [tr.predict(req.json).output]
                 if want.streamed:
                     assert b"".join(c if isinstance(c, bytes) else str(c).encode() for c in in_process) == want.body
                 else:
-                    assert _same(json.loads(truss_lab.wrapper.truss_json(in_process[0])), w["body"])
+                    assert _same(json.loads(truss_lab.serialization.truss_json(in_process[0])), w["body"])
         assert tr.lock_available == tr.concurrency
     finally:
         tr.close()
@@ -544,7 +593,7 @@ def _chunks_until_error(tr, x) -> list:
 
 
 def test_at_least_forty_cases_are_compared():
-    assert len(CASES) >= 40 and sum(len(c.requests) for c in CASES) >= 80
+    assert len(CASES) >= 45 and sum(len(c.requests) for c in CASES) >= 90
 
 
 REFUSED = {
@@ -582,7 +631,7 @@ class Model:
 """
 
 
-def _websocket_session(url: str, messages: list[str]) -> tuple[list[str], int | None]:
+def _websocket_session(url: str, messages: list[str]) -> tuple[list[str], int | None, str | None]:
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
@@ -596,7 +645,7 @@ def _websocket_session(url: str, messages: list[str]) -> tuple[list[str], int | 
             ws.recv(timeout=10)
         except ConnectionClosed:
             pass
-        return got, ws.close_code
+        return got, ws.close_code, ws.close_reason  # the reason too: a client may show it
 
 
 @pytest.mark.parametrize("ending", ["bye", "boom"])

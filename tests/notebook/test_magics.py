@@ -331,3 +331,10 @@ def test_watch_with_examples_shows_the_diff(ip, make_truss):
     (root / "model" / "model.py").write_text("class Model:\n    def predict(self, x):\n        return {'v': x + 1}\n")
     live.wait_for_reload(since=n)
     assert got.wait(30) and "one: changed" in str(live.examples_diff)
+
+
+def test_load_shows_the_schema_of_typed_io(ip, make_truss):
+    root = make_truss("import pydantic\nclass In(pydantic.BaseModel):\n    prompt: str\nclass Out(pydantic.BaseModel):\n    text: str\n"
+                      "class Model:\n    def predict(self, x: In) -> Out:\n        return Out(text=x.prompt)\n")
+    summary = run(ip, f"load {root} --no-watch --as typed").outputs[0].data["text/plain"]
+    assert "schema    In -> Out (tr.schema(), GET /v1/models/model/schema)" in summary

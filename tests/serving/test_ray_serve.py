@@ -75,3 +75,41 @@ def test_predict_concurrency_per_replica_never_exceeds_the_lock(deployed):
         assert replica["lock_free"] == 2
     assert sum(r["calls"] for r in stats) >= 160
     assert max(r["max_in_flight"] for r in stats) == 2  # 16 clients did fill the slots
+
+
+ROUTES = [  # (method, path, body): every route of the Truss server
+    ("GET", "/", None), ("GET", "/v1/models/model", None), ("GET", "/v1/models/model/loaded", None),
+    ("POST", PREDICT, 4), ("POST", "/v1/models/model:predict_binary", None), ("POST", "/invocations", 5),
+    ("GET", "/ping", None), ("GET", "/v1/models/model/schema", None), ("POST", "/v1/chat/completions", {"messages": []}),
+    ("POST", "/v1/completions", {}), ("POST", "/v1/embeddings", {}), ("POST", "/v1/messages", {}), ("POST", "/v1/responses", {}),
+    ("POST", "/hot-reload", None),
+]
+
+
+def test_every_route_answers_as_truss_lab_serve_does(deployed, tmp_path):
+    import msgpack
+
+    import truss_lab
+
+    url, _ = deployed
+    root = write_truss(tmp_path / "doubler", MODEL, config={"runtime": {"predict_concurrency": 2}})
+    with truss_lab.load(root) as tr, httpx.Client(base_url=url, timeout=60) as ray_client, \
+            httpx.Client(base_url=tr.serve().url, timeout=60) as local:
+        for method, path, body in ROUTES:
+            kwargs = {}
+            if path.endswith(":predict_binary"):
+                kwargs = {"content": msgpack.packb(6), "headers": {"content-type": "application/octet-stream"}}
+            elif method == "POST" and body is not None:
+                kwargs = {"json": body}
+            a, b = ray_client.request(method, path, **kwargs), local.request(method, path, **kwargs)
+            assert (a.status_code, a.content) == (b.status_code, b.content), (path, a.status_code, a.text, b.status_code, b.text)
+        metrics = ray_client.get("/metrics/")
+        assert metrics.status_code == 200 and "truss_lab_requests_total" in metrics.text
+        from websockets.sync.client import connect
+
+        with connect(url.replace("http://", "ws://") + "/v1/websocket", open_timeout=10) as ws:
+            try:
+                ws.recv(timeout=10)
+            except Exception:
+                pass
+            assert ws.close_code == 1003  # this model has no websocket(): Truss's answer, over Ray too

@@ -431,7 +431,7 @@ class LoadSummary:
             ("lock", f"{live.concurrency} (runtime.predict_concurrency)"),
             ("examples", examples),
             ("watching", "yes" if live.watching else "no"),
-        ]
+        ] + _schema_line(live)
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         from ..display.style import esc
@@ -440,6 +440,21 @@ class LoadSummary:
         text = "\n".join(f"{k:<9} {v}" for k, v in rows)
         html = "".join(f"<tr><td class='k'><b>{esc(k)}</b></td><td style='text-align:left'>{esc(v)}</td></tr>" for k, v in rows)
         return {"text/plain": text, "text/html": f'<div class="truss-lab"><table>{html}</table></div>'}
+
+
+def _schema_line(live) -> list[tuple[str, str]]:
+    """("schema", "In -> Out") for a model with typed I/O (its full JSON schemas: tr.schema())."""
+    schema = live.schema()
+    if schema is None:
+        return []
+
+    def title(part: dict | None, streams: bool = False) -> str:
+        if part is None:
+            return "stream" if streams else "any"
+        return str(part.get("title", "object"))
+
+    return [("schema", f"{title(schema['input_schema'])} -> {title(schema['output_schema'], bool(schema['supports_streaming']))} "
+                       f"(tr.schema(), GET /v1/models/model/schema)")]
 
 
 class Status(LoadSummary):

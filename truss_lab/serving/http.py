@@ -3,6 +3,7 @@
     GET  /                                 liveness: `true` as soon as the server runs
     GET  /v1/models/{name}[/loaded]        readiness: 200 `{}` once load() has finished, 503 before
     POST /v1/models/{name}:predict         JSON in, JSON out; a returned stream streams
+    ...and every other route of the Truss server (routes.py has the table)
 
 Requests go through the same runner as the notebook - the same lock, traces and hot reload - so
 `tr.report()` and the timeline include HTTP traffic. Statuses and `x-baseten-error-*` headers are the
@@ -31,19 +32,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Protocol
 
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import ModelError, TrussLabError, describe
-from ..wrapper import (
-    ENDPOINT_ROUTES,
+from ..serialization import (
     InputParsingError,
-    ModelMethods,
-    is_http_exception,
     is_pydantic,
     is_response,
-    join_chunks,
     parse_input,
     parse_input_json,
     truss_json,
@@ -51,6 +48,7 @@ from ..wrapper import (
     truss_msgpack_deserialize,
     truss_msgpack_serialize,
 )
+from ..wrapper import ModelMethods, is_http_exception, join_chunks
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -58,10 +56,7 @@ if TYPE_CHECKING:
 DEFAULT_MAX_BODY = 16 * 1024 * 1024  # bytes; a bigger request body is refused with 413
 PREDICT_ROUTE = "/v1/models/model:predict"  # what clients use; any model name is accepted, as on Truss
 READY_ROUTE = "/v1/models/model"
-PREDICT_ROUTES = ("/v1/models/{model_name}:predict", "/v1/models/{model_name}:predict_binary")
-WEBSOCKET_ROUTE = "/v1/websocket"
 logger = logging.getLogger("truss_lab.serving")
-READY_ROUTES = ("/v1/models/{model_name}", "/v1/models/{model_name}/loaded")
 
 
 # The Truss server's error headers (its errors.py): which service answered, and whose fault it was.
@@ -75,7 +70,8 @@ class Answer:
 
     output: Any = None
     error: ModelError | None = None
-    chunks: Iterator[Any] | None = None  # set when predict returned a stream
+    chunks: Iterator[Any] | None = None  # set when predict (or postprocess) returned a stream
+    gatherable: bool = True  # predict's stream: `Accept: application/json` gathers it (a postprocess stream: never)
     read_timeout: float | None = None  # the longest wait for the next chunk (runtime.streaming_read_timeout)
 
 
@@ -111,13 +107,21 @@ class LiveBackend:
     def _answer(self, inputs: Any, request: Any, method: str) -> Answer:
         chunks = self.live.open_stream(inputs, request=request, method=method)
         try:
-            if next(chunks):  # the method returned a stream: the lock stays held while it is read
-                return Answer(chunks=chunks, read_timeout=self.live.bundle.streaming_read_timeout)
+            lead = next(chunks)
+            if lead:  # the method returned a stream: the lock stays held while it is read (predict's)
+                return Answer(chunks=chunks, read_timeout=self.live.bundle.streaming_read_timeout, gatherable=lead is True)
             output = next(chunks)
             chunks.close()  # the request ends here (its trace), not when the generator is collected
             return Answer(output=output)
         except ModelError as error:
             return Answer(error=error)
+
+    def schema(self) -> dict | None:
+        return self.live.schema()
+
+    def reload(self):
+        """POST /hot-reload: reload the edited code now (a ReloadEvent)."""
+        return self.live.reload()
 
     async def healthy(self) -> bool | None:
         """The model's is_healthy() as the Truss server asks it: None without one; an exception is False."""
@@ -175,39 +179,44 @@ def parse_body(body: bytes, binary: bool, input_type: type | None) -> Any:
         raise InputParsingError("Invalid JSON payload: nested too deeply") from None
 
 
+_WATCHERS: set = set()
+
+
 def portable(request, body: bytes):
-    """The request as model code gets it: the body already read, and `receive` (for
-    `is_disconnected()`) marshalled to this server's loop, since async model code runs on the
-    model's own loop. `request.state.watch_disconnect()` as the Truss server installs it."""
+    """The request as model code gets it: the body already read, and the client's hang-up visible
+    from the model's own event loop (async model code runs there, not on this server's loop):
+    `await request.is_disconnected()` turns true once the client has gone, as on the Truss server,
+    and `request.state.watch_disconnect()` is installed as the Truss server installs it."""
     from starlette.requests import Request
 
     loop = asyncio.get_running_loop()
     receive = request.receive
+    gone = threading.Event()
+
+    async def watch() -> None:  # on this server's loop: the body is read, so the next message is the hang-up
+        try:
+            while (await receive()).get("type") != "http.disconnect":
+                pass
+        finally:
+            gone.set()
+
+    task = loop.create_task(watch())  # ends when the client goes or the response is complete (uvicorn says so then)
+    _WATCHERS.add(task)  # the loop keeps only a weak reference to a task
+    task.add_done_callback(_WATCHERS.discard)
 
     async def receive_here() -> dict:
+        if gone.is_set():  # no await: starlette's zero-timeout is_disconnected() sees it
+            return {"type": "http.disconnect"}
         if asyncio.get_running_loop() is loop:
             return await receive()
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(receive(), loop))
+        while not gone.is_set():  # a model waiting on receive() itself: wake when the client goes
+            await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
 
     out = Request(request.scope, receive_here)
     out._body = body
 
-    @contextlib.contextmanager
-    def watch_disconnect():
-        disconnected = threading.Event()
-
-        async def watch() -> None:
-            while not await request.is_disconnected():
-                await asyncio.sleep(1)
-            disconnected.set()
-
-        future = asyncio.run_coroutine_threadsafe(watch(), loop)
-        try:
-            yield disconnected
-        finally:
-            future.cancel()
-
-    out.state.watch_disconnect = watch_disconnect
+    out.state.watch_disconnect = lambda: contextlib.nullcontext(gone)  # Truss's: an Event set on hang-up
     return out
 
 
@@ -235,11 +244,11 @@ async def predict_response(request, backend: Backend, max_body: int, method: str
         return error_body(500, "predict", f"{backend.name} has no predict(): it serves /v1/websocket only", backend.name, code=CODE_UNEXPECTED)
     if method != "predict" and method not in methods.specs:  # Truss's ModelMethodNotImplemented
         return error_body(404, method, f"`{method}` must only be called if model has it.", backend.name, code=CODE_CLIENT)
-    answer = await backend.answer(inputs, portable(request, body), method)
+    answer = await backend.answer(inputs, portable(request, body), method)  # its hang-up watch ends with the response
     if answer.error is not None:
         return _error_answer(answer.error, backend)
     if answer.chunks is not None:
-        if gathers(request):
+        if answer.gatherable and gathers(request):
             try:
                 chunks = await run_in_threadpool(list, answer.chunks)
             except ModelError as error:  # failed while gathering: Truss's unhandled-exception answer (code 500)
@@ -352,7 +361,8 @@ def not_ready(backend: Backend, stage: str = "load", why: str | None = None):
 
 
 def create_app(backend: Backend, max_body: int = DEFAULT_MAX_BODY, on_startup=None):
-    """The FastAPI app for `backend`, with the Truss server's routes."""
+    """The FastAPI app for `backend`, with every route of the Truss server (routes.py: one table)."""
+    from .routes import add_routes
 
     @asynccontextmanager
     async def lifespan(app):
@@ -361,70 +371,23 @@ def create_app(backend: Backend, max_body: int = DEFAULT_MAX_BODY, on_startup=No
         yield
 
     app = FastAPI(title=f"truss_lab: {backend.name}", lifespan=lifespan, docs_url=None, redoc_url=None)
-
-    async def liveness():
-        return True
-
-    async def ready(model_name: str):
-        return await readiness(backend)
-
-    async def is_loaded(model_name: str):
-        return loaded(backend)
-
-    async def predict(model_name: str, request: Request):
-        return await predict_response(request, backend, max_body)
-
-    app.add_api_route("/", liveness, methods=["GET"])
-    app.add_api_route(READY_ROUTES[0], ready, methods=["GET"])
-    app.add_api_route(READY_ROUTES[1], is_loaded, methods=["GET"])
-    for route in PREDICT_ROUTES:
-        app.add_api_route(route, predict, methods=["POST"])
-    for method, route in ENDPOINT_ROUTES.items():
-        app.add_api_route(route, _endpoint(backend, max_body, method), methods=["POST"], name=method)
-
-    async def websocket(ws: WebSocket):
-        await serve_websocket(ws, backend)
-
-    app.add_api_websocket_route(WEBSOCKET_ROUTE, websocket)
+    add_routes(app, backend, max_body)
     return app
 
 
-def _endpoint(backend: Backend, max_body: int, method: str):
-    async def route(request: Request):
-        return await predict_response(request, backend, max_body, method)
-
-    return route
-
-
-async def serve_websocket(ws, backend: Backend) -> None:
-    """/v1/websocket as the Truss server runs it: the model's async websocket(ws), closed 1000 when it
-    returns, 1011 if it raises; 1003 when the model has no websocket method."""
-    from starlette.websockets import WebSocketDisconnect
-
-    if not backend.ready() or "websocket" not in backend.methods().specs:
-        await ws.accept()
-        await ws.close(code=1003, reason="WebSocket is not implemented on this deployment.")
-        return
-    live = backend.live
-    try:
-        await ws.accept()
-        await live.serving.bound["websocket"](ws)
-        await _close(ws, 1000)
-    except WebSocketDisconnect:
-        pass
-    except Exception as exc:
-        await _close(ws, 1011, "Internal Server Error")
-        logger.error("%s: websocket failed: %s", backend.name, describe(exc))
-
-
-async def _close(ws, code: int, reason: str | None = None) -> None:
-    try:
-        await ws.close(code=code, reason=reason)
-    except RuntimeError:  # already closed
-        pass
-
-
 # ---------------------------------------------------------------------------------------- servers
+
+
+def transport_options(config: dict) -> dict:
+    """uvicorn's websocket ping settings from `runtime.transport`, passed as the Truss server passes
+    them (only when set: uvicorn's defaults otherwise)."""
+    transport = ((config or {}).get("runtime") or {}).get("transport") or {}
+    out = {}
+    if transport.get("ping_interval_seconds"):
+        out["ws_ping_interval"] = float(transport["ping_interval_seconds"])
+    if transport.get("ping_timeout_seconds"):
+        out["ws_ping_timeout"] = float(transport["ping_timeout_seconds"])
+    return out
 
 
 class Server:
@@ -440,7 +403,9 @@ class Server:
         self.host, self.port = self._socket.getsockname()[:2]
         # log_config=None: uvicorn's own dictConfig would close every logging handler already in this
         # process (a notebook's, absl's under TensorFlow); its loggers propagate to yours instead.
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5, log_config=None)
+        live = getattr(backend, "live", None)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5, log_config=None,
+                                **transport_options(live.bundle.config if live is not None else {}))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"truss-lab-serve[{backend.name}]", daemon=True)
         self._error: BaseException | None = None
@@ -526,6 +491,6 @@ def serve_path(
     threading.Thread(target=load, name="truss-lab-load", daemon=True).start()
     app = create_app(backend, max_body)
     print(f"serving {bundle.model_name} on http://{host}:{port} (liveness now, readiness after load())", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, **transport_options(bundle.config))).run(sockets=[sock])
     if backend.live is not None:
         backend.live.close()

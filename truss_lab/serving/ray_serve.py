@@ -11,7 +11,7 @@ Two deployments, the Truss split made physical:
 - `predict`: runs predict only; `max_ongoing_requests` = `runtime.predict_concurrency`, so each
   replica admits as many requests as the lock has slots (the lock, per replica); `num_gpus` per
   replica. `num_replicas` of them.
-- `stages`: the HTTP ingress (the routes of serving/http.py) running preprocess and postprocess, which need
+- `stages`: the HTTP ingress (every route of routes.py, as `truss-lab serve`) running preprocess and postprocess, which need
   no GPU, so it can have more replicas (`stage_replicas`) than there are GPUs.
 
 Each replica loads the truss itself (import model.py, `load()`): preprocess/postprocess may use what
@@ -27,13 +27,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from ray import serve
 from starlette.concurrency import run_in_threadpool
 
 from ..bundle import read_bundle
 from ..errors import STAGE_ERRORS
-from .http import DEFAULT_MAX_BODY, PREDICT_ROUTE, Answer, LiveBackend, predict_response, readiness
+from .http import DEFAULT_MAX_BODY, PREDICT_ROUTE, Answer, LiveBackend
+from .routes import add_routes
 
 APP_NAME = "truss_lab"
 
@@ -110,30 +111,45 @@ class RayBackend:
         output, error = await run_in_threadpool(self.live.run_stage, "postprocess", reply["output"])
         return Answer(output=output, error=error)
 
+    def schema(self) -> dict | None:
+        return self.live.schema()
+
+    def reload(self):
+        """POST /hot-reload: this ingress replica's code (each replica watches nothing: it reloads when asked)."""
+        return self.live.reload()
+
+
+class _ReplicaBackend:
+    """The routes' backend in an ingress replica: the RayBackend its Stages made (one per replica process)."""
+
+    current: RayBackend | None = None
+    max_body: int | None = None
+
+    def __getattr__(self, name: str):
+        if _ReplicaBackend.current is None:
+            raise AttributeError(name)
+        return getattr(_ReplicaBackend.current, name)
+
+    def ready(self) -> bool:
+        return _ReplicaBackend.current is not None
+
+    @property
+    def name(self) -> str:
+        return _ReplicaBackend.current.name if _ReplicaBackend.current is not None else "model"
+
 
 ingress = FastAPI(title="truss_lab on Ray Serve", docs_url=None, redoc_url=None)
+add_routes(ingress, _ReplicaBackend(), DEFAULT_MAX_BODY)  # the same table as `truss-lab serve`
 
 
 @serve.deployment(name="stages")
 @serve.ingress(ingress)
 class Stages:
-    """The HTTP routes; preprocess and postprocess run here (no GPU)."""
+    """The HTTP routes (routes.py's table); preprocess and postprocess run here (no GPU)."""
 
     def __init__(self, predictor, path: str, max_body: int):
-        self.backend = RayBackend(_load(path), predictor)
-        self.max_body = max_body
-
-    @ingress.get("/")
-    async def liveness(self):
-        return True
-
-    @ingress.get("/v1/models/{model_name}")
-    async def ready(self, model_name: str):
-        return await readiness(self.backend)
-
-    @ingress.post("/v1/models/{model_name}:predict")
-    async def predict(self, model_name: str, request: Request):
-        return await predict_response(request, self.backend, self.max_body)
+        _ReplicaBackend.current = RayBackend(_load(path), predictor)
+        _ReplicaBackend.max_body = max_body
 
 
 def build(

@@ -54,8 +54,14 @@ from truss_server import TrussServer
 port = int(sys.argv[1])
 server = TrussServer(port, "config.yaml")
 app = server.create_application()
+transport = server._config["runtime"].get("transport", {}) or {}
+extra = {}                                         # as TrussServer.start() passes them (only when set)
+if transport.get("ping_interval_seconds"):
+    extra["ws_ping_interval"] = transport["ping_interval_seconds"]
+if transport.get("ping_timeout_seconds"):
+    extra["ws_ping_timeout"] = transport["ping_timeout_seconds"]
 config = uvicorn.Config(app, host="127.0.0.1", port=port, http="h11", workers=1,
-                        log_level="warning", timeout_graceful_shutdown=3)
+                        log_level="warning", timeout_graceful_shutdown=3, **extra)
 server._server = uvicorn.Server(config=config)
 asyncio.run(server._server.serve())
 """

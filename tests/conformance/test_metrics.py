@@ -1,0 +1,63 @@
+"""GET /metrics against the real Truss server: what the model registers with prometheus_client is
+exported by both; truss_lab adds its own request counts and stage latencies; a swap keeps counting."""
+
+from __future__ import annotations
+
+import textwrap
+import warnings
+
+import httpx
+
+import truss_lab
+
+PREDICT = "/v1/models/model:predict"
+
+MODEL = """
+from prometheus_client import Counter
+
+HITS = Counter("conformance_hits", "predicts served")
+
+class Model:
+    def predict(self, x):
+        HITS.inc()
+        return x
+"""
+
+
+def _model_lines(url: str) -> list[str]:
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for i in range(2):
+            assert client.post(PREDICT, json=i).status_code == 200
+        r = client.get("/metrics/")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        assert client.get("/metrics").status_code == 307  # the mounted app's redirect, on both
+        return r.text, [line for line in r.text.splitlines() if line.startswith("conformance_hits_total")]
+
+
+def test_metrics_the_model_registers_are_exported_as_on_the_truss_server(truss_env, tmp_path):
+    root = tmp_path / "metrics"
+    (root / "model").mkdir(parents=True)
+    (root / "config.yaml").write_text("model_name: metrics\n")
+    (root / "model" / "model.py").write_text(textwrap.dedent(MODEL))
+    with truss_env.start(root, apps=tmp_path / "apps") as oracle:
+        _, expected = _model_lines(oracle.url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = truss_lab.load(root)
+    try:
+        url = tr.serve().url
+        text, got = _model_lines(url)
+        assert got == expected == ["conformance_hits_total 2.0"]
+        assert 'truss_lab_requests_total{method="predict",model="metrics",status="ok"} 2.0' in text
+        assert 'truss_lab_stage_seconds_count{model="metrics",stage="predict"} 2.0' in text
+        # a method swap keeps the model's counter (and its count); a second registration does not fail the reload
+        (root / "model" / "model.py").write_text(textwrap.dedent(MODEL).replace("return x", "return x + 1"))
+        assert tr.reload().kind == "methods"
+        assert tr.predict(1).output == 2
+        after = httpx.get(url + "/metrics/").text
+        assert "conformance_hits_total 3.0" in after
+    finally:
+        tr.close()
+    from prometheus_client import REGISTRY
+
+    assert not [n for names in REGISTRY._collector_to_names.values() for n in names if n.startswith("conformance_hits")]

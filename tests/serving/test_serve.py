@@ -18,7 +18,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import truss_lab
-from conftest import free_port
+from conftest import free_port, write_truss
 
 PREDICT = "/v1/models/model:predict"
 
@@ -305,3 +305,27 @@ def test_a_busy_port_is_a_one_line_error(live, capsys):
 
     assert main(["serve", str(tr.path), "--port", str(server.port)]) == 2
     assert f"cannot listen on 127.0.0.1:{server.port}" in capsys.readouterr().err
+
+
+def test_metrics_a_model_registers_through_opentelemetry_are_served(tmp_path):
+    pytest.importorskip("opentelemetry.exporter.prometheus")
+    model = """
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+
+class Model:
+    def load(self):
+        self.provider = MeterProvider(metric_readers=[PrometheusMetricReader()])
+        self.hits = self.provider.get_meter("lab").create_counter("otel_lab_hits")
+    def predict(self, x):
+        self.hits.add(1)
+        return x
+"""
+    root = write_truss(tmp_path / "otel", model)
+    with truss_lab.load(root) as tr:
+        url = tr.serve().url
+        for i in range(3):
+            assert httpx.post(url + "/v1/models/model:predict", json=i).status_code == 200
+        text = httpx.get(url + "/metrics/").text
+        assert any(line.startswith("otel_lab_hits_total") and line.endswith(" 3.0") for line in text.splitlines()), text[-2000:]
+        assert 'truss_lab_stage_seconds_count{model="otel",stage="lock_wait"} 3.0' in text

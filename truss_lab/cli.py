@@ -97,6 +97,21 @@ def cmd_bench(args) -> int:
         return EXIT_MODEL if report.failures else EXIT_OK
 
 
+def cmd_profile(args) -> int:
+    from .live import load
+
+    with load(args.path, concurrency=args.lock) as live:
+        inputs = _inputs(args, live)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            profile = live.profile(inputs[0], n=args.n)
+        print(profile.text(n=args.top))
+        if args.chrome_trace:
+            live.report(last=args.n).to_chrome_trace(args.chrome_trace, profile=profile)
+            print(f"chrome trace: {args.chrome_trace} (open it in https://ui.perfetto.dev or chrome://tracing)", file=sys.stderr)
+        return EXIT_MODEL if any(not t.ok for t in profile.traces) else EXIT_OK
+
+
 def cmd_serve(args) -> int:
     max_body = int(args.max_body_mb * 1024 * 1024)
     if args.ray:
@@ -203,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--concurrency", type=int, default=8, metavar="C", help="concurrent workers (default 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("profile", help="profile N requests per stage: where inside preprocess, predict and postprocess the time goes")
+    model_args(p)
+    p.add_argument("-n", type=int, default=3, metavar="N", help="number of requests (default 3)")
+    p.add_argument("--top", type=int, default=5, metavar="K", help="hot spots per stage (default 5)")
+    p.add_argument("--chrome-trace", metavar="FILE", help="also write the requests and their samples as Chrome trace JSON")
+    p.set_defaults(func=cmd_profile)
     p = sub.add_parser("serve", help="serve the truss over HTTP with the Truss server's routes (Ctrl-C stops)")
     p.add_argument("path", metavar="PATH", help="the Truss folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

@@ -7,6 +7,7 @@ A `Runner` (runner.py: stages, lock, traces) plus what a developer needs around 
 
 from __future__ import annotations
 
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -20,6 +21,7 @@ from .runner import DEFAULT_TRACE_CAPACITY, Result, Runner
 from .trace import BenchReport, Trace
 
 if TYPE_CHECKING:
+    from .profile import Profile
     from .reload import ReloadEvent
 
 
@@ -295,12 +297,14 @@ class LiveModel(Runner):
         progress: bool = True,
         label: str = "",
         on_result: Callable[[Result], None] | None = None,
+        profile: bool = False,
     ) -> BenchReport:
         """Send `n` requests (cycling over `inputs`, or the truss's examples) from `concurrency` workers.
 
         Shows a tqdm progress bar (a widget in Jupyter, text in a terminal) unless `progress=False`.
         A model error in one request is counted in the report's failures; it does not stop the bench.
         `on_result(result)` is called (in this thread) as each request ends, e.g. to drive a progress widget.
+        `profile=True`: every request is profiled (see profile()); the report's `.profile` has them all.
         """
         inputs = list(self.examples.values()) if inputs is None else list(inputs)
         if not inputs:
@@ -310,10 +314,15 @@ class LiveModel(Runner):
                 raise TrussLabError(f"{name} must be a positive integer, got {value!r}")
         traces: list[Trace] = []
         failed = 0
+        profiler = None
+        if profile:
+            from .profile import Profiler
+
+            profiler = Profiler()
         bar = _progress_bar(n, f"{self.name} ×{concurrency}", progress)
         try:
             with ThreadPoolExecutor(max_workers=min(concurrency, n), thread_name_prefix="truss-lab-bench") as pool:
-                futures = [pool.submit(self.run, inputs[i % len(inputs)]) for i in range(n)]
+                futures = [pool.submit(self.run, inputs[i % len(inputs)], profiler=profiler) for i in range(n)]
                 try:
                     for future in as_completed(futures):
                         result = future.result()
@@ -330,7 +339,40 @@ class LiveModel(Runner):
                     raise
         finally:
             bar.close()
-        return BenchReport.from_traces(traces, self._lock_size, concurrency=concurrency, label=label or self.name)
+        report = BenchReport.from_traces(traces, self._lock_size, concurrency=concurrency, label=label or self.name)
+        if profiler is not None:
+            from .profile import Profile
+
+            report.profile = Profile(self.name, self.roots, profiler.sessions, traces, profiler.interval)
+        return report
+
+    def report(self, last: int | None = None):
+        """A Report over the kept traces (or the last `last`), with the reloads in their time."""
+        report = super().report(last)
+        if report.traces:
+            t0 = time.time() - (time.perf_counter() - report.traces[0].start)
+            report.reloads = [e for e in self.reload_history if e.when >= t0]
+        return report
+
+    def profile(self, model_input: Any = None, n: int = 1, *, interval: float = 0.001) -> "Profile":
+        """Run `n` requests of `model_input` (default: each example in turn) through the normal runner
+        - the same lock, traces and guard - with a sampling profiler (pyinstrument) on every stage:
+        a Profile of where inside preprocess, predict and postprocess the time went, and the lock wait.
+        """
+        from .profile import Profile, Profiler
+
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise TrussLabError(f"n must be a positive integer, got {n!r}")
+        inputs = [model_input] if model_input is not None else list(self.examples.values())
+        if not inputs:
+            raise TrussLabError(f"{self.bundle.examples_path}: no input given and no examples to profile")
+        try:
+            import pyinstrument  # noqa: F401
+        except ImportError:
+            raise TrussLabError("profile() needs pyinstrument: pip install pyinstrument") from None
+        profiler = Profiler(interval)
+        traces = [self.run(inputs[i % len(inputs)], profiler=profiler).trace for i in range(n)]
+        return Profile(self.name, self.roots, profiler.sessions, traces, interval)
 
     def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None):
         """Serve this model over HTTP with the Truss server's routes, from a background thread.

@@ -197,10 +197,13 @@ class Runner:
         postprocess and no predict lock; a returned stream is joined. Raises on a model error."""
         return self.run(body, request=request, method=method).raise_for_error()
 
-    def run(self, model_input: Any, *, request: Any = None, method: str = "predict") -> Result:
-        """Run one request; a model error is returned in `Result.error`, not raised."""
+    def run(self, model_input: Any, *, request: Any = None, method: str = "predict", profiler: Any = None) -> Result:
+        """Run one request; a model error is returned in `Result.error`, not raised. `profiler`: a
+        profile.Profiler that samples each stage of this request (`tr.profile` makes one)."""
         s = self._serving
         t = self._new_trace(s, method)
+        if profiler is not None:
+            t.profiler = profiler
         output = error = None
         try:
             output = self._consume(self._open(s, t, model_input, request, method, drain=True))
@@ -280,7 +283,7 @@ class Runner:
             with self._slot(s, t, method) as watch:
                 token = lockguard.enter(watch) if watch is not None else None
                 try:
-                    y = self._call(s, method, x, req, watch)
+                    y = self._call(s, method, x, req, watch, t)
                 finally:
                     if token is not None:
                         lockguard.leave(token)
@@ -358,7 +361,7 @@ class Runner:
             return x
         t.pre_start = perf_counter()
         try:
-            return self._call(s, "preprocess", x, req)
+            return self._call(s, "preprocess", x, req, None, t)
         finally:
             t.pre_end = perf_counter()
 
@@ -367,7 +370,7 @@ class Runner:
             return x
         t.post_start = perf_counter()
         try:
-            return self._call(s, "postprocess", x, req)
+            return self._call(s, "postprocess", x, req, None, t)
         finally:
             t.post_end = perf_counter()
 
@@ -458,8 +461,16 @@ class Runner:
             if t.lock_acquired is not None:
                 t.lock_released = perf_counter()
 
-    def _call(self, s: Serving, name: str, x: Any, req: Callable[[], Any], watch: lockguard.Watch | None = None) -> Any:
-        y = s.call(name, x, req)
+    def _call(self, s: Serving, name: str, x: Any, req: Callable[[], Any], watch: lockguard.Watch | None = None,
+              t: Trace | None = None) -> Any:
+        prof = t.profiler if t is not None else None
+        if prof is None:
+            y = s.call(name, x, req)
+        else:  # a profiled request (profile.py): this stage's samples, where it runs
+            stage = name if name in STAGES else "predict"
+            y = prof.call(lambda: s.call(name, x, req), stage, t.request_id)
+            if inspect.isawaitable(y):
+                y = prof.wrap(y, stage, t.request_id)
         if inspect.isawaitable(y):
             y = self._loop.run(y if watch is None else lockguard.within(watch, y))
         return y

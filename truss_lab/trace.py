@@ -52,6 +52,7 @@ class Trace:
     predict_cpu_wait_ms: float | None = None  # predict's thread runnable but not running (other work had the CPUs)
     gpu_in_use: bool = False  # torch/TensorFlow had a GPU: a CPU-idle predict may be waiting for it
     cpu_measurable: bool = field(default=True, repr=False, compare=False)  # predict ran in this thread, not streamed
+    profiler: Any = field(default=None, repr=False, compare=False)  # profile.Profiler when this request is profiled
 
     @property
     def ok(self) -> bool:
@@ -182,6 +183,21 @@ class Report:
     compute_bound: float = math.nan  # lock_size / mean predict *compute* seconds: the bound if predict only computed
     idle_measured: int = 0  # requests whose predict compute/idle split was measured
     gpu_in_use: bool = False  # a GPU was in use: idle may be waiting for the GPU
+    reloads: list[Any] = field(default_factory=list, repr=False)  # ReloadEvents in its time (instant events in exports)
+
+    def to_chrome_trace(self, path: Any = None, profile: Any = None) -> dict:
+        """Chrome trace-event JSON (Perfetto, chrome://tracing): a track per worker, a span per stage,
+        the lock wait and hold, reloads, and a Profile's samples nested in their stage (export.py)."""
+        from .export import chrome_trace
+
+        return chrome_trace(self, path, profile or getattr(self, "profile", None))
+
+    def to_otel(self, path: Any = None, exporter: Any = None) -> int:
+        """The requests as OpenTelemetry spans named as the Truss server names them, written as its
+        NDJSON (`OTEL_TRACING_NDJSON_FILE`) or to any SDK exporter (export.py)."""
+        from .export import otel
+
+        return otel(self, path, exporter)
 
     @property
     def idle_label(self) -> str:
@@ -319,6 +335,7 @@ class BenchReport(Report):
 
     concurrency: int = 1
     label: str = ""
+    profile: Any = None  # a profile.Profile over all its requests: bench(..., profile=True)
 
     def table(self) -> str:
         head = f"bench {self.label + ' ' if self.label else ''}with {self.concurrency} workers"

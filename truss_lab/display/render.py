@@ -38,7 +38,33 @@ def to_html(value: Any) -> str:
 
     if isinstance(value, ExamplesDiff):
         return examples_diff_html(value)
+    from ..profile import Profile
+
+    if isinstance(value, Profile):
+        return profile_html(value)
     return f"<pre>{esc(repr(value))}</pre>"
+
+
+def profile_html(profile, n: int = 8) -> str:
+    """Per stage: its time per request, then the heaviest functions as bars of their share (every name escaped)."""
+    from .style import STAGE_COLOURS
+
+    parts = [f"<div class='tl-muted'>{esc(profile.text().splitlines()[0])}</div>"]
+    for stage in ("preprocess", "lock_wait", "predict", "postprocess"):
+        if stage != "lock_wait" and not profile.sessions.get(stage):
+            continue
+        per = profile.stage_seconds(stage) * 1000 / max(1, profile.count)
+        colour = STAGE_COLOURS.get(stage, "#999")
+        rows = "".join(
+            f"<tr><td class='k'>{esc(h.function)}</td><td style='text-align:left;color:#666'>{esc(h.location)}"
+            f"{' <i>(library)</i>' if h.library else ''}</td>"
+            f"<td style='text-align:left;width:200px'><div style='background:{colour};height:10px;width:{100 * min(1.0, h.share):.1f}%'></div></td>"
+            f"<td>{h.share:.1%}</td><td>{h.seconds * 1000 / max(1, profile.count):.2f} ms</td></tr>"
+            for h in profile.hotspots(stage, n)
+        )
+        parts.append(f"<div style='margin-top:6px'><b>{esc(stage.replace('_', ' '))}</b> {per:.2f} ms/request</div><table>{rows}</table>")
+    body = "".join(parts)
+    return f'<div class="truss-lab truss-lab-profile">{STYLE}{body}</div>'
 
 
 STATUS_COLOURS = {"unchanged": "#666", "changed": "#ef6c00", "now failing": "#c62828", "fixed": "#2e7d32",

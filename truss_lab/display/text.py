@@ -210,6 +210,10 @@ def plain(value: Any) -> str:
 
     if isinstance(value, ExamplesDiff):
         return str(value)
+    from ..profile import Profile
+
+    if isinstance(value, Profile):
+        return value.text()
     return repr(value)
 
 

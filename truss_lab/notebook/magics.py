@@ -71,6 +71,11 @@ def build_parser() -> _Parser:
     p.add_argument("--as", dest="var", metavar="VAR", help="also bind the report to VAR (for %%truss compare)")
     p.add_argument("--model", metavar="VAR")
     p.add_argument("expr", nargs=argparse.REMAINDER, help="input (default: cycle over examples.yaml)")
+    p = sub.add_parser("profile", help="profile N requests per stage: where inside each stage the time goes")
+    p.add_argument("-n", type=int, default=1, help="requests (default 1)")
+    p.add_argument("--model", metavar="VAR")
+    p.add_argument("--as", dest="var", metavar="VAR", help="also bind the Profile to VAR")
+    p.add_argument("expr", nargs=argparse.REMAINDER, help="input (default: the examples in turn)")
     p = sub.add_parser("timeline", help="the lock timeline of the last bench (or the last N traces)")
     p.add_argument("--model", metavar="VAR")
     p.add_argument("--last", type=int, metavar="N", help="the model's last N traces instead of the last bench")
@@ -344,6 +349,16 @@ class TrussMagics(Magics):
         if args.var:
             self.shell.user_ns[args.var] = report
         display(report)
+
+    def cmd_profile(self, args, cell):
+        live = self.model(args.model)
+        model_input = self.evaluate(args.expr_text, live) if args.expr_text else None
+        if args.n < 1:
+            raise UsageError(f"%truss profile -n {args.n}: N must be 1 or more")
+        profile = live.profile(model_input, n=args.n)
+        if args.var:
+            self.shell.user_ns[args.var] = profile
+        display(profile)
 
     def cmd_timeline(self, args, cell):
         from ..display.plots import timeline

@@ -1,0 +1,152 @@
+"""Issue 25: per-stage profiles (pyinstrument) and traces out (Chrome trace JSON, OpenTelemetry)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import truss_lab
+from conftest import ROOT, write_truss
+
+pytest.importorskip("pyinstrument")
+
+MODEL = """
+import asyncio
+import json
+
+
+def decode(x):  # preprocess's hot spot
+    s = 0
+    for i in range(300_000):
+        s += i % 7
+    return s
+
+
+def crunch(x):  # predict's
+    return sum(i * i for i in range(400_000))
+
+
+def render(y):  # postprocess's: library code called from here is folded (json.dumps)
+    return json.dumps([str(i) for i in range(50_000)])[:5]
+
+
+class Model:
+    def preprocess(self, x):
+        return decode(x)
+
+    def predict(self, x):
+        return crunch(x)
+
+    async def postprocess(self, y):  # an async stage: profiled on the model's event loop
+        await asyncio.sleep(0)
+        return render(y)
+"""
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    root = write_truss(tmp_path_factory.mktemp("prof") / "hot", MODEL)
+    with truss_lab.load(root) as tr:
+        yield tr, tr.profile(1, n=3)
+
+
+def test_each_stage_has_its_known_function_on_top(profiled):
+    _, profile = profiled
+    assert profile.count == 3
+    top = {stage: profile.hotspots(stage, 1)[0] for stage in ("preprocess", "predict", "postprocess")}
+    assert top["preprocess"].function == "decode" and top["preprocess"].share > 0.8, profile.text()
+    assert top["predict"].function in ("crunch", "<genexpr>") and top["predict"].location.startswith("hot/model/model.py:")
+    crunch = sum(h.share for h in profile.hotspots("predict", 5) if h.function in ("crunch", "<genexpr>"))
+    assert crunch > 0.8, profile.text()
+    assert top["postprocess"].location.startswith("hot/model/model.py:") and not top["postprocess"].library
+    post = profile.hotspots("postprocess", 5)
+    assert any(h.library and h.function == "dumps" for h in post), post  # json.dumps: one folded entry
+    assert sum(h.share for h in post) > 0.8  # the async stage was sampled where it ran
+
+
+def test_the_lock_wait_is_its_own_entry_and_expand_shows_library_frames(profiled):
+    _, profile = profiled
+    (wait,) = profile.hotspots("lock_wait")
+    assert wait.function == "waiting for the predict lock" and "not sampled" in wait.location
+    expanded = profile.hotspots("postprocess", 20, expand=True)
+    assert any(h.library and h.function != "dumps" for h in expanded)  # dumps' callees are shown too
+    assert "decode" in profile.tree("preprocess") and "decode" in profile.text()
+
+
+def test_a_profile_renders_escaped_html(profiled):
+    from truss_lab.display import render
+
+    _, profile = profiled
+    bundle = render.bundle(profile)
+    assert bundle["text/plain"].startswith("profile of hot: 3 requests")
+    assert "&lt;genexpr&gt;" in bundle["text/html"] or "&lt;listcomp&gt;" in bundle["text/html"]
+    assert "<genexpr>" not in bundle["text/html"] and "<listcomp>" not in bundle["text/html"]
+
+
+def test_bench_profile_covers_all_its_requests(profiled):
+    tr, _ = profiled
+    report = tr.bench([1], n=4, concurrency=2, progress=False, profile=True)
+    assert report.profile.count == 4 and len(report.profile.sessions["predict"]) == 4
+    assert report.profile.hotspots("preprocess", 1)[0].function == "decode"
+
+
+def test_exported_traces_hold_every_stage_of_every_request(profiled, tmp_path):
+    tr, profile = profiled
+    from truss_lab.trace import Report
+
+    report = Report.from_traces(profile.traces, tr.concurrency)  # the profiled requests
+    data = report.to_chrome_trace(tmp_path / "trace.json", profile=profile)
+    assert json.loads((tmp_path / "trace.json").read_text()) == data
+    events = data["traceEvents"]
+    for t in report.traces:
+        stages = {e["name"]: e for e in events if e.get("cat") == "stage" and e["args"]["request"] == t.request_id}
+        assert set(stages) == {"preprocess", "lock wait", "lock held", "predict", "postprocess"}
+        request = next(e for e in events if e.get("cat") == "request" and e["args"]["request"] == t.request_id)
+        ordered = [stages[n] for n in ("preprocess", "lock wait", "predict", "postprocess")]
+        for a, b in zip(ordered, ordered[1:]):
+            assert a["ts"] <= b["ts"] + 1e-3  # in order
+        for e in stages.values():  # inside their request, with durations as the trace measured
+            assert request["ts"] - 1e-3 <= e["ts"] and e["ts"] + e["dur"] <= request["ts"] + request["dur"] + 1e-3
+        assert abs(stages["predict"]["dur"] / 1000 - t.predict_ms) < 1e-6
+        samples = [e for e in events if e.get("cat") == "sample" and e["tid"] == request["tid"]
+                   and stages["preprocess"]["ts"] - 1e-3 <= e["ts"] <= stages["preprocess"]["ts"] + stages["preprocess"]["dur"] + 1e-3]
+        assert any(e["name"] == "decode" for e in samples)  # the profile's samples nested in their stage
+    assert any(e["ph"] == "M" and e["name"] == "thread_name" for e in events)
+
+
+def test_reloads_are_instant_events(tmp_path):
+    root = write_truss(tmp_path / "rl", "class Model:\n    def predict(self, x):\n        return x\n")
+    with truss_lab.load(root) as tr:
+        tr.predict(1)
+        (root / "model" / "model.py").write_text("class Model:\n    def predict(self, x):\n        return x + 1\n")
+        assert tr.reload().kind == "methods"
+        tr.predict(1)
+        events = tr.report().to_chrome_trace()["traceEvents"]
+        assert [e["name"] for e in events if e["ph"] == "i"] == ["reload: methods"]
+
+
+def test_to_otel_writes_the_truss_servers_spans(profiled, tmp_path):
+    tr, _ = profiled
+    report = tr.report(last=2)
+    assert report.to_otel(tmp_path / "spans.ndjson") == 8
+    spans = [json.loads(line) for line in (tmp_path / "spans.ndjson").read_text().splitlines()]
+    roots = {s["context"]["span_id"]: s for s in spans if s["name"] == "predict-endpoint"}
+    assert len(roots) == 2
+    for s in spans:
+        if s["name"] != "predict-endpoint":
+            assert s["parent_id"] in roots and s["name"] in ("call-pre", "call-predict", "call-post")
+            section = {"call-pre": "preprocess", "call-predict": "predict", "call-post": "postprocess"}[s["name"]]
+            assert [e["name"] for e in s["events"]] == [f"start: {section}", f"done: {section}"]
+            assert s["events"][1]["attributes"]["duration_sec"] >= 0
+
+
+def test_truss_lab_profile_on_the_command_line(tmp_path):
+    root = write_truss(tmp_path / "cli", MODEL, examples=[{"name": "one", "input": 1}])
+    out = subprocess.run([sys.executable, "-m", "truss_lab.cli", "profile", str(root), "--example", "one", "-n", "2",
+                          "--chrome-trace", str(tmp_path / "t.json")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("profile of cli: 2 requests") and "decode" in out.stdout
+    assert json.loads((tmp_path / "t.json").read_text())["traceEvents"]

@@ -1,0 +1,178 @@
+"""Traces out to the field's viewers: Chrome trace-event JSON (Perfetto, chrome://tracing, speedscope)
+and OpenTelemetry spans named as the Truss server names them (`predict-endpoint`, `call-pre`,
+`call-predict`, `call-post`), in the NDJSON its `OTEL_TRACING_NDJSON_FILE` exporter writes.
+
+    report = tr.report()
+    report.to_chrome_trace("trace.json")            # open in https://ui.perfetto.dev
+    report.to_chrome_trace("trace.json", profile=p) # with a Profile's call trees nested in their stages
+    report.to_otel("spans.ndjson")                  # or to_otel(exporter=...) for any SDK exporter
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+_STAGES = (  # (trace start attribute, end attribute, Chrome event name, Truss span name, Truss section)
+    ("pre_start", "pre_end", "preprocess", "call-pre", "preprocess"),
+    ("lock_requested", "lock_acquired", "lock wait", None, None),
+    ("lock_acquired", "lock_released", "lock held", None, None),
+    ("predict_start", "predict_end", "predict", "call-predict", "predict"),
+    ("post_start", "post_end", "postprocess", "call-post", "postprocess"),
+)
+
+
+def _epoch_offset() -> float:
+    """Wall-clock seconds minus perf_counter seconds: traces keep perf_counter times."""
+    return time.time() - time.perf_counter()
+
+
+def chrome_trace(report: Any, path: str | os.PathLike | None = None, profile: Any = None) -> dict:
+    """The report's requests as Chrome trace events: a track per worker thread, a span per stage (the
+    lock wait and the lock hold as their own), reloads as instant events, and - with a Profile - each
+    profiled stage's call tree nested in that request's stage. Written to `path` if given."""
+    events: list[dict] = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": f"truss_lab: {report_name(report)}"}}]
+    tids: dict[str, int] = {}
+    sessions = _sessions_by_request(profile)
+    for t in report.traces:
+        tid = tids.setdefault(t.thread, len(tids) + 1)
+        args = {"request": t.request_id, "version": t.version, **({"error": t.error} if t.error else {})}
+        events.append(_span("request", t.start, t.end, tid, {**args, "method": t.method}, "request"))
+        for start, end, name, _, section in _STAGES:
+            a, b = getattr(t, start), getattr(t, end)
+            if a is None or b is None:
+                continue
+            events.append(_span(name, a, b, tid, args, "stage"))
+            stage = section if section != "predict" else "predict"
+            for session in sessions.get((t.request_id, stage), []):
+                events.extend(_samples(session, a, b, tid, profile))
+    for name, tid in tids.items():
+        events.append({"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": name}})
+    offset = _epoch_offset()
+    for event in getattr(report, "reloads", None) or []:
+        events.append({"ph": "i", "s": "g", "pid": 1, "tid": 0, "name": f"reload: {event.kind}",
+                       "ts": (event.when - offset) * 1e6, "args": {"version": event.version, "summary": event.summary()}})
+    out = {"traceEvents": events, "displayTimeUnit": "ms"}
+    if path is not None:
+        Path(path).write_text(json.dumps(out))
+    return out
+
+
+def report_name(report: Any) -> str:
+    return getattr(report, "label", "") or "model"
+
+
+def _span(name: str, start: float, end: float, tid: int, args: dict, cat: str) -> dict:
+    return {"ph": "X", "pid": 1, "tid": tid, "name": name, "cat": cat, "ts": start * 1e6, "dur": max(0.0, end - start) * 1e6, "args": args}
+
+
+def _sessions_by_request(profile: Any) -> dict[tuple[int, str], list]:
+    out: dict[tuple[int, str], list] = {}
+    if profile is None:
+        return out
+    for stage, items in profile.sessions.items():
+        for request_id, session in items:
+            out.setdefault((request_id, stage), []).append(session)
+    return out
+
+
+def _samples(session: Any, start: float, end: float, tid: int, profile: Any) -> list[dict]:
+    """A session's call tree from the truss's code down as nested spans, laid out from the stage's
+    start in call order, each as long as its sampled time (a flame chart inside the stage)."""
+    events: list[dict] = []
+    scale = (end - start) / session.duration if session.duration else 1.0
+
+    def lay(frame, at: float) -> None:
+        if frame.is_synthetic:
+            return
+        dur = frame.time * scale
+        events.append({"ph": "X", "pid": 1, "tid": tid, "name": frame.function, "cat": "sample",
+                       "ts": at * 1e6, "dur": dur * 1e6, "args": {"location": profile._where(frame)}})
+        if profile._mine(frame):
+            child_at = at
+            for child in frame.children:
+                lay(child, child_at)
+                child_at += child.time * scale
+
+    at = start
+    for frame in profile._starts(profile._root(session)):
+        lay(frame, at)
+        at += frame.time * scale
+    return events
+
+
+# ---------------------------------------------------------------------------------------- OpenTelemetry
+
+
+class NdjsonExporter:
+    """The Truss server's JSONFileExporter: one span per line, as `span.to_json()` gives it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self._file = Path(path).open("a")
+
+    def export(self, spans):
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        for span in spans:
+            self._file.write(json.dumps(json.loads(span.to_json())) + "\n")
+        self._file.flush()
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self._file.close()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        self._file.flush()
+        return True
+
+
+def otel(report: Any, path: str | os.PathLike | None = None, exporter: Any = None, service_name: str = "truss-lab") -> int:
+    """The report's requests as OpenTelemetry spans through the SDK, shaped as the Truss server's: a
+    `predict-endpoint` span per request with `call-pre`, `call-predict` and `call-post` children, each
+    with its `start: <stage>` / `done: <stage>` events and `duration_sec` (call-predict starts when the
+    lock is requested, its `start: predict` event when the lock is held, as on Truss). Written to
+    `path` as the server's NDJSON, or handed to `exporter` (any SpanExporter). Returns the span count."""
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    if exporter is None:
+        if path is None:
+            raise ValueError("to_otel() needs a path or an exporter")
+        exporter = NdjsonExporter(path)
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("truss_lab")
+    offset = _epoch_offset()
+
+    def ns(t: float) -> int:
+        return int((t + offset) * 1e9)
+
+    count = 0
+    for t in report.traces:
+        if t.end is None:
+            continue
+        root = tracer.start_span("predict-endpoint", start_time=ns(t.start))
+        ctx = otel_trace.set_span_in_context(root)
+        root.add_event("start: model-call", timestamp=ns(t.start))
+        for start, end, _, span_name, section in _STAGES:
+            if span_name is None:
+                continue
+            begin = t.lock_requested if span_name == "call-predict" and t.lock_requested is not None else getattr(t, start)
+            a, b = getattr(t, start), getattr(t, end)
+            if a is None or b is None or begin is None:
+                continue
+            span = tracer.start_span(span_name, context=ctx, start_time=ns(begin))
+            span.add_event(f"start: {section}", timestamp=ns(a))
+            span.add_event(f"done: {section}", attributes={"duration_sec": b - a}, timestamp=ns(b))
+            span.end(end_time=ns(b))
+            count += 1
+        root.add_event("done: model-call", attributes={"duration_sec": t.end - t.start}, timestamp=ns(t.end))
+        root.end(end_time=ns(t.end))
+        count += 1
+    provider.shutdown()
+    return count

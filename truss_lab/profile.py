@@ -1,0 +1,244 @@
+"""Where inside each stage the time goes: pyinstrument, per serving stage, next to the lock.
+
+`tr.profile(x, n=1)` sends `n` requests through the normal runner (the same lock, traces and guard)
+with a sampling profiler around each stage call, in the thread that runs it (an async stage is
+profiled inside the model's event loop, awaits included). The lock wait is its own entry, measured
+by the trace rather than sampled. A `Profile` holds, per stage, the pyinstrument sessions of every
+request, and answers:
+
+    profile.hotspots("preprocess", n=5)  # [Hotspot(function, location, seconds, share), ...]
+    profile.tree("predict")              # the folded call tree, as text
+
+The truss's own code is expanded; library code is folded at the call from the truss's code (a
+`tf.image.resize` is one entry with all of its time); `expand=True` expands everything. pyinstrument
+is imported only when a profile is taken.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = ("preprocess", "predict", "postprocess")
+INTERVAL_S = 0.001  # pyinstrument's sampling interval
+WRAPPERS = frozenset({  # decorator frames a library call is named through (to the function they wrap)
+    "error_handler", "op_dispatch_handler", "dispatch_target", "wrapper", "wrapped", "inner", "_wrapper",
+    "decorated", "new_func", "_f", "func_wrapper", "wrapper_function", "_call_wrapped", "decorator",
+})
+
+
+@dataclass(frozen=True)
+class Hotspot:
+    """One function's time within a stage (its own time; a folded library call's whole time)."""
+
+    function: str
+    location: str  # file:line, relative to the truss's parent folder for the truss's own code
+    seconds: float
+    share: float  # of that stage's time
+    library: bool = False  # a folded library call (its callees included)
+
+    def line(self, requests: int = 1) -> str:
+        folded = " (library, folded)" if self.library else ""
+        return f"{self.share:6.1%}  {self.seconds * 1000 / max(1, requests):8.2f} ms/request  {self.function}  {self.location}{folded}"
+
+    def __str__(self) -> str:
+        return self.line()
+
+
+class Profiler:
+    """What the runner calls when a request is profiled: a pyinstrument profiler around each stage."""
+
+    def __init__(self, interval: float = INTERVAL_S):
+        self.interval = interval
+        self.sessions: dict[str, list[tuple[int, Any]]] = {s: [] for s in STAGES}  # stage -> [(request id, session)]
+        self._lock = threading.Lock()
+
+    def _add(self, stage: str, request_id: int, session: Any) -> None:
+        if session is not None:
+            with self._lock:
+                self.sessions[stage].append((request_id, session))
+
+    def call(self, run, stage: str, request_id: int) -> Any:
+        """`run()` (a stage call) profiled in this thread; an awaitable it returns is profiled where it
+        is awaited (`wrap`)."""
+        from pyinstrument import Profiler as Pyinstrument
+
+        p = Pyinstrument(interval=self.interval, async_mode="disabled")
+        p.start()
+        try:
+            return run()
+        finally:
+            p.stop()
+            self._add(stage, request_id, p.last_session)
+
+    def wrap(self, awaitable: Any, stage: str, request_id: int) -> Any:
+        """A coroutine that profiles `awaitable` inside the event loop that runs it."""
+
+        async def profiled():
+            from pyinstrument import Profiler as Pyinstrument
+
+            p = Pyinstrument(interval=self.interval, async_mode="enabled")
+            p.start()
+            try:
+                return await awaitable
+            finally:
+                p.stop()
+                self._add(stage, request_id, p.last_session)
+
+        return profiled()
+
+
+@dataclass
+class Profile:
+    """Per stage, where the time of `n` requests went (see the module docstring)."""
+
+    model_name: str
+    roots: list[Path]  # the truss's own code lives here (expanded; everything else folds)
+    sessions: dict[str, list[tuple[int, Any]]]
+    traces: list[Any] = field(default_factory=list)
+    interval: float = INTERVAL_S
+
+    @property
+    def count(self) -> int:
+        return len(self.traces)
+
+    def stage_seconds(self, stage: str) -> float:
+        """The stage's time over all profiled requests (the lock wait: measured, not sampled)."""
+        if stage == "lock_wait":
+            return sum(t.lock_wait_ms for t in self.traces) / 1000.0
+        return sum(s.duration for _, s in self.sessions.get(stage, []))
+
+    def _combined(self, stage: str):
+        from pyinstrument.session import Session
+
+        found = [s for _, s in self.sessions.get(stage, [])]
+        if not found:
+            return None
+        out = found[0]
+        for s in found[1:]:
+            out = Session.combine(out, s)
+        return out
+
+    def _root(self, session):
+        """The session's call tree with repeated calls of one function from one place merged (a
+        generator resumed 300 times is one entry), as pyinstrument's own renderers show it."""
+        from pyinstrument import processors
+
+        frame = session.root_frame(trim_stem=False)
+        for process in (processors.remove_importlib, processors.aggregate_repeated_calls, processors.merge_consecutive_self_time):
+            frame = process(frame, options={})
+        return frame
+
+    def hotspots(self, stage: str, n: int = 5, expand: bool = False) -> list[Hotspot]:
+        """The heaviest functions of `stage`, heaviest first: the truss's own functions by their own
+        time, a library call made from the truss's code by its whole time (`expand=True`: every
+        function by its own time)."""
+        if stage == "lock_wait":
+            seconds = self.stage_seconds("lock_wait")  # listed however short: what shows never depends on speed
+            return [Hotspot("waiting for the predict lock", "(measured by the trace, not sampled)", seconds, 1.0)] if self.count else []
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)} or lock_wait, got {stage!r}")
+        session = self._combined(stage)
+        if session is None:
+            return []
+        total = session.duration or 1e-12
+        found: dict[tuple[str, str, bool], float] = {}
+        for start in self._starts(self._root(session)):
+            self._visit(start, found, expand)
+        spots = [Hotspot(fn, loc, secs, secs / total, lib) for (fn, loc, lib), secs in found.items() if secs > 0]
+        spots.sort(key=lambda h: -h.seconds)
+        return spots[:n]
+
+    def _mine(self, frame) -> bool:
+        path = frame.file_path or ""
+        return bool(path) and any(path.startswith(str(r) + "/") for r in self.roots)
+
+    def _starts(self, root) -> list:
+        """The outermost frames of the truss's own code (the stage method), under truss_lab's frames."""
+        out, stack = [], [root]
+        while stack:
+            f = stack.pop()
+            if f is None:
+                continue
+            if self._mine(f):
+                out.append(f)
+            else:
+                stack.extend(f.children)
+        return out
+
+    def _where(self, frame) -> str:
+        path = Path(frame.file_path or "?")
+        for r in self.roots:
+            if str(path).startswith(str(r) + "/"):
+                return f"{path.relative_to(r.parent)}:{frame.line_no}"
+        return f"{frame.file_path_short}:{frame.line_no}"
+
+    def _visit(self, frame, found: dict, expand: bool) -> None:
+        mine = self._mine(frame)
+        if frame.is_synthetic:
+            return
+        if not mine and not expand:  # folded at the call from the truss's code, with all of its time
+            children = [c for c in frame.children if not c.is_synthetic]
+            if frame.function in WRAPPERS and children:  # a decorator (TF's error_handler, op dispatch):
+                for child in children:  # each function it wrapped is its own entry (tf.image.resize -> resize_images_v2)
+                    self._visit(child, found, expand)
+                own = frame.time - sum(c.time for c in children)
+                if own > 0:
+                    key = (frame.function, self._where(frame), True)
+                    found[key] = found.get(key, 0.0) + own
+                return
+            key = (frame.function, self._where(frame), True)
+            found[key] = found.get(key, 0.0) + frame.time
+            return
+        key = (frame.function, self._where(frame), not mine)
+        own = sum(c.time for c in frame.children if c.is_synthetic)
+        found[key] = found.get(key, 0.0) + own
+        for child in frame.children:
+            if not child.is_synthetic:
+                self._visit(child, found, expand)
+
+    def tree(self, stage: str, depth: int = 8, expand: bool = False) -> str:
+        """The stage's call tree from the truss's own code down, library calls folded, as text."""
+        session = self._combined(stage)
+        if session is None:
+            return f"{stage}: not profiled"
+        total = session.duration or 1e-12
+        lines = [f"{stage}: {total * 1000 / max(1, len(self.sessions[stage])):.1f} ms/request"]
+
+        def walk(f, level: int) -> None:
+            if f.is_synthetic or level > depth:
+                return
+            lines.append(f"{'  ' * level}{f.time / total:5.1%}  {f.function}  {self._where(f)}")
+            if self._mine(f) or expand:
+                for c in sorted(f.children, key=lambda c: -c.time):
+                    walk(c, level + 1)
+
+        for start in self._starts(self._root(session)):
+            walk(start, 1)
+        return "\n".join(lines)
+
+    def text(self, n: int = 5) -> str:
+        lines = [f"profile of {self.model_name}: {self.count} request{'s' if self.count != 1 else ''}, "
+                 f"sampled every {self.interval * 1000:g} ms"]
+        for stage in ("preprocess", "lock_wait", "predict", "postprocess"):
+            seconds = self.stage_seconds(stage)
+            if stage != "lock_wait" and not self.sessions.get(stage):
+                continue
+            per = seconds * 1000 / max(1, self.count)
+            lines.append(f"{stage.replace('_', ' ')}  {per:.2f} ms/request")
+            lines.extend(f"  {h.line(self.count)}" for h in self.hotspots(stage, n))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.text()
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        from .display import render
+
+        return render.bundle(self)
+
+    def merged(self, other: "Profile") -> "Profile":
+        sessions = {s: self.sessions.get(s, []) + other.sessions.get(s, []) for s in STAGES}
+        return Profile(self.model_name, self.roots, sessions, self.traces + other.traces, self.interval)

@@ -149,7 +149,7 @@ def test_no_import_cycle_among_truss_lab_modules():
 
 def test_the_import_reader_sees_function_level_imports():
     """The checks above would pass vacuously if imports inside functions were missed."""
-    assert ("truss_lab.serving.http", "serve") in imports("truss_lab.live")
+    assert ("truss_lab.serving.server", "serve") in imports("truss_lab.live")
     assert any(t == "truss_lab.notebook.magics" for t, _ in imports("truss_lab"))
     assert not any(t.startswith("truss_lab.display") for t, _ in imports("truss_lab.trace"))  # hooks only
 

@@ -125,7 +125,7 @@ def cmd_serve(args) -> int:
                       stage_replicas=args.stage_replicas, num_gpus=args.gpus, max_body=max_body)
         return EXIT_OK
     try:
-        from .serving.http import serve_path
+        from .serving.server import serve_path
     except ImportError as exc:
         print(f"truss-lab serve needs FastAPI and uvicorn: pip install 'truss_lab[serve]' ({exc})", file=sys.stderr)
         return EXIT_USAGE

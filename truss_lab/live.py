@@ -367,7 +367,7 @@ class LiveModel(Runner):
         if not inputs:
             raise TrussLabError(f"{self.bundle.examples_path}: no input given and no examples to profile")
         try:
-            import pyinstrument  # noqa: F401
+            import pyinstrument  # noqa: F401  (a one-line error here, not deep in a stage)
         except ImportError:
             raise TrussLabError("profile() needs pyinstrument: pip install pyinstrument") from None
         profiler = Profiler(interval)
@@ -381,7 +381,7 @@ class LiveModel(Runner):
         hot reload as in the notebook. Needs the `serve` extra (FastAPI, uvicorn).
         """
         try:
-            from .serving.http import DEFAULT_MAX_BODY, serve
+            from .serving.server import DEFAULT_MAX_BODY, serve
         except ImportError as exc:
             raise TrussLabError(f"serve() needs FastAPI and uvicorn: pip install 'truss_lab[serve]' ({exc})") from None
         server = serve(self, host, port, DEFAULT_MAX_BODY if max_body is None else max_body)

@@ -285,7 +285,8 @@ def test_missing_extras_are_one_line_errors(live, monkeypatch, capsys):
             raise ImportError(f"No module named {name!r}")
         return real_import(name, *args, **kwargs)
 
-    for module in [m for m in sys.modules if m in ("truss_lab.serving.http", "truss_lab.serving.ray_serve", "truss_lab.ray_serve")]:
+    for module in [m for m in sys.modules if m in ("truss_lab.serving.http", "truss_lab.serving.routes", "truss_lab.serving.server",
+                                                   "truss_lab.serving.ray_serve", "truss_lab.ray_serve")]:
         monkeypatch.delitem(sys.modules, module)
     monkeypatch.setattr(builtins, "__import__", no_web)
     with pytest.raises(truss_lab.TrussLabError, match=r"serve\(\) needs FastAPI and uvicorn: pip install 'truss_lab\[serve\]'"):

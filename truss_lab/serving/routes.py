@@ -19,7 +19,9 @@ import threading
 import weakref
 from typing import Any
 
-from fastapi import Request, WebSocket
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -30,6 +32,19 @@ PREDICT_ROUTES = ("/v1/models/{model_name}:predict", "/v1/models/{model_name}:pr
 READY_ROUTES = ("/v1/models/{model_name}", "/v1/models/{model_name}/loaded")
 SCHEMA_ROUTE = "/v1/models/{model_name}/schema"
 WEBSOCKET_ROUTE = "/v1/websocket"
+
+
+def create_app(backend, max_body: int, on_startup=None):
+    """The FastAPI app for `backend`, with every route of the Truss server (routes.py: one table)."""
+    @asynccontextmanager
+    async def lifespan(app):
+        if on_startup is not None:
+            on_startup()
+        yield
+
+    app = FastAPI(title=f"truss_lab: {backend.name}", lifespan=lifespan, docs_url=None, redoc_url=None)
+    add_routes(app, backend, max_body)
+    return app
 
 
 def add_routes(app, backend, max_body: int) -> None:

@@ -150,3 +150,19 @@ def test_truss_lab_profile_on_the_command_line(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("profile of cli: 2 requests") and "decode" in out.stdout
     assert json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+
+
+def test_ops_lists_tensorflows_heaviest_ops_in_predict(tmp_path):
+    pytest.importorskip("tensorflow")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = truss_lab.load(ROOT / "examples" / "digits")
+    with tr:
+        profile = tr.profile(tr.example("three"), n=2, ops=True, logdir=str(tmp_path / "tb"))
+    names = [o.op for o in profile.ops.ops]
+    assert "Conv2D" in names[:3], profile.ops.text()  # the digits convnet's heaviest op
+    assert "DecodePng" not in names and "DecodeImage" not in names  # preprocess's ops are not predict's
+    assert list((tmp_path / "tb").rglob("*.xplane.pb"))  # TensorBoard's own trace
+    assert "TensorFlow ops in predict" in profile.text()

@@ -7,6 +7,8 @@ A `Runner` (runner.py: stages, lock, traces) plus what a developer needs around 
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -354,10 +356,14 @@ class LiveModel(Runner):
             report.reloads = [e for e in self.reload_history if e.when >= t0]
         return report
 
-    def profile(self, model_input: Any = None, n: int = 1, *, interval: float = 0.001) -> "Profile":
+    def profile(self, model_input: Any = None, n: int = 1, *, interval: float = 0.001, ops: bool = False,
+                logdir: str | None = None) -> "Profile":
         """Run `n` requests of `model_input` (default: each example in turn) through the normal runner
         - the same lock, traces and guard - with a sampling profiler (pyinstrument) on every stage:
         a Profile of where inside preprocess, predict and postprocess the time went, and the lock wait.
+
+        `ops=True`: also run them under TensorFlow's own profiler and list the heaviest ops predict
+        ran (`profile.ops`; kernels on a GPU), its trace written to `logdir` for TensorBoard.
         """
         from .profile import Profile, Profiler
 
@@ -371,8 +377,19 @@ class LiveModel(Runner):
         except ImportError:
             raise TrussLabError("profile() needs pyinstrument: pip install pyinstrument") from None
         profiler = Profiler(interval)
-        traces = [self.run(inputs[i % len(inputs)], profiler=profiler).trace for i in range(n)]
-        return Profile(self.name, self.roots, profiler.sessions, traces, interval)
+        framework = None
+        if ops:
+            if "tensorflow" not in sys.modules:
+                raise TrussLabError(f"{self.name}: profile(ops=True) profiles TensorFlow ops, and this model has not imported TensorFlow")
+            from .profile import TensorFlowOps
+
+            framework = TensorFlowOps(logdir)
+        with framework if framework is not None else contextlib.nullcontext():
+            traces = [self.run(inputs[i % len(inputs)], profiler=profiler).trace for i in range(n)]
+        profile = Profile(self.name, self.roots, profiler.sessions, traces, interval)
+        if framework is not None:
+            profile.ops = framework.ops(traces)
+        return profile
 
     def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None):
         """Serve this model over HTTP with the Truss server's routes, from a background thread.

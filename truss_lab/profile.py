@@ -99,6 +99,7 @@ class Profile:
     sessions: dict[str, list[tuple[int, Any]]]
     traces: list[Any] = field(default_factory=list)
     interval: float = INTERVAL_S
+    ops: "Ops | None" = None  # with profile(ops=True): the framework's heaviest ops in predict
 
     @property
     def count(self) -> int:
@@ -229,6 +230,8 @@ class Profile:
             per = seconds * 1000 / max(1, self.count)
             lines.append(f"{stage.replace('_', ' ')}  {per:.2f} ms/request")
             lines.extend(f"  {h.line(self.count)}" for h in self.hotspots(stage, n))
+        if self.ops is not None:
+            lines.append(self.ops.text(n))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -242,3 +245,99 @@ class Profile:
     def merged(self, other: "Profile") -> "Profile":
         sessions = {s: self.sessions.get(s, []) + other.sessions.get(s, []) for s in STAGES}
         return Profile(self.model_name, self.roots, sessions, self.traces + other.traces, self.interval)
+
+
+# ------------------------------------------------------------------------------ the framework's own profiler
+
+
+@dataclass(frozen=True)
+class OpStat:
+    """One framework op (a kernel, on a GPU) over the profiled predicts."""
+
+    op: str
+    seconds: float
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.seconds * 1000:9.3f} ms  x{self.count:<5} {self.op}"
+
+
+@dataclass
+class Ops:
+    """The heaviest ops predict ran, from TensorFlow's profiler, and its trace for TensorBoard."""
+
+    framework: str
+    logdir: str  # `tensorboard --logdir LOGDIR` (the Profile tab) opens the framework's own trace
+    ops: list[OpStat]
+
+    def text(self, n: int = 10) -> str:
+        lines = [f"{self.framework} ops in predict (trace for TensorBoard: {self.logdir})"]
+        lines += [f"  {o}" for o in self.ops[:n]]
+        return "\n".join(lines)
+
+
+class TensorFlowOps:
+    """TensorFlow's profiler around the profiled requests; the ops that ran inside predict windows."""
+
+    def __init__(self, logdir: str | None = None):
+        import tempfile
+
+        self.logdir = logdir or tempfile.mkdtemp(prefix="truss-lab-tf-profile-")
+
+    def __enter__(self):
+        import time
+
+        import tensorflow as tf
+
+        before = time.perf_counter()
+        tf.profiler.experimental.start(self.logdir)
+        self.t0 = (before + time.perf_counter()) / 2  # the trace's zero (its events are relative to it)
+        return self
+
+    def __exit__(self, *exc):
+        import tensorflow as tf
+
+        tf.profiler.experimental.stop()
+
+    def ops(self, traces: list[Any]) -> Ops:
+        import collections
+        import glob
+
+        from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+        slack = 1e-3  # the trace's zero is known to about this
+        windows = [((t.predict_start - self.t0 - slack) * 1e9, (t.predict_end - self.t0 + slack) * 1e9)
+                   for t in traces if t.predict_start is not None and t.predict_end is not None]
+        totals: collections.Counter = collections.Counter()
+        counts: collections.Counter = collections.Counter()
+        for path in glob.glob(f"{self.logdir}/**/*.xplane.pb", recursive=True):
+            space = xplane_pb2.XSpace()
+            with open(path, "rb") as f:
+                space.ParseFromString(f.read())
+            for plane in space.planes:
+                device = plane.name.startswith("/device:")
+                for line in plane.lines:
+                    for event in line.events:
+                        name = plane.event_metadata[event.metadata_id].name
+                        op = _op_name(name, device)
+                        if op is None:
+                            continue
+                        at = line.timestamp_ns + event.offset_ps / 1000
+                        if windows and not any(a <= at <= b for a, b in windows):
+                            continue
+                        totals[op] += event.duration_ps / 1e12
+                        counts[op] += 1
+        ops = [OpStat(op, seconds, counts[op]) for op, seconds in totals.most_common()]
+        return Ops("TensorFlow", self.logdir, ops)
+
+
+def _op_name(event_name: str, device: bool) -> str | None:
+    """The op an XPlane event is: a kernel on a device plane; `EagerLocalExecute: Conv2D` or a
+    `name:Type` op on the host (the rest is the runtime's own bookkeeping)."""
+    if device:
+        return event_name
+    if event_name.startswith("EagerLocalExecute: "):
+        return event_name.split(": ", 1)[1]
+    if ":" in event_name and "::" not in event_name and " " not in event_name:
+        return event_name.rsplit(":", 1)[1]
+    return None

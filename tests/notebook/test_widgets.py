@@ -239,3 +239,21 @@ def test_the_examples_checkbox_shows_what_a_save_changed(live):
         assert tr.examples_diff is None and p.examples_diff.value == ""
     finally:
         p.close()
+
+
+def test_profile_button_shows_each_stages_hot_spots(panel):
+    pytest.importorskip("pyinstrument")
+    panel.examples.value = "picture"
+    panel.n.value = 2
+    click(panel, panel.profile_button)
+    assert "truss-lab-profile" in panel.output.value and "preprocess" in panel.output.value
+    assert "predict" in panel.output.value and not panel.profile_button.disabled
+
+
+def test_the_dropdown_follows_an_examples_yaml_edit(panel):
+    import yaml
+
+    path = panel.live.bundle.examples_path
+    path.write_text(yaml.safe_dump([{"name": "numbers", "input": [1]}, {"name": "more", "input": [2]}]))
+    assert panel.live.reload().kind == "examples"
+    assert [o[0] for o in panel.examples.options] == ["— example —", "numbers", "more"]

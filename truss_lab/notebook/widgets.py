@@ -80,6 +80,9 @@ class Panel:
         self.run_button.add_class("tl-run")
         self.run_n_button = W.Button(description="Run ×N", icon="forward")
         self.run_n_button.add_class("tl-run-n")
+        self.profile_button = W.Button(description="Profile", icon="search",
+                                       tooltip="profile N requests of this input: where inside each stage the time goes")
+        self.profile_button.add_class("tl-profile")
         self.check_button = W.Button(description="Check", icon="check",
                                      tooltip="run the examples on the real Truss server too, compare, and lint for deploy")
         self.check_button.add_class("tl-check")
@@ -109,6 +112,7 @@ class Panel:
         self.run_button.on_click(self._guarded(lambda _: self._start(self._run_once)))
         self.run_n_button.on_click(self._guarded(lambda _: self._start(self._run_many)))
         self.check_button.on_click(self._guarded(lambda _: self._start(self._check, needs_input=False)))
+        self.profile_button.on_click(self._guarded(lambda _: self._start(self._profile)))
         self._unsubscribe = live.on_reload(self._guarded(self._reloaded))
         live.on_close(self._model_closed)
 
@@ -116,7 +120,8 @@ class Panel:
             [
                 self.status,
                 W.HBox([W.VBox([self.text], layout=W.Layout(flex="1")), W.VBox([self.examples, self.upload, self.upload_note])]),
-                W.HBox([self.method, self.run_button, self.run_n_button, self.n, self.workers, self.check_button, self.progress]),
+                W.HBox([self.method, self.run_button, self.run_n_button, self.n, self.workers, self.profile_button,
+                        self.check_button, self.progress]),
                 self.examples_toggle,
                 self.output,
                 self.examples_diff,
@@ -165,7 +170,7 @@ class Panel:
         self._unsubscribe()
         name = self.live.name
         self.live = _Closed(name)
-        for button in (self.run_button, self.run_n_button, self.check_button, self.examples_toggle):
+        for button in (self.run_button, self.run_n_button, self.profile_button, self.check_button, self.examples_toggle):
             button.disabled = True
         self.status.value = (
             f"<b>{esc(name)}</b> <span style='color:#c62828'>closed</span> — "
@@ -246,6 +251,7 @@ class Panel:
         self.run_button.disabled = running
         self.run_n_button.disabled = running or self.method.value != "predict"
         self.check_button.disabled = running
+        self.profile_button.disabled = running
         self.run_button.description = "Running…" if running else "Run"
 
     def _set_methods(self) -> None:
@@ -294,6 +300,13 @@ class Panel:
         self.output.value = "<i>checking against the real Truss server (the first time installs it)…</i>"
         report = self.live.check(note=lambda msg: setattr(self.output, "value", f"<i>{esc(msg)}</i>"))
         self.output.value = report._repr_mimebundle_()["text/html"]
+        self._show_status(None)
+
+    def _profile(self, x: Any) -> None:
+        """tr.profile(x, n=N): per stage, the heaviest functions (the N box sets how many requests)."""
+        self.output.value = "<i>profiling…</i>"
+        profile = self.live.profile(x, n=max(1, int(self.n.value)))
+        self.output.value = render.profile_html(profile)
         self._show_status(None)
 
     def _run_once(self, x: Any) -> None:

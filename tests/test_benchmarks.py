@@ -16,6 +16,7 @@ def test_benchmarks_run_quick(capsys, monkeypatch):
     assert "bench throughput, no-op model:" in out and "lock-demo twins, 8 workers:" in out
     assert "method swap:" in out and "save -> live:" in out and "save -> examples diff:" in out
     assert "%load_ext truss_lab:" in out and "heavy imports: none" in out
+    assert "profiling examples/digits:" in out and "memory over 5 re-loads" in out
     for name in list(sys.modules):
         if name.startswith("bench_") or name == "run_all":
             del sys.modules[name]

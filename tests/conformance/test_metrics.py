@@ -61,3 +61,38 @@ def test_metrics_the_model_registers_are_exported_as_on_the_truss_server(truss_e
     from prometheus_client import REGISTRY
 
     assert not [n for names in REGISTRY._collector_to_names.values() for n in names if n.startswith("conformance_hits")]
+
+
+SLOW_LOAD = """
+import time
+
+class Model:
+    def load(self):
+        time.sleep(6)
+
+    def predict(self, x):
+        return x
+"""
+
+
+def test_routes_while_the_model_loads_answer_as_on_the_truss_server(truss_env, tmp_path):
+    """Before load() has finished: readiness, /ping, /invocations, the schema and predict say 503 on both."""
+    from truss_lab.serving.http import LiveBackend
+    from truss_lab.serving.server import Server
+
+    root = tmp_path / "slow"
+    (root / "model").mkdir(parents=True)
+    (root / "config.yaml").write_text("model_name: slow\n")
+    (root / "model" / "model.py").write_text(textwrap.dedent(SLOW_LOAD))
+    requests = [("GET", "/v1/models/model"), ("GET", "/ping"), ("GET", "/v1/models/model/schema"),
+                ("POST", "/invocations"), ("POST", PREDICT), ("GET", "/")]
+
+    def statuses(url: str) -> list[int]:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            return [client.request(m, p, json=1 if m == "POST" else None).status_code for m, p in requests]
+
+    with truss_env.start(root, apps=tmp_path / "apps", wait=False) as oracle:
+        expected = statuses(oracle.url)  # load() sleeps 6 s: still loading
+    with Server(LiveBackend(name="slow")).start() as loading:  # `truss-lab serve` before its load() has finished
+        got = statuses(loading.url)
+    assert got == expected and expected[:5] == [503] * 5 and expected[5] == 200

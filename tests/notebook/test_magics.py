@@ -338,3 +338,11 @@ def test_load_shows_the_schema_of_typed_io(ip, make_truss):
                       "class Model:\n    def predict(self, x: In) -> Out:\n        return Out(text=x.prompt)\n")
     summary = run(ip, f"load {root} --no-watch --as typed").outputs[0].data["text/plain"]
     assert "schema    In -> Out (tr.schema(), GET /v1/models/model/schema)" in summary
+
+
+def test_timeline_last_zero_is_a_usage_line(ip, make_truss):
+    root = make_truss("class Model:\n    def predict(self, x):\n        return x\n")
+    run(ip, f"load {root} --no-watch --as z")
+    run(ip, "predict 1")
+    result, printed = cell_error(ip, "%truss timeline --last 0")
+    assert "--last 0: N must be 1 or more" in printed and "Traceback" not in printed

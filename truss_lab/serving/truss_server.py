@@ -288,8 +288,9 @@ class ServerEnv:
         return build_once(app, build)
 
     def start(self, truss_dir: str | os.PathLike, *, env: dict[str, str] | None = None,
-              timeout: float = 120.0, apps: Path | None = None) -> "RunningServer":
-        """Start the real Truss server on the truss at `truss_dir`; returns once it is ready (or failed)."""
+              timeout: float = 120.0, apps: Path | None = None, wait: bool = True) -> "RunningServer":
+        """Start the real Truss server on the truss at `truss_dir`; returns once it is ready (or failed),
+        or with `wait=False` as soon as it answers liveness (while load() may still run)."""
         import yaml
 
         app = self.app_folder(truss_dir, apps)
@@ -314,7 +315,7 @@ class ServerEnv:
                                     stdout=out, stderr=subprocess.STDOUT, env=proc_env)
         server = RunningServer(proc, f"http://127.0.0.1:{port}", app, log)
         try:
-            server.wait_ready(timeout)
+            server.wait_live(timeout) if not wait else server.wait_ready(timeout)
         except BaseException:
             server.stop()
             raise
@@ -348,6 +349,17 @@ class RunningServer:
                 pass
             time.sleep(0.05)
         raise TrussLabError(f"the Truss server for {self.app.name} was not ready within {timeout:g} s; see {self.log}")
+
+    def wait_live(self, timeout: float) -> None:
+        """Wait until the server answers `GET /` (load() may still be running)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urlopen(f"{self.url}/", timeout=2):
+                    return
+            except (URLError, ConnectionError, OSError):
+                time.sleep(0.05)
+        raise TrussLabError(f"the Truss server for {self.app.name} did not answer within {timeout:g} s; see {self.log}")
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -278,3 +278,36 @@ def test_cloudpickle_pickles_model_code_by_reference(tmp_path):
     root = write_truss(tmp_path / "cp", model, files={"model/helper.py": "def double(x):\n    return 2 * x\n"})
     with truss_lab.load(root) as tr:
         assert tr.predict(21).output == [True, True, 42]  # by name, as on Truss: not by value
+
+
+FORWARD = """
+import pydantic
+
+class In(pydantic.BaseModel):
+    item: "Item"  # defined below: pydantic resolves it on first use, by the module's name
+
+class Item(pydantic.BaseModel):
+    {field}: int
+
+class Model:
+    def predict(self, x: In) -> dict:
+        return x.item.model_dump()
+"""
+
+
+def test_pydantic_forward_references_resolve_in_their_own_truss(tmp_path):
+    a = write_truss(tmp_path / "fa", FORWARD.format(field="a"))
+    b = write_truss(tmp_path / "fb", FORWARD.format(field="b"))
+    with truss_lab.load(a) as ta, truss_lab.load(b) as tb:  # b is the truss loaded last
+        assert ta.predict({"item": {"a": 1}}).output == {"a": 1}
+        assert tb.predict({"item": {"b": 2}}).output == {"b": 2}
+
+
+def test_pydantic_forward_references_over_http_too(tmp_path):
+    httpx = pytest.importorskip("httpx")
+    a = write_truss(tmp_path / "ha", FORWARD.format(field="a"))
+    b = write_truss(tmp_path / "hb", FORWARD.format(field="b"))
+    with truss_lab.load(a) as ta, truss_lab.load(b):
+        r = httpx.post(ta.serve().url + "/v1/models/model:predict", json={"item": {"a": 3}})
+        assert r.status_code == 200 and r.json() == {"a": 3}
+        assert ta.schema()["input_schema"]["$defs"]["Item"]["required"] == ["a"]

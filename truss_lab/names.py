@@ -92,10 +92,13 @@ def resolve(top: str) -> Code | None:
         return spaces[-1].current_code() if spaces else None
 
 
-def active(code: Code):
-    """`with active(code):` Truss names used outside model code (a notebook cell's `joblib.load`)
-    resolve to `code`. Returns the context manager."""
-    return _Active(code)
+def active(code: Code | None):
+    """`with active(code):` Truss names used outside model code (a notebook cell's `joblib.load`,
+    pydantic resolving a model's forward references while a server parses a body) resolve to `code`.
+    Returns the context manager (one that does nothing for None)."""
+    import contextlib
+
+    return _Active(code) if code is not None else contextlib.nullcontext()
 
 
 class _Active:

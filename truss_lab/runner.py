@@ -26,6 +26,7 @@ from time import perf_counter, thread_time
 from typing import Any, Callable, Iterator
 
 from . import guard as lockguard
+from . import names
 from .aio import LoopThread
 from .bundle import Bundle, validate_concurrency
 from .errors import STAGE_ERRORS, ModelError, SecretNotFound, TrussLabError, describe
@@ -354,7 +355,10 @@ class Runner:
         the pydantic model its signature names (parsed from a dict), or `x` as it is."""
         if s.methods.skip_input_parsing:
             return None
-        return parse_input(s.methods.input_type, x)
+        if s.methods.input_type is None:
+            return x
+        with names.active(s.code):  # pydantic may resolve the model's forward references by module name now
+            return parse_input(s.methods.input_type, x)
 
     def _preprocess(self, s: Serving, x: Any, t: Trace, req: Callable[[], Any]) -> Any:
         if s.preprocess is None:
@@ -507,7 +511,8 @@ class Runner:
         from .serialization import truss_schema
 
         s = self._serving
-        return truss_schema(s.model_cls, s.methods.input_type)
+        with names.active(s.code):
+            return truss_schema(s.model_cls, s.methods.input_type)
 
     def is_healthy(self) -> bool | None:
         """The model's is_healthy(), as the Truss server's readiness check asks it: None when the model

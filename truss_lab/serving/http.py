@@ -33,6 +33,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Protocol
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from .. import names
 from ..errors import ModelError, describe
 from ..serialization import (
     InputParsingError,
@@ -231,8 +232,10 @@ async def predict_response(request, backend: Backend, max_body: int, method: str
         return problem
     methods = backend.methods()
     binary = is_binary(request)
+    code = serving_code(backend)
     try:
-        inputs = None if methods.skip_input_parsing else parse_body(body, binary, methods.input_type)
+        with names.active(code):  # the model's pydantic types may resolve names of its modules
+            inputs = None if methods.skip_input_parsing else parse_body(body, binary, methods.input_type)
     except InputParsingError as exc:
         return error_body(400, "request", str(exc), backend.name, code=CODE_CLIENT)
     if method == "predict" and "predict" not in methods.specs:  # a websocket model: Truss's unhandled error
@@ -255,7 +258,13 @@ async def predict_response(request, backend: Backend, max_body: int, method: str
         if output.status_code >= 300:
             output.headers.update({"X-BASETEN-ERROR-SOURCE": ERROR_SOURCE, "X-BASETEN-ERROR-CODE": CODE_CLIENT})
         return output
-    return _serialize(output, binary, backend)
+    with names.active(code):
+        return _serialize(output, binary, backend)
+
+
+def serving_code(backend: Backend) -> Any:
+    """The code version the backend serves now (loader.Version), or None."""
+    return getattr(getattr(getattr(backend, "live", None), "serving", None), "code", None)
 
 
 def _error_answer(error: ModelError, backend: Backend):

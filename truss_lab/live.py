@@ -376,7 +376,6 @@ class LiveModel(Runner):
             import pyinstrument  # noqa: F401  (a one-line error here, not deep in a stage)
         except ImportError:
             raise TrussLabError("profile() needs pyinstrument: pip install pyinstrument") from None
-        profiler = Profiler(interval)
         framework = None
         if ops:
             if "tensorflow" not in sys.modules:
@@ -384,11 +383,12 @@ class LiveModel(Runner):
             from .profile import TensorFlowOps
 
             framework = TensorFlowOps(logdir)
+        profiler = Profiler(interval, marker=framework.marker if framework is not None else None)
         with framework if framework is not None else contextlib.nullcontext():
             traces = [self.run(inputs[i % len(inputs)], profiler=profiler).trace for i in range(n)]
         profile = Profile(self.name, self.roots, profiler.sessions, traces, interval)
         if framework is not None:
-            profile.ops = framework.ops(traces)
+            profile.ops = framework.ops()
         return profile
 
     def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None):

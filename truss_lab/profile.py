@@ -23,6 +23,7 @@ from typing import Any
 
 STAGES = ("preprocess", "predict", "postprocess")
 INTERVAL_S = 0.001  # pyinstrument's sampling interval
+MARKER = "truss_lab_predict"  # what predict's window is called in a framework's own trace
 WRAPPERS = frozenset({  # decorator frames a library call is named through (to the function they wrap)
     "error_handler", "op_dispatch_handler", "dispatch_target", "wrapper", "wrapped", "inner", "_wrapper",
     "decorated", "new_func", "_f", "func_wrapper", "wrapper_function", "_call_wrapped", "decorator",
@@ -50,8 +51,9 @@ class Hotspot:
 class Profiler:
     """What the runner calls when a request is profiled: a pyinstrument profiler around each stage."""
 
-    def __init__(self, interval: float = INTERVAL_S):
+    def __init__(self, interval: float = INTERVAL_S, marker: Any = None):
         self.interval = interval
+        self.marker = marker  # marker(name) -> a context manager a framework profiler records (TensorFlow's TraceMe)
         self.sessions: dict[str, list[tuple[int, Any]]] = {s: [] for s in STAGES}  # stage -> [(request id, session)]
         self._lock = threading.Lock()
 
@@ -68,10 +70,16 @@ class Profiler:
         p = Pyinstrument(interval=self.interval, async_mode="disabled")
         p.start()
         try:
-            return run()
+            with self._marked(stage):
+                return run()
         finally:
             p.stop()
             self._add(stage, request_id, p.last_session)
+
+    def _marked(self, stage: str):
+        import contextlib
+
+        return self.marker(MARKER) if self.marker is not None and stage == "predict" else contextlib.nullcontext()
 
     def wrap(self, awaitable: Any, stage: str, request_id: int) -> Any:
         """A coroutine that profiles `awaitable` inside the event loop that runs it."""
@@ -82,7 +90,8 @@ class Profiler:
             p = Pyinstrument(interval=self.interval, async_mode="enabled")
             p.start()
             try:
-                return await awaitable
+                with self._marked(stage):
+                    return await awaitable
             finally:
                 p.stop()
                 self._add(stage, request_id, p.last_session)
@@ -277,21 +286,24 @@ class Ops:
 
 
 class TensorFlowOps:
-    """TensorFlow's profiler around the profiled requests; the ops that ran inside predict windows."""
+    """TensorFlow's profiler around the profiled requests; the ops that ran inside predict, whose
+    windows are marked in TensorFlow's own trace (a TraceMe per predict call), so its clock is used."""
 
     def __init__(self, logdir: str | None = None):
         import tempfile
 
         self.logdir = logdir or tempfile.mkdtemp(prefix="truss-lab-tf-profile-")
 
-    def __enter__(self):
-        import time
-
+    @staticmethod
+    def marker(name: str):
         import tensorflow as tf
 
-        before = time.perf_counter()
+        return tf.profiler.experimental.Trace(name)
+
+    def __enter__(self):
+        import tensorflow as tf
+
         tf.profiler.experimental.start(self.logdir)
-        self.t0 = (before + time.perf_counter()) / 2  # the trace's zero (its events are relative to it)
         return self
 
     def __exit__(self, *exc):
@@ -299,34 +311,33 @@ class TensorFlowOps:
 
         tf.profiler.experimental.stop()
 
-    def ops(self, traces: list[Any]) -> Ops:
+    def ops(self) -> Ops:
         import collections
         import glob
 
         from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-        slack = 1e-3  # the trace's zero is known to about this
-        windows = [((t.predict_start - self.t0 - slack) * 1e9, (t.predict_end - self.t0 + slack) * 1e9)
-                   for t in traces if t.predict_start is not None and t.predict_end is not None]
         totals: collections.Counter = collections.Counter()
         counts: collections.Counter = collections.Counter()
         for path in glob.glob(f"{self.logdir}/**/*.xplane.pb", recursive=True):
             space = xplane_pb2.XSpace()
             with open(path, "rb") as f:
                 space.ParseFromString(f.read())
+            events = []  # (start ps, end ps, name, on a device)
             for plane in space.planes:
                 device = plane.name.startswith("/device:")
                 for line in plane.lines:
+                    base = line.timestamp_ns * 1000
                     for event in line.events:
                         name = plane.event_metadata[event.metadata_id].name
-                        op = _op_name(name, device)
-                        if op is None:
-                            continue
-                        at = line.timestamp_ns + event.offset_ps / 1000
-                        if windows and not any(a <= at <= b for a, b in windows):
-                            continue
-                        totals[op] += event.duration_ps / 1e12
-                        counts[op] += 1
+                        events.append((base + event.offset_ps, base + event.offset_ps + event.duration_ps, name, device))
+            windows = [(a, b) for a, b, name, _ in events if name == MARKER]
+            for a, b, name, device in events:
+                op = _op_name(name, device)
+                if op is None or not any(wa <= a <= wb for wa, wb in windows):
+                    continue
+                totals[op] += (b - a) / 1e12
+                counts[op] += 1
         ops = [OpStat(op, seconds, counts[op]) for op, seconds in totals.most_common()]
         return Ops("TensorFlow", self.logdir, ops)
 

@@ -166,3 +166,12 @@ def test_ops_lists_tensorflows_heaviest_ops_in_predict(tmp_path):
     assert "DecodePng" not in names and "DecodeImage" not in names  # preprocess's ops are not predict's
     assert list((tmp_path / "tb").rglob("*.xplane.pb"))  # TensorBoard's own trace
     assert "TensorFlow ops in predict" in profile.text()
+
+
+def test_a_profiled_bench_shows_its_profile(profiled):
+    from truss_lab.display import render
+
+    tr, _ = profiled
+    report = tr.bench([1], n=2, concurrency=1, progress=False, profile=True)
+    assert "profile of hot: 2 requests" in report.table()
+    assert "truss-lab-profile" in render.bundle(report)["text/html"]

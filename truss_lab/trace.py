@@ -339,7 +339,8 @@ class BenchReport(Report):
 
     def table(self) -> str:
         head = f"bench {self.label + ' ' if self.label else ''}with {self.concurrency} workers"
-        return head + "\n" + super().table()
+        text = head + "\n" + super().table()
+        return text + "\n" + self.profile.text() if self.profile is not None else text
 
 
 def max_concurrent(intervals: list[tuple[float, float]]) -> int:

@@ -244,5 +244,5 @@ def report_html(report) -> str:
         f'<div><b>{esc(report.idle_sentence())}</b>'
         + (f" · compute bound {report.compute_bound:.2f} req/s (if predict only computed)" if report.compute_bound == report.compute_bound else "")
         + "</div>"
-        f"{misuse}{picture}</div>"
+        f"{misuse}{picture}{profile_html(report.profile) if getattr(report, 'profile', None) is not None else ''}</div>"
     )

@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS := notebook,tf,serve,ray,test
+EXTRAS := notebook,tf,serve,ray,chains,test
 
 .PHONY: install browser truss-server lab test check-examples test-under-load bench clean
 

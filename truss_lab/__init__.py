@@ -52,6 +52,14 @@ def check(truss, inputs=None, **kwargs):
     return _check(truss, inputs, make_model=load, **kwargs)
 
 
+def load_chain(source, entrypoint=None, *, guard=True):
+    """A Truss Chain as it deploys: each chainlet its generated truss, a LiveModel, calling the others
+    over 127.0.0.1 (chains.py; needs the `chains` extra)."""
+    from .chains import load_chain as _load_chain
+
+    return _load_chain(source, entrypoint, guard=guard)
+
+
 def unload_ipython_extension(ip):
     from .notebook.magics import unload_ipython_extension as _unload
 
@@ -103,6 +111,7 @@ __all__ = [
     "init",
     "load_ipython_extension",
     "load",
+    "load_chain",
     "read_bundle",
     "timeline",
     "widget",

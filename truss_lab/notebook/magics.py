@@ -290,6 +290,8 @@ class TrussMagics(Magics):
     def cmd_load(self, args, cell):
         from ..live import LiveModel, load
 
+        if args.path.endswith(".py") and Path(args.path).is_file():  # a Truss Chain's source
+            return self.load_chain(args)
         var = args.var or variable_name(args.path)
         if not var.isidentifier() or keyword.iskeyword(var):
             raise UsageError(f"--as {var}: not a valid variable name")
@@ -306,6 +308,19 @@ class TrussMagics(Magics):
             live.watch()
         display(LoadSummary(live, var))
         self.attach_notices(live)
+
+    def load_chain(self, args):
+        """`%truss load my_chain.py`: the chain bound to a variable; %truss predict etc. act on its entrypoint."""
+        from ..chains import load_chain
+
+        var = args.var or variable_name(Path(args.path).stem)
+        old = self.shell.user_ns.get(var)
+        chain = load_chain(args.path, guard=not args.no_guard)
+        if hasattr(old, "close") and old is not chain:
+            old.close()
+        self.shell.user_ns[var] = chain
+        self.current = chain.entry
+        print(f"{chain!r} as `{var}`; %truss predict (and the panel) send to its entrypoint")
 
     def cmd_predict(self, args, cell):
         live = self.model(args.model)

@@ -1,0 +1,143 @@
+"""Issue 26 (first part): a Truss Chain built from Truss's own generated chainlet trusses, each a
+LiveModel, calling each other over 127.0.0.1 - compared with `chains.run_local`."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+import textwrap
+import threading
+import warnings
+
+import pytest
+
+pytest.importorskip("truss_chains")
+
+import truss_lab  # noqa: E402
+from truss_lab.chains import load_chain  # noqa: E402
+
+CHAIN = """
+import asyncio
+import time
+
+import pydantic
+import truss_chains as chains
+
+
+class Item(pydantic.BaseModel):
+    text: str
+    n: int
+
+
+class Upper(chains.ChainletBase):
+    remote_config = chains.RemoteConfig(compute=chains.Compute(predict_concurrency=1))
+
+    def run_remote(self, text: str) -> str:
+        time.sleep(0.05)  # long enough for concurrent calls to queue on this chainlet's lock
+        return text.upper()
+
+
+class Count(chains.ChainletBase):
+    async def run_remote(self, item: Item) -> int:
+        await asyncio.sleep(0)
+        return len(item.text) * item.n if item.n >= 0 else 1.5  # 1.5 passes locally, not across the wire
+
+
+@chains.mark_entrypoint
+class Entry(chains.ChainletBase):
+    remote_config = chains.RemoteConfig(compute=chains.Compute(predict_concurrency=8))
+
+    def __init__(self, upper: Upper = chains.depends(Upper), count: Count = chains.depends(Count)):
+        self._upper, self._count = upper, count
+
+    async def run_remote(self, text: str, n: int = 2) -> dict[str, str]:
+        up = self._upper.run_remote(text)
+        counted = await self._count.run_remote(Item(text=up, n=n))
+        return {"upper": up, "count": str(counted)}
+"""
+
+
+@pytest.fixture(scope="module")
+def chain_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chain") / "word_chain.py"
+    path.write_text(textwrap.dedent(CHAIN))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chain(chain_file):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = load_chain(chain_file)
+    yield c
+    c.close()
+
+
+def _run_local(chain_file, **kwargs):
+    import truss_chains as chains
+    from truss_chains import framework
+
+    registry = framework._global_chainlet_registry
+    getattr(registry, "_default", registry).clear()  # run_local's own import of the source, as a script would
+    spec = importlib.util.spec_from_file_location("word_chain_local", chain_file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["word_chain_local"] = module
+    try:
+        spec.loader.exec_module(module)
+        with chains.run_local():
+            return asyncio.run(module.Entry().run_remote(**kwargs))
+    finally:
+        del sys.modules["word_chain_local"]
+        getattr(registry, "_default", registry).clear()
+
+
+def test_the_chain_answers_as_run_local_on_valid_inputs(chain, chain_file):
+    assert list(chain.chainlets) == ["Upper", "Count", "Entry"] and chain.entrypoint == "Entry"
+    assert all(isinstance(live, truss_lab.LiveModel) for live in chain.chainlets.values())
+    for kwargs in ({"text": "hi", "n": 3}, {"text": "chains"}):
+        assert chain.run(**kwargs) == _run_local(chain_file, **kwargs)
+    result = chain.predict({"text": "ab", "n": 1})
+    assert result.ok and result.output == {"upper": "AB", "count": "2"}
+    assert chain.chainlets["Count"].traces and chain.chainlets["Upper"].traces  # each chainlet served its part
+
+
+def test_a_value_that_does_not_survive_the_wire_fails_here_as_on_deploy(chain, chain_file):
+    assert _run_local(chain_file, text="x", n=-1) == {"upper": "X", "count": "1.5"}  # locally: no wire, no check
+    with pytest.raises(truss_lab.ModelError) as info:
+        chain.run(text="x", n=-1)
+    message = str(info.value)
+    assert "Count" in message and "int" in message, message  # the chainlet, and the type that refused it
+
+
+def test_each_chainlet_has_its_own_lock(chain):
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(chain.run(text=f"w{i}", n=1))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 4
+    assert chain.chainlets["Upper"].concurrency == 1 and chain.chainlets["Entry"].concurrency == 8
+    upper = chain.chainlets["Upper"].report(last=4)
+    assert upper.max_lock_holders == 1  # its predict_concurrency, whatever the entrypoint sends
+    assert chain.chainlets["Entry"].report(last=4).max_lock_holders > 1  # the entrypoint's calls overlapped
+
+
+def test_percent_truss_load_of_a_chain_source(chain_file):
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.testing.globalipapp import start_ipython
+    from IPython.utils.capture import capture_output
+
+    ip = start_ipython() or InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "truss_lab")
+    try:
+        with capture_output() as cap, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ip.run_line_magic("truss", f"load {chain_file} --as wc")
+            ip.run_line_magic("truss", 'predict {"text": "ok", "n": 1}')
+        assert "as `wc`" in cap.stdout and isinstance(ip.user_ns["wc"], truss_lab.chains.Chain)
+        assert '"upper": "OK"' in cap.outputs[-1].data["text/plain"]
+    finally:
+        ip.user_ns.pop("wc").close()
+        ip.run_line_magic("unload_ext", "truss_lab")

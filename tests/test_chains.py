@@ -141,3 +141,10 @@ def test_percent_truss_load_of_a_chain_source(chain_file):
     finally:
         ip.user_ns.pop("wc").close()
         ip.run_line_magic("unload_ext", "truss_lab")
+
+
+def test_the_chain_serves_its_entrypoint_as_deployed(chain):
+    httpx = pytest.importorskip("httpx")
+    server = chain.serve()
+    r = httpx.post(server.url + "/v1/models/model:predict", json={"text": "up", "n": 2}, timeout=60)
+    assert r.status_code == 200 and r.json() == {"upper": "UP", "count": "4"}

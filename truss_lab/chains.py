@@ -161,6 +161,11 @@ class Chain:
         """`chain.run(text="hi")`: the entrypoint's `run_remote(**kwargs)`, as the deployed chain runs it."""
         return self.predict(kwargs).output
 
+    def serve(self, host: str = "127.0.0.1", port: int = 0):
+        """The entrypoint over HTTP with the Truss server's routes, as the deployed chain answers
+        (`POST /v1/models/model:predict` with the entrypoint's JSON body); `truss-lab serve my_chain.py`."""
+        return self.entry.serve(host=host, port=port)
+
     def report(self) -> dict[str, Any]:
         """A Report per chainlet (its lock, waits and stages)."""
         return {name: live.report() for name, live in self.chainlets.items()}

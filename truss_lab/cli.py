@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -123,6 +124,18 @@ def cmd_serve(args) -> int:
 
         serve_forever(args.path, host=args.host, port=args.port, num_replicas=args.replicas,
                       stage_replicas=args.stage_replicas, num_gpus=args.gpus, max_body=max_body)
+        return EXIT_OK
+    if args.path.endswith(".py") and Path(args.path).is_file():  # a Truss Chain: its entrypoint, as deployed
+        from .chains import load_chain
+
+        with load_chain(args.path) as chain:
+            server = chain.serve(host=args.host, port=args.port)
+            print(f"serving the chain {chain.name} ({', '.join(chain.chainlets)}) at {server.url}/v1/models/model:predict "
+                  "(Ctrl-C stops)", flush=True)
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                pass
         return EXIT_OK
     try:
         from .serving.server import serve_path

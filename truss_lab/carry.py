@@ -290,9 +290,9 @@ class Statements:
         return self._keys[name]
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=32)
 def _parse(source: bytes) -> ast.Module:
-    """Parsed once per distinct source (the old version's were parsed when it was new)."""
+    """Parsed once per distinct source (the old version's were parsed when it was new); a few kept."""
     return ast.parse(source)
 
 

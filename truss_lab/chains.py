@@ -34,7 +34,7 @@ _patched = False
 
 def _require_truss_chains():
     try:
-        import truss_chains  # noqa: F401
+        import truss_chains  # noqa: F401  (a one-line error here, not a traceback from the generator)
     except ImportError:
         raise TrussLabError("load_chain() needs truss_chains (the `truss` package): pip install 'truss_lab[chains]'") from None
 

@@ -2,18 +2,15 @@
 
 The rules (what a user sees):
   * only methods other than __init__/load changed (or module-level helpers): the new methods serve
-    the *same* instance state; load() is not re-run; module- and class-level values follow carry.py's
-    rule (run-time state is carried, a value whose code changed is the new import's, run-time state
-    whose code changed makes it a full reload);
+    the *same* instance state, load() is not re-run, module/class values follow carry.py's rule;
   * __init__ or load changed, config.yaml or data/ changed: a new instance is built and load()ed, and
     only switched to once that succeeded;
   * nothing changed in behaviour (whitespace, comments): nothing is swapped;
   * anything fails (syntax, import, class missing, load() raising): the old code keeps serving and
     the event names file:line. The next good save recovers.
 
-What changed is decided from file contents, not from the watcher's events: every .py file gets a
-fingerprint of its syntax tree (no line numbers, no comments), so moving code or editing comments
-is no change, while a changed constant or helper function is.
+What changed is decided from file contents (a fingerprint of each .py file's syntax tree: no line
+numbers, no comments), not from the watcher's events.
 
 Atomic switch: a method swap makes a new instance of the new class that shares the live instance's
 `__dict__` (the weights, any state), so a request that started on version k runs version k's class
@@ -23,12 +20,14 @@ to the end, `self.helper()` calls included, and the next request gets version k+
 from __future__ import annotations
 
 import ast
+import atexit
 import collections
 import dataclasses
 import hashlib
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -478,6 +477,7 @@ class Reloader:
 
         self._watcher = threading.Thread(target=run, name=f"truss-lab-watch[{self.live.name}]", daemon=True)
         self._watcher.start()
+        _WATCHING.add(self)
         if not ready.wait(10):
             warnings.warn(f"truss_lab: the file watcher on {path} took over 10 s to start", RuntimeWarning)
 
@@ -486,4 +486,14 @@ class Reloader:
         if self._watcher is not None:
             self._watcher.join(timeout)
             self._watcher = None
+        _WATCHING.discard(self)
+
+
+_WATCHING: "weakref.WeakSet[Reloader]" = weakref.WeakSet()
+
+
+@atexit.register  # before the interpreter kills daemon threads: one in watchfiles 0.19's Rust code aborts the process
+def _stop_watchers() -> None:
+    for reloader in list(_WATCHING):
+        reloader.unwatch(timeout=2.0)
 

@@ -128,6 +128,8 @@ def serve_path(
     threading.Thread(target=load, name="truss-lab-load", daemon=True).start()
     app = create_app(backend, max_body)
     print(f"serving {bundle.model_name} on http://{host}:{port} (liveness now, readiness after load())", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, **transport_options(bundle.config))).run(sockets=[sock])
-    if backend.live is not None:
-        backend.live.close()
+    try:  # uvicorn re-raises the Ctrl-C it shut down on: the model (its watcher thread) closes first either way
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, **transport_options(bundle.config))).run(sockets=[sock])
+    finally:
+        if backend.live is not None:
+            backend.live.close()

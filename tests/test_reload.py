@@ -365,3 +365,15 @@ def test_an_editors_burst_of_writes_is_one_reload(model, style):
         last = tr.wait_for_reload(since=n + 1)
         assert tr.reload_count == n + 2 and last.ok, tr.reload_history[-3:]
         assert tr.predict(1).output["label"] == "elk:1"
+
+
+def test_a_process_that_exits_with_a_watcher_running_exits_cleanly(tmp_path):
+    import subprocess
+
+    root = tmp_path / "w"
+    (root / "model").mkdir(parents=True)
+    (root / "config.yaml").write_text("model_name: w\n")
+    (root / "model" / "model.py").write_text("class Model:\n    def predict(self, x):\n        return x\n")
+    script = f"import truss_lab\ntr = truss_lab.load({str(root)!r})\ntr.watch()\nprint('bye')\n"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "bye" in out.stdout, (out.returncode, out.stderr[-500:])  # no abort at exit

@@ -175,3 +175,35 @@ def test_a_profiled_bench_shows_its_profile(profiled):
     report = tr.bench([1], n=2, concurrency=1, progress=False, profile=True)
     assert "profile of hot: 2 requests" in report.table()
     assert "truss-lab-profile" in render.bundle(report)["text/html"]
+
+
+TORCH_MODEL = """
+import torch
+
+class Model:
+    def load(self):
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                       torch.nn.Flatten(), torch.nn.Linear(16, 4))
+
+    def preprocess(self, x):
+        return torch.rand(1, 3, 64, 64) + torch.zeros(1, 3, 64, 64).sin()  # preprocess's own op: not predict's
+
+    def predict(self, x):
+        with torch.no_grad():
+            return self.net(x)
+
+    def postprocess(self, y):
+        return y.softmax(-1).tolist()
+"""
+
+
+def test_ops_lists_pytorchs_heaviest_ops_in_predict(tmp_path):
+    pytest.importorskip("torch")  # where PyTorch is installed (it is not in make test's environment)
+    root = write_truss(tmp_path / "torchy", TORCH_MODEL)
+    with truss_lab.load(root) as tr:
+        profile = tr.profile(1, n=2, ops=True, logdir=str(tmp_path / "trace"))
+    names = [o.op for o in profile.ops.ops]
+    assert profile.ops.framework == "PyTorch" and "conv" in names[0], profile.ops.text()
+    assert "aten::sin" not in names
+    assert (tmp_path / "trace" / "torch-trace.json").is_file()

@@ -8,7 +8,6 @@ A `Runner` (runner.py: stages, lock, traces) plus what a developer needs around 
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -362,8 +361,8 @@ class LiveModel(Runner):
         - the same lock, traces and guard - with a sampling profiler (pyinstrument) on every stage:
         a Profile of where inside preprocess, predict and postprocess the time went, and the lock wait.
 
-        `ops=True`: also run them under TensorFlow's own profiler and list the heaviest ops predict
-        ran (`profile.ops`; kernels on a GPU), its trace written to `logdir` for TensorBoard.
+        `ops=True`: also run them under the framework's own profiler (PyTorch's, or TensorFlow's) and
+        list the heaviest ops predict ran (`profile.ops`; kernels on a GPU), its trace in `logdir`.
         """
         from .profile import Profile, Profiler
 
@@ -378,11 +377,11 @@ class LiveModel(Runner):
             raise TrussLabError("profile() needs pyinstrument: pip install pyinstrument") from None
         framework = None
         if ops:
-            if "tensorflow" not in sys.modules:
-                raise TrussLabError(f"{self.name}: profile(ops=True) profiles TensorFlow ops, and this model has not imported TensorFlow")
-            from .profile import TensorFlowOps
+            from .profile import framework_ops
 
-            framework = TensorFlowOps(logdir)
+            framework = framework_ops(logdir)
+            if framework is None:
+                raise TrussLabError(f"{self.name}: profile(ops=True) profiles PyTorch or TensorFlow ops, and neither is imported")
         profiler = Profiler(interval, marker=framework.marker if framework is not None else None)
         with framework if framework is not None else contextlib.nullcontext():
             traces = [self.run(inputs[i % len(inputs)], profiler=profiler).trace for i in range(n)]

@@ -273,14 +273,15 @@ class OpStat:
 
 @dataclass
 class Ops:
-    """The heaviest ops predict ran, from TensorFlow's profiler, and its trace for TensorBoard."""
+    """The heaviest ops predict ran, from the framework's own profiler, and where its trace is."""
 
     framework: str
     logdir: str  # `tensorboard --logdir LOGDIR` (the Profile tab) opens the framework's own trace
     ops: list[OpStat]
 
     def text(self, n: int = 10) -> str:
-        lines = [f"{self.framework} ops in predict (trace for TensorBoard: {self.logdir})"]
+        viewer = "TensorBoard" if self.framework == "TensorFlow" else "chrome://tracing or Perfetto"
+        lines = [f"{self.framework} ops in predict (its own trace, for {viewer}: {self.logdir})"]
         lines += [f"  {o}" for o in self.ops[:n]]
         return "\n".join(lines)
 
@@ -340,6 +341,67 @@ class TensorFlowOps:
                 counts[op] += 1
         ops = [OpStat(op, seconds, counts[op]) for op, seconds in totals.most_common()]
         return Ops("TensorFlow", self.logdir, ops)
+
+
+class TorchOps:
+    """PyTorch's profiler (CPU, and CUDA kernels when a GPU is there) around the profiled requests; the
+    ops inside predict's windows (a `record_function` per predict call), self time, heaviest first."""
+
+    def __init__(self, logdir: str | None = None):
+        import tempfile
+
+        self.logdir = logdir or tempfile.mkdtemp(prefix="truss-lab-torch-profile-")
+        self._prof = None
+
+    @staticmethod
+    def marker(name: str):
+        import torch
+
+        return torch.profiler.record_function(name)
+
+    def __enter__(self):
+        import torch
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._prof = torch.profiler.profile(activities=activities)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._prof.__exit__(*exc)
+        from pathlib import Path
+
+        Path(self.logdir).mkdir(parents=True, exist_ok=True)
+        self._prof.export_chrome_trace(str(Path(self.logdir) / "torch-trace.json"))  # chrome://tracing, Perfetto
+
+    def ops(self) -> Ops:
+        import collections
+
+        events = list(self._prof.events())
+        windows = [(e.time_range.start, e.time_range.end) for e in events if e.name == MARKER]
+        totals: collections.Counter = collections.Counter()
+        counts: collections.Counter = collections.Counter()
+        for e in events:
+            if e.name == MARKER or not any(a <= e.time_range.start <= b for a, b in windows):
+                continue
+            device_us = e.self_device_time_total if hasattr(e, "self_device_time_total") else getattr(e, "self_cuda_time_total", 0)
+            totals[e.name] += (e.self_cpu_time_total + device_us) / 1e6
+            counts[e.name] += 1
+        ops = [OpStat(op, seconds, counts[op]) for op, seconds in totals.most_common() if seconds > 0]
+        return Ops("PyTorch", self.logdir, ops)
+
+
+def framework_ops(logdir: str | None = None):
+    """The op profiler for the framework the model imported: PyTorch's, else TensorFlow's; None if neither."""
+    import sys
+
+    if "torch" in sys.modules:
+        return TorchOps(logdir)
+    if "tensorflow" in sys.modules:
+        return TensorFlowOps(logdir)
+    return None
 
 
 def _op_name(event_name: str, device: bool) -> str | None:

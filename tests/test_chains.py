@@ -148,3 +148,21 @@ def test_the_chain_serves_its_entrypoint_as_deployed(chain):
     server = chain.serve()
     r = httpx.post(server.url + "/v1/models/model:predict", json={"text": "up", "n": 2}, timeout=60)
     assert r.status_code == 200 and r.json() == {"upper": "UP", "count": "4"}
+
+
+def test_the_example_digits_chain_answers_as_the_digits_truss(tmp_path):
+    import base64
+
+    from conftest import EXAMPLES
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        chain = load_chain(EXAMPLES / "digits-chain" / "digits_chain.py")
+        digits = truss_lab.load(EXAMPLES / "digits")
+    with chain, digits:
+        assert list(chain.chainlets) == ["Preprocess", "Classify", "Digits"]
+        assert (chain.chainlets["Preprocess"].concurrency, chain.chainlets["Classify"].concurrency) == (4, 1)
+        for png in sorted((EXAMPLES / "digits" / "data" / "samples").glob("*.png")):
+            answer = chain.run(image_b64=base64.b64encode(png.read_bytes()).decode(), top_k=1)
+            expected = digits.predict({"image": str(png), "top_k": 1}).output["predictions"]
+            assert list(answer) == list(expected) == [png.stem], (png.name, answer, expected)

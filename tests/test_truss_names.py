@@ -311,3 +311,11 @@ def test_pydantic_forward_references_over_http_too(tmp_path):
         r = httpx.post(ta.serve().url + "/v1/models/model:predict", json={"item": {"a": 3}})
         assert r.status_code == 200 and r.json() == {"a": 3}
         assert ta.schema()["input_schema"]["$defs"]["Item"]["required"] == ["a"]
+
+
+def test_code_that_walks_sys_modules_skips_another_trusss_names(tmp_path):
+    a = _twin(tmp_path, "a")  # provides `utils`
+    walker = write_truss(tmp_path / "walker", "import sys\nclass Model:\n    def predict(self, x):\n"
+                         "        return len([m for m in list(sys.modules.values()) if getattr(m, '__file__', None)])\n")
+    with truss_lab.load(a), truss_lab.load(walker) as tr:  # as inspect, pickle's whichmodule or a framework does
+        assert tr.run(None).ok, tr.run(None).error

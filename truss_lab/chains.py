@@ -114,24 +114,36 @@ class Chain:
 
         stem = self.source.stem  # a chain already loaded from this source has its Truss name in sys.modules
         hidden = sys.modules.pop(stem) if isinstance(sys.modules.get(stem), NameProxy) else None
+        loaded: dict[str, Any] = {}
         try:
             with _generating(self.root), framework.ChainletImporter.import_target(self.source, entrypoint) as entry:
                 self.name = entry.name
-                order = [d.display_name for d in deployment_client._get_ordered_dependencies([entry])]
+                descriptors = list(deployment_client._get_ordered_dependencies([entry]))
+                order = [d.display_name for d in descriptors]
                 options = private_types.PushOptionsLocalDocker(chain_name=self.name, only_generate_trusses=True, use_local_src=False)
                 deployment_client.push(entry, options)
+                loaded = dict(sys.modules)
         finally:
             if hidden is not None:
                 sys.modules[stem] = hidden
+            _keep_libraries(loaded, self.source.parent)
         generated = self.root / private_types.GENERATED_CODE_DIR
         folders = {p.name.removeprefix("chainlet_"): p for p in generated.glob("*/chainlet_*")}
+        for display, folder in folders.items():  # a push suffixes each model name with a random id: here the name is enough
+            config = folder / "config.yaml"
+            text = config.read_text()
+            config.write_text("\n".join(f"model_name: {display}" if line.startswith("model_name:") else line
+                                        for line in text.splitlines()) + "\n")
+        depends = {d.display_name: bool(d.dependencies) for d in descriptors}
         _patch_dynamic_config()
         try:
             for display in order:  # dependencies first: a chainlet's load() may call the ones it depends on
                 folder = folders[display]
                 with _lock:
                     _chains[str(folder.resolve())] = self
-                live = load(folder, guard=guard, secrets={"baseten_chain_api_key": "truss-lab-local"})  # only 127.0.0.1 hears it
+                # a chainlet that calls others does so from predict by design: the guard watches the others
+                live = load(folder, guard=guard and not depends[display],
+                            secrets={"baseten_chain_api_key": "truss-lab-local"})  # only 127.0.0.1 hears it
                 self.chainlets[display] = live
                 if display != order[-1]:
                     server = live.serve()
@@ -186,6 +198,19 @@ class Chain:
 
     def __repr__(self) -> str:
         return f"<Chain {self.name!r} from {self.source}: {', '.join(self.chainlets)} (entrypoint {self.entrypoint})>"
+
+
+def _keep_libraries(loaded: dict[str, Any], chain_root: Path) -> None:
+    """truss_chains drops from sys.modules every module the chain source's import brought in, libraries
+    included (it keeps torch only); numpy, TensorFlow and others cannot be imported twice in a process.
+    Put back all but the chain's own files."""
+    root = str(chain_root) + os.sep
+    for name, module in loaded.items():
+        if name in sys.modules:
+            continue
+        path = getattr(module, "__file__", None) or ""
+        if not path.startswith(root):
+            sys.modules[name] = module
 
 
 @contextlib.contextmanager

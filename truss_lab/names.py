@@ -139,10 +139,12 @@ class NameProxy(types.ModuleType):
             return object.__getattribute__(self, attr)
         try:
             real = NameProxy._truss_real(self)
-        except ModuleNotFoundError:
+        except ModuleNotFoundError as exc:
             if attr == "__spec__":  # the import system asks whether it is initialising: it is not
                 return object.__getattribute__(self, "__spec__")
-            raise
+            # an AttributeError: code that walks sys.modules (`getattr(m, "__file__", None)`) skips it,
+            # and `from name import x` still fails with ImportError
+            raise AttributeError(f"{exc} (looking up {attr!r})") from None
         try:
             return getattr(real, attr)
         except AttributeError:

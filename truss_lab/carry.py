@@ -258,11 +258,7 @@ class Statements:
         if isinstance(stmt, ast.Import):
             dotted = alias.name  # `import model.helper` binds `model`, but what it reads is model.helper
         else:
-            base = stmt.module or ""
-            if stmt.level:
-                parts = self.package.split(".") if self.package else []
-                parts = parts[: len(parts) - (stmt.level - 1)] if stmt.level > 1 else parts
-                base = ".".join(p for p in (*parts, base) if p)
+            base = _from_module(stmt, self.package)
             dotted = f"{base}.{alias.name}" if self.file_key(f"{base}.{alias.name}") is not None else base
         key = self.file_key(dotted)
         return f"truss:{key}" if key is not None else f"ext:{dotted}"
@@ -402,13 +398,19 @@ def _imported(node: ast.AST, package: str) -> list[str]:
     if isinstance(node, ast.Import):
         return [a.name for a in node.names]
     if isinstance(node, ast.ImportFrom):
-        base = node.module or ""
-        if node.level:
-            parts = package.split(".") if package else []
-            parts = parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts
-            base = ".".join(p for p in (*parts, base) if p)
+        base = _from_module(node, package)
         return [base] + [f"{base}.{a.name}" for a in node.names if a.name != "*"]
     return []
+
+
+def _from_module(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module a `from ... import` reads from (`from ..x import y` in package `a.b` -> `a.x`)."""
+    base = node.module or ""
+    if not node.level:
+        return base
+    parts = package.split(".") if package else []
+    parts = parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts
+    return ".".join(p for p in (*parts, base) if p)
 
 
 def carry_version(old: Any, new: Any) -> tuple[list[str], list[str]]:

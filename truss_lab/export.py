@@ -46,8 +46,7 @@ def chrome_trace(report: Any, path: str | os.PathLike | None = None, profile: An
             if a is None or b is None:
                 continue
             events.append(_span(name, a, b, tid, args, "stage"))
-            stage = section if section != "predict" else "predict"
-            for session in sessions.get((t.request_id, stage), []):
+            for session in sessions.get((t.request_id, section), []):
                 events.extend(_samples(session, a, b, tid, profile))
     for name, tid in tids.items():
         events.append({"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": name}})

@@ -110,8 +110,8 @@ class Version:
             if found is not None and (importing is None or importing[0] == me):
                 return found  # imported, or being imported by this very thread (an import cycle)
             if importing is None:
-                path, is_package = self._locate(name)
-                module = self._new_module(name, path, is_package)
+                path, package_dir = self._locate(name)
+                module = self._new_module(name, path, package_dir)
                 done = threading.Event()
                 self._importing[name] = (me, done)
                 self.modules[name] = module
@@ -136,11 +136,11 @@ class Version:
             done.set()
         return module
 
-    def _locate(self, name: str) -> tuple[Path | None, bool]:
-        """(file, is a package) for `name` in this version; (None, True) for a namespace folder."""
+    def _locate(self, name: str) -> tuple[Path | None, Path | None]:
+        """(file, its folder if `name` is a package) in this version; (None, folder) for a namespace folder."""
         bundle = self.bundle
         if name == self.model_name:
-            return bundle.model_file, False
+            return bundle.model_file, None
         top, _, rest = name.partition(".")
         if name == self.package or name.startswith(self.package + "."):
             base = bundle.model_dir
@@ -151,32 +151,27 @@ class Version:
             raise ModuleNotFoundError(f"No module named {name!r} in the truss {bundle.model_name!r}", name=name)
         folder = base.joinpath(*rest.split(".")) if rest else base
         if (folder / "__init__.py").is_file() or str(folder / "__init__.py") in self.sources:
-            return folder / "__init__.py", True
+            return folder / "__init__.py", folder
         as_file = folder.with_suffix(".py") if rest or base != bundle.model_dir else None
         if as_file is not None and (str(as_file) in self.sources or as_file.is_file()):
-            return as_file, False
+            return as_file, None
         if folder.is_dir():
-            return None, True
+            return None, folder
         raise ModuleNotFoundError(f"No module named {name!r} in the truss {bundle.model_name!r}", name=name)
 
-    def _new_module(self, name: str, path: Path | None, is_package: bool) -> types.ModuleType:
+    def _new_module(self, name: str, path: Path | None, package_dir: Path | None) -> types.ModuleType:
         module = types.ModuleType(name)
+        is_package = package_dir is not None
         spec = importlib.machinery.ModuleSpec(name, self.loader, origin=str(path) if path else None, is_package=is_package)
         if is_package:
-            folder = path.parent if path is not None else self._folder(name)
-            spec.submodule_search_locations = [str(folder)]
-            module.__path__ = [str(folder)]
+            spec.submodule_search_locations = [str(package_dir)]
+            module.__path__ = [str(package_dir)]
         spec.has_location = path is not None
         module.__spec__, module.__loader__ = spec, self.loader
         module.__package__ = name if is_package else name.rpartition(".")[0]
         if path is not None:
             module.__file__ = str(path)
         return module
-
-    def _folder(self, name: str) -> Path:
-        if name == self.package or name.startswith(self.package + "."):
-            return self.bundle.model_dir.joinpath(*name[len(self.package) + 1:].split(".")) if name != self.package else self.bundle.model_dir
-        return self.bundle.packages_dir.joinpath(*name.split("."))
 
     def _exec(self, name: str, module: types.ModuleType, path: Path | None) -> None:
         if path is None:

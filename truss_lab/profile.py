@@ -286,14 +286,22 @@ class Ops:
         return "\n".join(lines)
 
 
-class TensorFlowOps:
-    """TensorFlow's profiler around the profiled requests; the ops that ran inside predict, whose
-    windows are marked in TensorFlow's own trace (a TraceMe per predict call), so its clock is used."""
+class _FrameworkOps:
+    """A framework's own profiler around the profiled requests (a context manager), its trace in `logdir`."""
+
+    prefix = "truss-lab-profile-"
 
     def __init__(self, logdir: str | None = None):
         import tempfile
 
-        self.logdir = logdir or tempfile.mkdtemp(prefix="truss-lab-tf-profile-")
+        self.logdir = logdir or tempfile.mkdtemp(prefix=self.prefix)
+
+
+class TensorFlowOps(_FrameworkOps):
+    """TensorFlow's profiler around the profiled requests; the ops that ran inside predict, whose
+    windows are marked in TensorFlow's own trace (a TraceMe per predict call), so its clock is used."""
+
+    prefix = "truss-lab-tf-profile-"
 
     @staticmethod
     def marker(name: str):
@@ -343,15 +351,12 @@ class TensorFlowOps:
         return Ops("TensorFlow", self.logdir, ops)
 
 
-class TorchOps:
+class TorchOps(_FrameworkOps):
     """PyTorch's profiler (CPU, and CUDA kernels when a GPU is there) around the profiled requests; the
     ops inside predict's windows (a `record_function` per predict call), self time, heaviest first."""
 
-    def __init__(self, logdir: str | None = None):
-        import tempfile
-
-        self.logdir = logdir or tempfile.mkdtemp(prefix="truss-lab-torch-profile-")
-        self._prof = None
+    prefix = "truss-lab-torch-profile-"
+    _prof = None
 
     @staticmethod
     def marker(name: str):

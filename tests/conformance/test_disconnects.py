@@ -3,15 +3,14 @@ turn true, and an async generator cancelled mid-stream is closed - in both serve
 
 from __future__ import annotations
 
-import textwrap
 import time
 import warnings
-from pathlib import Path
 
 import httpx
 import pytest
 
 import truss_lab
+from conftest import write_truss
 
 PREDICT = "/v1/models/model:predict"
 
@@ -75,10 +74,7 @@ def _log_after_disconnects(url: str) -> list[str]:
 
 
 def test_disconnects_reach_the_model_as_on_the_truss_server(truss_env, tmp_path):
-    root = tmp_path / "disconnects"
-    (root / "model").mkdir(parents=True)
-    (root / "config.yaml").write_text("model_name: disconnects\n")
-    (root / "model" / "model.py").write_text(textwrap.dedent(MODEL))
+    root = write_truss(tmp_path / "disconnects", MODEL)
     with truss_env.start(root, apps=tmp_path / "apps") as oracle:
         expected = _log_after_disconnects(oracle.url)
     with warnings.catch_warnings():
@@ -118,10 +114,7 @@ class Model:
 def test_a_stream_the_client_left_is_closed_here_and_runs_on_in_truss(truss_env, tmp_path):
     """A deliberate difference (README): the Truss server keeps pulling a stream whose client has gone
     (holding the predict lock) until it ends; truss_lab closes it at once and frees the lock."""
-    root = tmp_path / "never"
-    (root / "model").mkdir(parents=True)
-    (root / "config.yaml").write_text("model_name: never\n")
-    (root / "model" / "model.py").write_text(textwrap.dedent(NEVER_CHECKS))
+    root = write_truss(tmp_path / "never", NEVER_CHECKS)
 
     def leave_then_log(url: str, wait_for: str) -> list[str]:
         with httpx.Client(base_url=url, timeout=30) as client:
@@ -195,12 +188,9 @@ def _silent_peer(url: str, listen_s: float = 3.0) -> tuple[int, bool]:
 
 @pytest.mark.parametrize("transport", ["default", "ping"])
 def test_websocket_ping_settings_are_honoured_as_on_the_truss_server(transport, truss_env, tmp_path):
-    root = tmp_path / f"ws-{transport}"
-    (root / "model").mkdir(parents=True)
-    config = "model_name: ws\n" + ("runtime:\n  transport:\n    kind: websocket\n    ping_interval_seconds: 0.3\n"
-                                   "    ping_timeout_seconds: 0.3\n" if transport == "ping" else "")
-    (root / "config.yaml").write_text(config)
-    (root / "model" / "model.py").write_text(textwrap.dedent(WS_MODEL))
+    pings_every = {"kind": "websocket", "ping_interval_seconds": 0.3, "ping_timeout_seconds": 0.3}
+    root = write_truss(tmp_path / f"ws-{transport}", WS_MODEL,
+                       config={"runtime": {"transport": pings_every}} if transport == "ping" else None)
     with truss_env.start(root, apps=tmp_path / "apps") as oracle:
         pings, dropped = _silent_peer(oracle.url)
     with truss_lab.load(root) as tr:

@@ -9,6 +9,7 @@ import warnings
 import httpx
 
 import truss_lab
+from conftest import write_truss
 
 PREDICT = "/v1/models/model:predict"
 
@@ -35,10 +36,7 @@ def _model_lines(url: str) -> list[str]:
 
 
 def test_metrics_the_model_registers_are_exported_as_on_the_truss_server(truss_env, tmp_path):
-    root = tmp_path / "metrics"
-    (root / "model").mkdir(parents=True)
-    (root / "config.yaml").write_text("model_name: metrics\n")
-    (root / "model" / "model.py").write_text(textwrap.dedent(MODEL))
+    root = write_truss(tmp_path / "metrics", MODEL)
     with truss_env.start(root, apps=tmp_path / "apps") as oracle:
         _, expected = _model_lines(oracle.url)
     with warnings.catch_warnings():
@@ -80,10 +78,7 @@ def test_routes_while_the_model_loads_answer_as_on_the_truss_server(truss_env, t
     from truss_lab.serving.http import LiveBackend
     from truss_lab.serving.server import Server
 
-    root = tmp_path / "slow"
-    (root / "model").mkdir(parents=True)
-    (root / "config.yaml").write_text("model_name: slow\n")
-    (root / "model" / "model.py").write_text(textwrap.dedent(SLOW_LOAD))
+    root = write_truss(tmp_path / "slow", SLOW_LOAD)
     requests = [("GET", "/v1/models/model"), ("GET", "/ping"), ("GET", "/v1/models/model/schema"),
                 ("POST", "/invocations"), ("POST", PREDICT), ("GET", "/")]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import httpx
 import pytest
 
 import truss_lab
+from conftest import write_truss
 
 PREDICT = "/v1/models/model:predict"
 
@@ -68,14 +68,8 @@ class Model:
 
 @pytest.fixture
 def names_truss(tmp_path) -> Path:
-    root = tmp_path / "names"
-    (root / "model").mkdir(parents=True)
-    (root / "data").mkdir()
-    (root / "packages").mkdir()
-    (root / "config.yaml").write_text("model_name: names\n")
-    (root / "model" / "model.py").write_text(textwrap.dedent(MODEL))
-    (root / "model" / "transformers.py").write_text(textwrap.dedent(TRANSFORMERS))
-    (root / "packages" / "utils.py").write_text("NAME = 'utils'\n")
+    root = write_truss(tmp_path / "names", MODEL, files={"model/transformers.py": TRANSFORMERS,
+                                                          "packages/utils.py": "NAME = 'utils'\n"})
     # the training script, run from the truss root as one would: it pickles model.transformers.Scale
     subprocess.run([sys.executable, "-c", "import pickle, sys; sys.path.insert(0, '.'); from model.transformers import Scale; "
                     "pickle.dump(Scale(10), open('data/scaler.pkl', 'wb'), protocol=4)"], cwd=root, check=True)

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
-import textwrap
 import time
 
 import httpx
 
 import truss_lab
+from conftest import write_truss
 
 MODEL = """
 class Model:
@@ -35,10 +35,7 @@ def _shape(spans: list[dict]) -> dict:
 
 
 def test_to_otel_spans_read_like_the_truss_servers(truss_env, tmp_path):
-    root = tmp_path / "otel"
-    (root / "model").mkdir(parents=True)
-    (root / "config.yaml").write_text("model_name: otel\nruntime:\n  enable_tracing_data: true\n")
-    (root / "model" / "model.py").write_text(textwrap.dedent(MODEL))
+    root = write_truss(tmp_path / "otel", MODEL, config={"runtime": {"enable_tracing_data": True}})
     theirs_file = tmp_path / "truss.ndjson"
     with truss_env.start(root, env={"OTEL_TRACING_NDJSON_FILE": str(theirs_file)}, apps=tmp_path / "apps") as oracle:
         assert httpx.post(oracle.url + "/v1/models/model:predict", json=1).json() == {"y": 4}

@@ -319,3 +319,27 @@ def test_code_that_walks_sys_modules_skips_another_trusss_names(tmp_path):
                          "        return len([m for m in list(sys.modules.values()) if getattr(m, '__file__', None)])\n")
     with truss_lab.load(a), truss_lab.load(walker) as tr:  # as inspect, pickle's whichmodule or a framework does
         assert tr.run(None).ok, tr.run(None).error
+
+
+def test_prometheus_metrics_survive_a_swap_and_cost_nothing_to_models_without_them(tmp_path):
+    pytest.importorskip("prometheus_client")
+    root = write_truss(tmp_path / "prom", "class Model:\n    def predict(self, x):\n        return x\n")
+    script = f"""
+import sys
+import truss_lab
+from pathlib import Path
+root = Path({str(root)!r})
+with truss_lab.load(root):
+    assert "prometheus_client" not in sys.modules, "a model without metrics imported prometheus_client"
+code = "from prometheus_client import Counter\\nHITS = Counter('swap_hits', 'h')\\nclass Model:\\n    def predict(self, x):\\n        HITS.inc()\\n        return V\\n"
+(root / "model" / "model.py").write_text(code.replace("V", "1"))
+with truss_lab.load(root) as tr:
+    tr.predict(1)
+    (root / "model" / "model.py").write_text(code.replace("V", "2"))
+    assert tr.reload().kind == "methods" and tr.predict(1).output == 2  # registering HITS again did not fail
+    from prometheus_client import REGISTRY
+    print([m.samples[0].value for m in REGISTRY.collect() if m.name == "swap_hits"])
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert out.stdout.strip() == "[2.0]"  # the carried counter kept counting across the swap

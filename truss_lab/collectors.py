@@ -14,7 +14,9 @@ registration would fail ("Duplicated timeseries"). So, once prometheus_client is
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
 import threading
 from typing import Any
 
@@ -25,16 +27,45 @@ _lock = threading.Lock()
 
 
 def install() -> None:
-    """Wrap prometheus_client's registry, if it is installed (once; cheap when it is not used)."""
-    global _installed
-    if _installed or importlib.util.find_spec("prometheus_client") is None:
+    """Wrap prometheus_client's registry register() once it is imported (now, if it already is; else
+    when model code first imports it: a truss that never uses it never pays for the import)."""
+    if _installed or _WhenImported in sys.meta_path:
         return
+    registry = sys.modules.get("prometheus_client.registry")
+    if registry is not None:
+        _wrap(registry.CollectorRegistry)
+    elif importlib.util.find_spec("prometheus_client") is not None:
+        sys.meta_path.insert(0, _WhenImported)
+
+
+class _WhenImported:
+    """A finder that only watches for prometheus_client.registry, wraps it once loaded, and leaves."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "prometheus_client.registry":
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(cls)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            _wrap(module.CollectorRegistry)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _wrap(registry_cls: type) -> None:
+    global _installed
     with _lock:
         if _installed:
             return
-        from prometheus_client.registry import CollectorRegistry
-
-        original = CollectorRegistry.register
+        original = registry_cls.register
 
         def register(self, collector):
             code = names.caller_code(1)
@@ -61,7 +92,7 @@ def install() -> None:
                 pass
 
         register.__wrapped__ = original
-        CollectorRegistry.register = register
+        registry_cls.register = register
         _installed = True
 
 

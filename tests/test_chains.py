@@ -166,3 +166,11 @@ def test_the_example_digits_chain_answers_as_the_digits_truss(tmp_path):
             answer = chain.run(image_b64=base64.b64encode(png.read_bytes()).decode(), top_k=1)
             expected = digits.predict({"image": str(png), "top_k": 1}).output["predictions"]
             assert list(answer) == list(expected) == [png.stem], (png.name, answer, expected)
+
+
+def test_a_file_that_is_no_chain_is_one_line(tmp_path):
+    path = tmp_path / "plain.py"
+    path.write_text("x = 1\n")
+    with pytest.raises(truss_lab.TrussLabError, match=r"plain\.py: No `target_name` was specified") as info:
+        load_chain(path)
+    assert "\n" not in str(info.value)

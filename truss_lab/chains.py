@@ -123,6 +123,9 @@ class Chain:
                 options = private_types.PushOptionsLocalDocker(chain_name=self.name, only_generate_trusses=True, use_local_src=False)
                 deployment_client.push(entry, options)
                 loaded = dict(sys.modules)
+        except (ValueError, TypeError, AttributeError, ImportError) as exc:  # ChainsUsageError is a TypeError
+            shutil.rmtree(self.root, ignore_errors=True)  # not a chain truss_chains accepts: one line, naming the file
+            raise TrussLabError(f"{self.source}: {' '.join(str(exc).split())}") from None
         finally:
             if hidden is not None:
                 sys.modules[stem] = hidden

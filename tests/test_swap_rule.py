@@ -183,3 +183,64 @@ def test_files_a_background_thread_of_load_writes_never_reload(tmp_path):
         assert event.kind == "full" and event.changed == ["data/labels.txt"]
         assert live.model.done.wait(30)  # the new load() downloaded again ...
         assert live.reload().kind == "unchanged"  # ... and that started no reload either
+
+
+TOKENIZER_PY = """
+import threading
+
+class Vocab:
+    def __init__(self, words):
+        self.words = list(words)
+
+    def lookup(self, w):
+        return self.words.index(w)
+
+
+class Tokenizer:
+    def __init__(self, words):
+        self.vocab = Vocab(words)
+        self.calls = 0
+
+    def encode(self, text):
+        self.calls += 1
+        return [self.vocab.lookup(w) for w in text.split()]
+"""
+
+HOLDER = """
+from model.tokenizer import Tokenizer
+
+class Model:
+    def load(self):
+        self.tok = Tokenizer(["a", "b", "c"])
+        self.pipes = {"main": self.tok}
+
+    def predict(self, text):
+        return {"ids": self.tok.encode(text), "calls": self.tok.calls, "same": self.pipes["main"] is self.tok}
+"""
+
+
+def test_objects_load_built_from_truss_classes_answer_with_the_new_class(tmp_path):
+    """`self.tok = Tokenizer()`: an edit to Tokenizer.encode (or to a class it holds) serves at once,
+    with the state load() built (the object itself, its counters) kept - never the old method."""
+    root = write_truss(tmp_path / "held", HOLDER, files={"model/tokenizer.py": TOKENIZER_PY})
+    with truss_lab.load(root) as tr:
+        assert tr.predict("a c").output == {"ids": [0, 2], "calls": 1, "same": True}
+        tok = tr.model.tok
+        _write(root, "model/tokenizer.py", TOKENIZER_PY.replace("return [self.vocab", "return [10 + self.vocab")
+               .replace("return self.words.index(w)", "return 100 * self.words.index(w)"))
+        event = tr.reload()
+        assert event.kind == "methods", event
+        out = tr.predict("b c").output
+        assert out == {"ids": [110, 210], "calls": 2, "same": True}, out  # new code, old object, old counter
+        assert tr.model.tok is tok and type(tok).__module__ == "model.tokenizer"
+
+
+def test_an_object_whose_class_init_changed_forces_a_full_reload_that_names_it(tmp_path):
+    root = write_truss(tmp_path / "held", HOLDER, files={"model/tokenizer.py": TOKENIZER_PY})
+    with truss_lab.load(root) as tr:
+        tr.predict("a")
+        _write(root, "model/tokenizer.py", TOKENIZER_PY.replace("self.calls = 0", "self.calls = 100"))
+        event = tr.reload()
+        assert event.kind == "full", event
+        assert any("self.tok" in c and "Tokenizer.__init__" in c for c in event.changed), event.changed
+        assert tr.predict("a").output["calls"] == 101  # load() ran again with the new __init__

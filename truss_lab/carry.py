@@ -434,3 +434,127 @@ def carry_version(old: Any, new: Any) -> tuple[list[str], list[str]]:
         carried += p.carried
         full += p.full
     return carried, full
+
+
+# ------------------------------------------------------------------------------ objects the model holds
+
+STATE_BUILDERS = ("__init__", "__new__", "__post_init__", "__setstate__")
+MAX_HELD = 2_000  # objects looked at per reload (attributes, one level of containers, followed through)
+
+
+def reclass_held(instance: Any, old: Any, new: Any) -> Callable[[], list[str]]:
+    """Objects the model holds (`self.tok = Tokenizer()` in load(), followed through their own
+    attributes) whose class a truss module of `old` defines: after a method swap they answer with the
+    new version's class, in place (identity kept: a thread or cache holding one sees it too).
+
+    Raises NeedsFullReload when such an object's state was built by code that changed (its class's
+    __init__ / __new__ / __post_init__ / __setstate__, its fields, its bases), or its class is gone.
+    Returns `apply`, which swaps the classes (undoing them all if one refuses) and says what it moved."""
+    moves: list[tuple[Any, type, str]] = []
+    full: list[str] = []
+    seen: set[int] = set()
+    budget = [MAX_HELD]
+    decided: dict[type, tuple[type | None, str | None]] = {}
+
+    def visit(obj: Any, path: str, depth: int) -> None:
+        if id(obj) in seen or budget[0] <= 0 or depth > MAX_DEPTH:
+            return
+        seen.add(id(obj))
+        budget[0] -= 1
+        if isinstance(obj, (list, tuple, set, frozenset)) and depth:
+            for i, item in enumerate(list(obj)[:100]):
+                visit(item, f"{path}[{i}]", depth + 1)
+            return
+        if isinstance(obj, dict) and depth:
+            for k, item in list(obj.items())[:100]:
+                visit(item, f"{path}[{k!r}]", depth + 1)
+            return
+        cls = type(obj)
+        if cls not in decided:
+            decided[cls] = _new_class(cls, old, new)
+        target, why = decided[cls]
+        if why is not None:
+            full.append(f"{path} ({cls.__module__}.{cls.__qualname__}): {why}")
+            return
+        if target is None and depth:
+            return  # not a truss class: its attributes are not the truss's to follow
+        if target is not None:
+            moves.append((obj, target, path))
+        fields = getattr(obj, "__dict__", None)
+        if isinstance(fields, dict):
+            for name, value in list(fields.items()):
+                if not isinstance(value, _CODE_TYPES) and type(value) not in _SCALARS:
+                    visit(value, f"{path}.{name}", depth + 1)
+
+    visit(instance, "self", 0)
+    moves = [m for m in moves if m[2] != "self"]  # the model itself moves by share_state
+    if full:
+        raise NeedsFullReload(full)
+
+    def apply() -> list[str]:
+        done: list[tuple[Any, type]] = []
+        for obj, target, path in moves:
+            try:
+                done.append((obj, type(obj)))
+                object.__setattr__(obj, "__class__", target)
+            except (TypeError, AttributeError) as exc:
+                done.pop()
+                for o, cls in reversed(done):
+                    object.__setattr__(o, "__class__", cls)
+                raise NeedsFullReload([f"{path}: cannot move it to the new {target.__qualname__} ({exc})"]) from None
+        return [f"{path} -> {t.__module__}.{t.__qualname__}" for _, t, path in moves]
+
+    return apply
+
+
+def _new_class(cls: type, old: Any, new: Any) -> tuple[type | None, str | None]:
+    """(the new version's class for an old version's `cls`, or None if `cls` is no truss class of
+    `old`; why a full reload is needed instead, or None)."""
+    module = old.modules.get(cls.__module__)
+    if module is None or _resolve(module, cls.__qualname__) is not cls:
+        return None, None
+    new_module = new.modules.get(cls.__module__)
+    target = _resolve(new_module, cls.__qualname__) if new_module is not None else None
+    if not isinstance(target, type):
+        return None, f"its class is gone from {cls.__module__}"
+    changed = []
+    for base in cls.__mro__:
+        if base.__module__ in old.modules and base.__module__ in old.compiled and base.__module__ in new.compiled:
+            a = _builders(old.compiled[base.__module__], base.__qualname__)
+            b = _builders(new.compiled[base.__module__], base.__qualname__)
+            changed += [f"{base.__qualname__}.{k}" if not k.startswith("<") else f"{base.__qualname__} {k[1:-1]}"
+                        for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if changed:
+        return target, f"built by code that changed ({', '.join(changed)})"
+    return target, None
+
+
+def _resolve(module: Any, qualname: str) -> Any:
+    obj = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+@functools.lru_cache(maxsize=256)
+def _builders(source: bytes, qualname: str) -> dict[str, str]:
+    """What builds an instance's state in class `qualname` of `source`: its state-building methods,
+    its fields (annotated class-level names: dataclasses, pydantic), its bases and decorators."""
+    body: list[ast.stmt] = _parse(source).body
+    node: ast.ClassDef | None = None
+    for part in qualname.split("."):
+        node = next((s for s in body if isinstance(s, ast.ClassDef) and s.name == part), None)
+        if node is None:
+            return {"<missing>": ""}
+        body = node.body
+    assert node is not None
+    out = {"<bases>": "|".join(ast.dump(e) for e in [*node.bases, *node.keywords, *node.decorator_list])}
+    fields = [s for s in node.body if isinstance(s, ast.AnnAssign)]
+    if fields:
+        out["<fields>"] = "|".join(ast.dump(s) for s in fields)
+    for stmt in node.body:
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name in STATE_BUILDERS:
+            out[stmt.name] = ast.dump(stmt)
+    return out

@@ -102,8 +102,10 @@ class LiveModel(Runner):
                 _, full = carry.carry_version(old, code)
                 if full:
                     raise carry.NeedsFullReload(full)
-                collectors.settle(old, code)  # a carried metric keeps counting where it was registered
+                move_held = carry.reclass_held(self._serving.instance, old, code)
                 instance = wrapper.share_state(self._serving.instance, model_cls, bundle)
+                move_held()  # objects load() built from truss classes answer with the new class (undone if one refuses)
+                collectors.settle(old, code)  # a carried metric keeps counting where it was registered
         except BaseException:
             collectors.give_back(code)
             code.release()

@@ -20,9 +20,11 @@ from truss_lab.chains import load_chain  # noqa: E402
 CHAIN = """
 import asyncio
 import time
+from typing import AsyncIterator
 
 import pydantic
 import truss_chains as chains
+from marks import mark  # a helper module next to the chain (every chainlet's packages/ has it)
 
 
 class Item(pydantic.BaseModel):
@@ -44,25 +46,44 @@ class Count(chains.ChainletBase):
         return len(item.text) * item.n if item.n >= 0 else 1.5  # 1.5 passes locally, not across the wire
 
 
+class Spell(chains.ChainletBase):
+    async def run_remote(self, text: str) -> AsyncIterator[str]:  # a streaming chainlet
+        for letter in text:
+            yield mark(letter)
+
+
 @chains.mark_entrypoint
 class Entry(chains.ChainletBase):
     remote_config = chains.RemoteConfig(compute=chains.Compute(predict_concurrency=8))
 
-    def __init__(self, upper: Upper = chains.depends(Upper), count: Count = chains.depends(Count)):
-        self._upper, self._count = upper, count
+    def __init__(self, upper: Upper = chains.depends(Upper), count: Count = chains.depends(Count),
+                 spell: Spell = chains.depends(Spell)):
+        self._upper, self._count, self._spell = upper, count, spell
 
     async def run_remote(self, text: str, n: int = 2) -> dict[str, str]:
         up = self._upper.run_remote(text)
         counted = await self._count.run_remote(Item(text=up, n=n))
-        return {"upper": up, "count": str(counted)}
+        spelled = "".join([part async for part in self._spell.run_remote(up)])
+        return {"upper": up, "count": str(counted), "spelled": spelled}
 """
+
+
+MARKS = """
+def mark(letter):
+    return letter + "."
+"""
+
+
+def _write_chain(folder):
+    (folder / "marks.py").write_text(MARKS)
+    path = folder / "word_chain.py"
+    path.write_text(textwrap.dedent(CHAIN))
+    return path
 
 
 @pytest.fixture(scope="module")
 def chain_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("chain") / "word_chain.py"
-    path.write_text(textwrap.dedent(CHAIN))
-    return path
+    return _write_chain(tmp_path_factory.mktemp("chain"))
 
 
 @pytest.fixture(scope="module")
@@ -83,27 +104,31 @@ def _run_local(chain_file, **kwargs):
     spec = importlib.util.spec_from_file_location("word_chain_local", chain_file)
     module = importlib.util.module_from_spec(spec)
     sys.modules["word_chain_local"] = module
+    sys.path.insert(0, str(chain_file.parent))  # as `python word_chain.py` would have it
     try:
         spec.loader.exec_module(module)
         with chains.run_local():
             return asyncio.run(module.Entry().run_remote(**kwargs))
     finally:
+        sys.path.remove(str(chain_file.parent))
+        sys.modules.pop("marks", None)
         del sys.modules["word_chain_local"]
         getattr(registry, "_default", registry).clear()
 
 
 def test_the_chain_answers_as_run_local_on_valid_inputs(chain, chain_file):
-    assert list(chain.chainlets) == ["Upper", "Count", "Entry"] and chain.entrypoint == "Entry"
+    assert sorted(chain.chainlets) == ["Count", "Entry", "Spell", "Upper"] and chain.entrypoint == "Entry"
+    assert list(chain.chainlets)[-1] == "Entry"  # dependencies first
     assert all(isinstance(live, truss_lab.LiveModel) for live in chain.chainlets.values())
     for kwargs in ({"text": "hi", "n": 3}, {"text": "chains"}):
         assert chain.run(**kwargs) == _run_local(chain_file, **kwargs)
     result = chain.predict({"text": "ab", "n": 1})
-    assert result.ok and result.output == {"upper": "AB", "count": "2"}
-    assert chain.chainlets["Count"].traces and chain.chainlets["Upper"].traces  # each chainlet served its part
+    assert result.ok and result.output == {"upper": "AB", "count": "2", "spelled": "A.B."}
+    assert all(chain.chainlets[n].traces for n in ("Upper", "Count", "Spell"))  # each chainlet served its part
 
 
 def test_a_value_that_does_not_survive_the_wire_fails_here_as_on_deploy(chain, chain_file):
-    assert _run_local(chain_file, text="x", n=-1) == {"upper": "X", "count": "1.5"}  # locally: no wire, no check
+    assert _run_local(chain_file, text="x", n=-1) == {"upper": "X", "count": "1.5", "spelled": "X."}  # locally: no wire, no check
     with pytest.raises(truss_lab.ModelError) as info:
         chain.run(text="x", n=-1)
     message = str(info.value)
@@ -147,7 +172,7 @@ def test_the_chain_serves_its_entrypoint_as_deployed(chain):
     httpx = pytest.importorskip("httpx")
     server = chain.serve()
     r = httpx.post(server.url + "/v1/models/model:predict", json={"text": "up", "n": 2}, timeout=60)
-    assert r.status_code == 200 and r.json() == {"upper": "UP", "count": "4"}
+    assert r.status_code == 200 and r.json() == {"upper": "UP", "count": "4", "spelled": "U.P."}
 
 
 def test_the_example_digits_chain_answers_as_the_digits_truss(tmp_path):
@@ -174,3 +199,74 @@ def test_a_file_that_is_no_chain_is_one_line(tmp_path):
     with pytest.raises(truss_lab.TrussLabError, match=r"plain\.py: No `target_name` was specified") as info:
         load_chain(path)
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------ hot reload
+
+
+@pytest.fixture
+def fresh_chain(tmp_path):
+    path = _write_chain(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = load_chain(path)
+    yield c
+    c.close()
+
+
+def _state(chain):
+    """Per chainlet: (its serving version, the chainlet object its load() built)."""
+    return {name: (live.version, live.model._chainlet) for name, live in chain.chainlets.items()}
+
+
+def test_a_save_that_changes_one_chainlet_reloads_it_alone(fresh_chain):
+    chain, path = fresh_chain, fresh_chain.source
+    assert chain.run(text="ab", n=1)["count"] == "2"
+    before = _state(chain)
+    path.write_text(path.read_text().replace("len(item.text) * item.n", "len(item.text) * item.n * 10"))
+    event = chain.reload()
+    assert event.kind == "methods" and event.changed == ["Count"], event
+    assert sorted(event.untouched) == ["Entry", "Spell", "Upper"] and "Count swapped" in str(event)
+    assert chain.run(text="ab", n=1) == {"upper": "AB", "count": "20", "spelled": "A.B."}
+    after = _state(chain)
+    for name in ("Upper", "Spell", "Entry"):
+        assert after[name] == before[name]  # untouched: same version, same instance
+    assert after["Count"][0] == before["Count"][0] + 1 and after["Count"][1] is before["Count"][1]  # swapped, state kept
+
+
+def test_a_chainlet_whose_init_changed_is_rebuilt_and_a_helper_reloads_its_users_only(fresh_chain):
+    chain, path = fresh_chain, fresh_chain.source
+    chain.run(text="a")
+    before = _state(chain)
+    path.write_text(path.read_text().replace("        self._upper, self._count, self._spell = upper, count, spell",
+                                             "        self._upper, self._count, self._spell = upper, count, spell\n        self.built = 2"))
+    event = chain.reload()
+    assert event.kind == "full" and event.changed == ["Entry"], event
+    assert any("Entry.__init__" in c for c in event.chainlets["Entry"].changed), event.chainlets["Entry"]
+    assert chain.chainlets["Entry"].model._chainlet is not before["Entry"][1] and chain.chainlets["Entry"].model._chainlet.built == 2
+    (path.parent / "marks.py").write_text(MARKS.replace('"."', '"!"'))  # only Spell uses it
+    event = chain.reload()
+    assert event.changed == ["Spell"] and event.kind == "methods", event
+    assert chain.run(text="ab")["spelled"] == "A!B!"
+    assert _state(chain)["Upper"] == before["Upper"] and _state(chain)["Count"] == before["Count"]
+
+
+def test_the_watcher_reloads_a_saved_chain_and_a_broken_save_keeps_the_old_code(fresh_chain):
+    chain, path = fresh_chain, fresh_chain.source
+    good = path.read_text()
+    chain.watch()
+    n = chain.reload_count
+    path.write_text(good.replace("return text.upper()", "return text.upper() + '?'"))
+    event = chain.wait_for_reload(n, timeout=60)
+    assert event.ok and event.changed == ["Upper"] and event.trigger == "watch", event
+    assert chain.run(text="a")["upper"] == "A?"
+    n = chain.reload_count
+    path.write_text(good.replace("return text.upper()", "return text.upper(("))
+    event = chain.wait_for_reload(n, timeout=60)
+    assert event.kind == "failed" and "word_chain.py:" in (event.location or ""), event
+    assert chain.run(text="a")["upper"] == "A?"  # the old code keeps serving
+    n = chain.reload_count
+    path.write_text(good.replace("Spell", "Spelling"))
+    event = chain.wait_for_reload(n, timeout=60)
+    assert event.kind == "failed" and "load the chain again" in event.error and "+Spelling, -Spell" in event.error, event
+    assert chain.run(text="a")["upper"] == "A?"

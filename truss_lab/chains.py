@@ -17,6 +17,7 @@ and errors: a value that does not survive the wire fails here as on deploy.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import sys
@@ -25,7 +26,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .errors import TrussLabError
+from .carry import FileKeys, Statements
+from .errors import LoadError, TrussLabError
+from .reload import Reloader, ReloadEvent
 
 _lock = threading.Lock()
 _chains: dict[str, "Chain"] = {}  # chainlet truss folder -> its chain (whose URLs its stubs get)
@@ -98,9 +101,6 @@ class Chain:
 
     def __init__(self, source: str | os.PathLike, entrypoint: str | None = None, *, guard: bool = True):
         _require_truss_chains()
-        from truss_chains import framework, private_types
-        from truss_chains.deployment import deployment_client
-
         from .live import load
 
         self.source = Path(source).resolve()
@@ -110,52 +110,37 @@ class Chain:
         self.urls: dict[str, dict[str, str]] = {}
         self.chainlets: dict[str, Any] = {}
         self._servers: list[Any] = []
-        from .names import NameProxy
+        from . import loader
 
-        stem = self.source.stem  # a chain already loaded from this source has its Truss name in sys.modules
-        hidden = sys.modules.pop(stem) if isinstance(sys.modules.get(stem), NameProxy) else None
-        loaded: dict[str, Any] = {}
+        loader.OWN_ROOTS.add(self.source.parent)  # packages/ is a copy of it: the chain's code, not a library
         try:
-            with _generating(self.root), framework.ChainletImporter.import_target(self.source, entrypoint) as entry:
-                self.name = entry.name
-                descriptors = list(deployment_client._get_ordered_dependencies([entry]))
-                order = [d.display_name for d in descriptors]
-                options = private_types.PushOptionsLocalDocker(chain_name=self.name, only_generate_trusses=True, use_local_src=False)
-                deployment_client.push(entry, options)
-                loaded = dict(sys.modules)
-        except (ValueError, TypeError, AttributeError, ImportError) as exc:  # ChainsUsageError is a TypeError
-            shutil.rmtree(self.root, ignore_errors=True)  # not a chain truss_chains accepts: one line, naming the file
-            raise TrussLabError(f"{self.source}: {' '.join(str(exc).split())}") from None
-        finally:
-            if hidden is not None:
-                sys.modules[stem] = hidden
-            _keep_libraries(loaded, self.source.parent)
-        generated = self.root / private_types.GENERATED_CODE_DIR
-        folders = {p.name.removeprefix("chainlet_"): p for p in generated.glob("*/chainlet_*")}
-        for display, folder in folders.items():  # a push suffixes each model name with a random id: here the name is enough
-            config = folder / "config.yaml"
-            text = config.read_text()
-            config.write_text("\n".join(f"model_name: {display}" if line.startswith("model_name:") else line
-                                        for line in text.splitlines()) + "\n")
-        depends = {d.display_name: bool(d.dependencies) for d in descriptors}
+            gen = _generate(self.source, entrypoint, self.root)
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
+        self.name, self._entrypoint_arg = gen.name, entrypoint
+        self._gen = gen
+        folders = gen.folders
         _patch_dynamic_config()
         try:
-            for display in order:  # dependencies first: a chainlet's load() may call the ones it depends on
+            for display in gen.order:  # dependencies first: a chainlet's load() may call the ones it depends on
                 folder = folders[display]
                 with _lock:
                     _chains[str(folder.resolve())] = self
                 # a chainlet that calls others does so from predict by design: the guard watches the others
-                live = load(folder, guard=guard and not depends[display],
+                live = load(folder, guard=guard and not gen.depends[display],
                             secrets={"baseten_chain_api_key": "truss-lab-local"})  # only 127.0.0.1 hears it
                 self.chainlets[display] = live
-                if display != order[-1]:
+                if display != gen.order[-1]:
                     server = live.serve()
                     self._servers.append(server)
                     self.urls[display] = {"predict_url": f"{server.url}/v1/models/model:predict"}
         except BaseException:
             self.close()
             raise
-        self.entrypoint = order[-1]
+        self.entrypoint = gen.order[-1]
+        self.version = 1
+        self.reloader = ChainReloader(self)
 
     @property
     def entry(self):
@@ -185,7 +170,48 @@ class Chain:
         """A Report per chainlet (its lock, waits and stages)."""
         return {name: live.report() for name, live in self.chainlets.items()}
 
+    # -------------------------------------------------------------- hot reload
+
+    def reload(self, full: bool = False) -> "ChainReloadEvent":
+        """Regenerate the chainlet trusses from the chain's source as it is now and reload the chainlets
+        whose code changed (each by its truss rule: a method swap keeps its loaded state); the others
+        are left untouched. `full=True` rebuilds every chainlet (their `__init__` runs again)."""
+        return self.reloader.reload(full=full)
+
+    def watch(self, examples: bool = False) -> "Chain":
+        """Reload on every save of a file in the chain's folder (its source, the helpers it imports)."""
+        self.reloader.watch()
+        return self
+
+    def unwatch(self) -> None:
+        self.reloader.unwatch()
+
+    @property
+    def watching(self) -> bool:
+        return self.reloader.watching
+
+    def on_reload(self, callback):
+        """Call `callback(event)` (a ChainReloadEvent) after each reload; returns the unsubscriber."""
+        return self.reloader.on_reload(callback)
+
+    @property
+    def reload_history(self) -> list:
+        return list(self.reloader.history)
+
+    @property
+    def reload_count(self) -> int:
+        return self.reloader.count
+
+    def wait_for_reload(self, since: int, timeout: float = 30.0) -> "ChainReloadEvent":
+        """Block until the watcher has reloaded after `since` (a `reload_count` read before the edit)."""
+        event = self.reloader.wait(since, timeout)
+        if event is None:
+            raise TimeoutError(f"no reload of the chain {self.name} within {timeout} s")
+        return event
+
     def close(self) -> None:
+        if getattr(self, "reloader", None) is not None:
+            self.reloader.unwatch()
         for live in self.chainlets.values():
             live.close()
         with _lock:
@@ -201,6 +227,121 @@ class Chain:
 
     def __repr__(self) -> str:
         return f"<Chain {self.name!r} from {self.source}: {', '.join(self.chainlets)} (entrypoint {self.entrypoint})>"
+
+
+@dataclasses.dataclass
+class _Generated:
+    """What Truss's code generation wrote for one version of the chain's source."""
+
+    name: str
+    order: list[str]  # dependencies first, the entrypoint last
+    depends: dict[str, tuple[str, ...]]  # chainlet -> the chainlets it calls
+    folders: dict[str, Path]  # chainlet -> its generated truss
+    classes: dict[str, tuple[str, str]]  # chainlet -> (module, class name) in the chain root
+
+    def topology(self) -> tuple:
+        return self.name, tuple(self.order), tuple(sorted(self.depends.items())), tuple(sorted(self.classes.items()))
+
+
+def _generate(source: Path, entrypoint: str | None, root: Path) -> _Generated:
+    """Import the chain's source and write every chainlet's truss under `root` as a push does (generate
+    only). A file truss_chains refuses is one TrussLabError line naming it."""
+    from truss_chains import framework, private_types
+    from truss_chains.deployment import deployment_client
+
+    from .names import NameProxy, VersionLoader
+
+    stem = source.stem  # a chain already loaded from this source has its Truss name in sys.modules
+    present = sys.modules.get(stem)
+    ours = isinstance(present, NameProxy) or isinstance(getattr(present, "__loader__", None), VersionLoader)
+    hidden = sys.modules.pop(stem) if ours else None
+    loaded: dict[str, Any] = {}
+    try:
+        with _generating(root), framework.ChainletImporter.import_target(source, entrypoint) as entry:
+            name = entry.name
+            descriptors = list(deployment_client._get_ordered_dependencies([entry]))
+            options = private_types.PushOptionsLocalDocker(chain_name=name, only_generate_trusses=True, use_local_src=False)
+            deployment_client.push(entry, options)
+            loaded = dict(sys.modules)
+    except (ValueError, TypeError, AttributeError, ImportError) as exc:  # ChainsUsageError is a TypeError
+        raise TrussLabError(f"{source}: {' '.join(str(exc).split())}") from None
+    finally:
+        if hidden is not None:
+            sys.modules[stem] = hidden
+        _keep_libraries(loaded, source.parent)
+    generated = root / private_types.GENERATED_CODE_DIR
+    folders = {p.name.removeprefix("chainlet_"): p for p in generated.glob(f"{name}/chainlet_*")}
+    for display, folder in folders.items():  # a push suffixes each model name with a random id: here the name is enough
+        config = folder / "config.yaml"
+        text = config.read_text()
+        config.write_text("\n".join(f"model_name: {display}" if line.startswith("model_name:") else line
+                                    for line in text.splitlines()) + "\n")
+    return _Generated(
+        name=name,
+        order=[d.display_name for d in descriptors],
+        depends={d.display_name: tuple(sorted(dep.display_name for dep in d.dependencies.values())) for d in descriptors},
+        folders=folders,
+        classes={d.display_name: (d.chainlet_cls.__module__, d.chainlet_cls.__name__) for d in descriptors},
+    )
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts}
+
+
+def _module_source(packages: Path, dotted: str) -> bytes | None:
+    base = packages.joinpath(*dotted.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate.read_bytes()
+    return None
+
+
+def _chainlet_keys(gen: _Generated) -> dict[str, str | None]:
+    """Per chainlet, a key of its own code in the chain's source: its class and everything it uses,
+    followed through (carry.Statements), with the other chainlets counted by name only - a chainlet
+    depends on their API, which its generated stubs carry, not on their code."""
+    chainlets = {cls for _, cls in gen.classes.values()}
+    out: dict[str, str | None] = {}
+    for display, (module, cls) in gen.classes.items():
+        packages = gen.folders[display] / "packages"
+        source = _module_source(packages, module)
+        if source is None:
+            out[display] = None
+            continue
+        keys = FileKeys(lambda dotted, p=packages: _module_source(p, dotted),
+                              lambda dotted, p=packages: dotted if (p.joinpath(*dotted.split(".")) / "__init__.py").is_file()
+                              else dotted.rpartition(".")[0])
+        try:
+            statements = _ChainletStatements(source, module, module.rpartition(".")[0], keys.key, chainlets - {cls})
+            out[display] = statements.key(cls)
+        except SyntaxError:
+            out[display] = None
+    return out
+
+
+class _ChainletStatements(Statements):
+    """carry.Statements with the other chainlets' classes counted by name only."""
+
+    def __init__(self, source: bytes, module: str, package: str, file_key: Any, opaque: set[str]):
+        super().__init__(source, module, package, file_key)
+        self.opaque = opaque
+
+    def key(self, name: str) -> str:
+        return f"chainlet:{name}" if name in self.opaque else super().key(name)
+
+
+def _sync(src: Path, dst: Path) -> None:
+    """Make folder `dst` hold what `src` holds (only the files that differ are written)."""
+    new, old = _files(src), _files(dst)
+    for rel, data in new.items():
+        if old.get(rel) != data:
+            target = dst / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+    for rel in set(old) - set(new):
+        (dst / rel).unlink(missing_ok=True)
 
 
 def _keep_libraries(loaded: dict[str, Any], chain_root: Path) -> None:
@@ -235,3 +376,99 @@ def load_chain(source: str | os.PathLike, entrypoint: str | None = None, *, guar
     return Chain(source, entrypoint, guard=guard)
 
 
+
+
+@dataclasses.dataclass
+class ChainReloadEvent(ReloadEvent):
+    """A chain's reload: `chainlets` maps each chainlet that was reloaded to its own ReloadEvent;
+    `untouched` lists those whose code did not change (their instances and loaded state kept)."""
+
+    chainlets: dict[str, ReloadEvent] = dataclasses.field(default_factory=dict)
+    untouched: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.kind == "failed" and not self.chainlets:
+            return f"chain reload failed: {self.error} (still serving v{self.version})"
+        if not self.chainlets:
+            return f"chain v{self.version}: no chainlet's code changed; nothing reloaded"
+        parts = []
+        for name, event in self.chainlets.items():
+            what = ", ".join(event.changed)
+            if event.kind == "methods":
+                parts.append(f"{name} swapped ({what}; its state kept)")
+            elif event.kind == "full":
+                parts.append(f"{name} rebuilt ({what})")
+            elif event.kind == "failed":
+                parts.append(f"{name} FAILED: {event.error} (still serving its old code)")
+            else:
+                parts.append(f"{name} {event.kind}")
+        kept = f"; untouched: {', '.join(self.untouched)}" if self.untouched else ""
+        return f"chain v{self.version}: {'; '.join(parts)}{kept} in {self.duration_ms:.0f} ms"
+
+
+class ChainReloader(Reloader):
+    """Regenerates the chainlet trusses on a save and reloads only the chainlets whose code changed:
+    their own generated files (model.py with the stubs, config.yaml, data/) or, in the chain's
+    source and the helpers it imports, their class and everything it uses."""
+
+    def __init__(self, chain: Chain):
+        self._setup(chain)
+        self.keys = _chainlet_keys(chain._gen)
+        self._generation = 0
+
+    @property
+    def watch_path(self) -> Path:
+        return self.live.source.parent  # the chain root: what a push copies into every chainlet
+
+    def _reload(self, full: bool) -> ChainReloadEvent | None:
+        chain: Chain = self.live
+        self._generation += 1
+        root = chain.root / f"regenerated-{self._generation}"
+        root.mkdir()
+        try:
+            return self._reload_from(chain, root, full)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def _reload_from(self, chain: Chain, root: Path, full: bool) -> ChainReloadEvent:
+        try:
+            gen = _generate(chain.source, chain._entrypoint_arg, root)
+        except TrussLabError as exc:
+            return ChainReloadEvent(chain.version, "failed", error=str(exc), exception=exc)
+        except (Exception, SystemExit) as exc:  # what the chain's source raised on import: file:line
+            err = LoadError.from_exception(exc, [chain.source.parent], what=f"importing {chain.source.name}")
+            return ChainReloadEvent(chain.version, "failed", error=str(err), location=err.location, exception=err)
+        if gen.topology() != chain._gen.topology():
+            was, now = chain._gen, gen
+            what = [f"+{n}" for n in now.order if n not in was.order] + [f"-{n}" for n in was.order if n not in now.order]
+            if not what:
+                what = [n for n in now.order if now.depends.get(n) != was.depends.get(n)] or ["the entrypoint"]
+            return ChainReloadEvent(chain.version, "failed", [f"chainlets: {', '.join(what)}"],
+                                    error=f"{chain.source.name}: the chain's chainlets or their dependencies changed "
+                                          f"({', '.join(what)}); load the chain again to rebuild it")
+        keys = _chainlet_keys(gen)
+        todo = []
+        for name in gen.order:
+            new, old = _files(gen.folders[name]), _files(chain._gen.folders[name])
+            own = [rel for rel in sorted(set(new) | set(old)) if not rel.startswith("packages" + os.sep) and new.get(rel) != old.get(rel)]
+            if full or own or keys[name] is None or keys[name] != self.keys[name]:
+                todo.append(name)
+        for name in gen.order:  # every chainlet's truss as a push would write it now (a later full reload reads it)
+            _sync(gen.folders[name], chain._gen.folders[name])
+        events: dict[str, ReloadEvent] = {}
+        for name in todo:  # dependencies first
+            event = chain.chainlets[name].reload(full=full)
+            events[name] = event
+            if event.ok:
+                self.keys[name] = keys[name]
+        failed = {n: e for n, e in events.items() if not e.ok}
+        if any(e.kind in ("methods", "full") for e in events.values()):
+            chain.version += 1
+        untouched = [n for n in gen.order if n not in events or events[n].kind == "unchanged"]
+        if failed:
+            name, event = next(iter(failed.items()))
+            return ChainReloadEvent(chain.version, "failed", list(events), error=f"{name}: {event.error}",
+                                    location=event.location, exception=event.exception, chainlets=events, untouched=untouched)
+        kind = "full" if any(e.kind == "full" for e in events.values()) else "methods" if events else "unchanged"
+        return ChainReloadEvent(chain.version, kind, [n for n in events if n not in untouched],
+                                chainlets={n: e for n, e in events.items() if n not in untouched}, untouched=untouched)

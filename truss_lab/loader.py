@@ -37,12 +37,16 @@ def model_module_name(bundle: Bundle) -> str:
     return f"{model_package(bundle)}.{stem}" if bundle.model_dir.name == stem else stem
 
 
+OWN_ROOTS: set[Path] = set()  # folders a truss's packages/ copies (a chain's root): never "installed" modules
+
+
 def packages_names(folder: Path) -> list[str]:
     """Top-level names packages/ provides that an installed or standard-library module does not shadow
     (packages/ is appended to sys.path in Truss's image, so those win there too)."""
     import sys
 
-    others = [p for p in sys.path if p and p != str(folder)]
+    own = {Path.cwd().resolve(), *OWN_ROOTS}  # the folder you work in holds your code, not installed libraries
+    others = [p for p in sys.path if p and p != str(folder) and Path(p).resolve() not in own]
     found = []
     for entry in sorted(folder.iterdir()):
         if entry.suffix == ".py" and entry.stem.isidentifier():

@@ -297,13 +297,17 @@ class Reloader:
     """Owns a LiveModel's reloads: one at a time, a history, callbacks, and the file watcher."""
 
     def __init__(self, live: Reloadable, snapshot: "Snapshot | None" = None):
+        self._setup(live)
+        self.snapshot = snapshot if snapshot is not None else Snapshot.take(live.bundle)
+
+    def _setup(self, live: Any) -> None:
+        """Everything but what is reloaded: history, callbacks, the watcher (a chain's reloader shares it)."""
         self.live = live
         self._lock = threading.Lock()
         self.history: collections.deque[ReloadEvent] = collections.deque(maxlen=HISTORY)
         self._callbacks: list[Callable[[ReloadEvent], None]] = []
         self._recorded = threading.Condition()
         self.count = 0  # events ever recorded (the history keeps only the last HISTORY)
-        self.snapshot = snapshot if snapshot is not None else Snapshot.take(live.bundle)
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -429,6 +433,11 @@ class Reloader:
     def watching(self) -> bool:
         return self._watcher is not None and self._watcher.is_alive()
 
+    @property
+    def watch_path(self) -> Path:
+        """The folder whose saves reload: the truss folder."""
+        return self.live.bundle.path
+
     def watch(self, step_ms: int = 12, debounce_ms: int = 400) -> None:
         """Reload on save, from a daemon thread. Saves within `step_ms` of each other count as one."""
         if self.watching:
@@ -438,7 +447,7 @@ class Reloader:
         self._stop = threading.Event()
         ready = threading.Event()
         stop = self._stop
-        path = self.live.bundle.path
+        path = self.watch_path
 
         def run() -> None:
             watch_filter = watchfiles.DefaultFilter(

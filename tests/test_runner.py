@@ -55,6 +55,36 @@ def test_async_methods(live):
     assert asyncio.run(inside()) == {"y": 30}
 
 
+def test_an_async_stream_runs_its_steps_in_one_context(live):
+    """As on the Truss server (one task iterates it): a ContextVar a `with` sets before the first
+    chunk is still set at the last, and resetting it there works (the request does not fail)."""
+    tr = live(
+        """
+        import contextlib
+        import contextvars
+
+        REQUEST = contextvars.ContextVar("request", default=None)
+
+        @contextlib.contextmanager
+        def tagged(tag):
+            token = REQUEST.set(tag)
+            try:
+                yield
+            finally:
+                REQUEST.reset(token)
+
+        class Model:
+            async def predict(self, x):
+                with tagged(f"r{x}"):
+                    for i in range(3):
+                        yield f"{REQUEST.get()}-{i} "
+        """
+    )
+    result = tr.run(7)
+    assert result.ok, result.trace.error
+    assert result.output == "r7-0 r7-1 r7-2 "
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_streaming_predict_holds_lock_until_consumed(live, kind):
     code = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import threading
 from typing import Any, Awaitable
 
@@ -57,10 +58,12 @@ class LoopThread:
     def on_loop_thread(self) -> bool:
         return self._thread is not None and threading.current_thread() is self._thread
 
-    def run(self, awaitable: Awaitable) -> Any:
+    def run(self, awaitable: Awaitable, context: contextvars.Context | None = None) -> Any:
         """Run `awaitable` on the loop and wait for it. An interrupt here cancels it there and waits
         (up to STOP_WAIT_S) until it has stopped, so a lock held around this call is not given back
-        while the coroutine still runs."""
+        while the coroutine still runs. `context`: run it in that Context (the steps of one async
+        stream share one, as they share one task on the Truss server: a ContextVar a `with` sets in
+        the first step is reset in the last), else in a copy of the caller's."""
         if self.on_loop_thread():
             _discard(awaitable)
             raise RuntimeError(f"{self._name}: a blocking call from the model's own event loop thread would deadlock it")
@@ -68,7 +71,10 @@ class LoopThread:
         stopped = threading.Event()
         future = None
         try:  # from here on an interrupt (Ctrl-C) anywhere cancels the coroutine and waits for it
-            future = asyncio.run_coroutine_threadsafe(_as_coroutine(awaitable, stopped), loop)
+            if context is None:
+                future = asyncio.run_coroutine_threadsafe(_as_coroutine(awaitable, stopped), loop)
+            else:
+                future = _in_context(loop, _as_coroutine(awaitable, stopped), context)
             with self._guard:
                 self._running.add(future)
             return future.result()
@@ -86,15 +92,16 @@ class LoopThread:
                 with self._guard:
                     self._running.discard(future)
 
-    def finish(self, awaitable: Awaitable) -> None:
+    def finish(self, awaitable: Awaitable, context: contextvars.Context | None = None) -> None:
         """Run cleanup (an `aclose()`): wait for it, or schedule it when called on the loop thread itself."""
         if self.on_loop_thread():
-            asyncio.ensure_future(awaitable)
+            asyncio.get_running_loop().create_task(awaitable, context=context) if context is not None \
+                else asyncio.ensure_future(awaitable)
             return
         if self._closed or self._loop is None:
             _discard(awaitable)
             return
-        self.run(awaitable)
+        self.run(awaitable, context)
 
     def close(self) -> None:
         """Cancel every call in flight (their callers get LoopClosed), stop the loop and its thread."""
@@ -132,6 +139,31 @@ class LoopThread:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def _in_context(loop: asyncio.AbstractEventLoop, coro: Any, context: contextvars.Context) -> concurrent.futures.Future:
+    """run_coroutine_threadsafe, with the task running in `context`."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def start() -> None:
+        if not future.set_running_or_notify_cancel():
+            coro.close()
+            return
+        task = loop.create_task(coro, context=context)
+
+        def done(t: asyncio.Task) -> None:
+            if t.cancelled():
+                future.cancel()
+            elif t.exception() is not None:
+                future.set_exception(t.exception())
+            else:
+                future.set_result(t.result())
+
+        task.add_done_callback(done)
+        future.add_done_callback(lambda f: f.cancelled() and loop.call_soon_threadsafe(task.cancel))
+
+    loop.call_soon_threadsafe(start)
+    return future
 
 
 async def _as_coroutine(awaitable: Awaitable, stopped: threading.Event) -> Any:

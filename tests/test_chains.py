@@ -270,3 +270,103 @@ def test_the_watcher_reloads_a_saved_chain_and_a_broken_save_keeps_the_old_code(
     event = chain.wait_for_reload(n, timeout=60)
     assert event.kind == "failed" and "load the chain again" in event.error and "+Spelling, -Spell" in event.error, event
     assert chain.run(text="a")["upper"] == "A?"
+
+
+# ------------------------------------------------------------------------------ traces across chainlets
+
+
+def test_one_trace_tree_per_request_across_the_chainlets(fresh_chain):
+    chain = fresh_chain
+    threads = [threading.Thread(target=chain.run, kwargs={"text": f"t{i}", "n": 1}) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    with pytest.raises(truss_lab.ModelError):
+        chain.run(text="x", n=-1)  # Count refuses 1.5: the tree shows where it failed
+    trees = chain.trees()
+    assert len(trees) == 4 and all(tree.chainlet == "Entry" for tree in trees)
+    for tree in trees[:3]:
+        assert [c.chainlet for c in tree.calls] == ["Upper", "Count", "Spell"]  # in the order Entry called them
+        assert {c.trace.trace_id for c in tree.walk()} == {tree.trace.trace_id}  # one trace per request
+        assert all(c.trace.parent_span_id == tree.trace.span_id for c in tree.calls)
+        assert all(tree.trace.start <= c.trace.start and c.trace.end <= tree.trace.end for c in tree.calls)
+    failed = trees[-1]
+    assert not failed.trace.ok and [c.chainlet for c in failed.calls] == ["Upper", "Count"]
+    assert not failed.calls[-1].trace.ok and "int" in failed.calls[-1].trace.error
+    assert len({tree.trace.trace_id for tree in trees}) == 4
+    report = chain.report()
+    assert report["Count"].count == 4 and report["Spell"].count == 3 and report["Upper"].max_lock_holders == 1
+    text = str(report)
+    assert "request trees:" in text and "└─ Spell" in text and "FAILED in predict" in text, text
+    assert chain.report(last=1).trees == trees[-1:] and chain.report(last=1)["Spell"].count == 0
+
+
+def test_the_timeline_has_a_lane_per_chainlet(fresh_chain):
+    chain = fresh_chain
+    chain.run(text="ab", n=1)
+    chain.run(text="cd", n=1)
+    tl = truss_lab.timeline(chain)
+    assert tl.by == "chainlet"
+    lanes = {row.split(" ")[0] for row in tl.rows}
+    assert lanes == {"Upper", "Count", "Spell", "Entry"} and tl.rows[-1].startswith("Entry")
+    for name in lanes:  # every chainlet's calls are drawn on its own lane
+        rows = {i for i, r in enumerate(tl.rows) if r.split(" ")[0] == name}
+        assert sum(1 for s in tl.segments if s.row in rows and s.stage == "predict") == 2, name
+    assert "Upper" in tl.lane_label and tl.lock_size == 1  # the smallest lock's occupancy
+    assert tl.png()[:4] == b"\x89PNG" and "<svg" in tl.svg()
+
+
+# ------------------------------------------------------------------------------ check on the real Truss server
+
+
+def test_truss_lab_check_of_a_chain_on_the_real_truss_server(truss_env, chain_file):
+    from truss_lab.serving.check import check_chain
+
+    report = check_chain(chain_file, [{"text": "ab", "n": 2}, {"text": "x", "n": -1}])
+    assert report.server_loaded and report.ok, str(report)
+    assert [e.truss_status for e in report.examples] == [200, 500] and [e.lab_status for e in report.examples] == [200, 500]
+
+
+def test_check_names_the_chainlet_whose_requirement_is_left_out(truss_env, tmp_path):
+    from truss_lab.serving.check import check_chain
+
+    path = tmp_path / "needs_pyinstrument.py"
+    path.write_text(textwrap.dedent('''
+        import truss_chains as chains
+
+
+        class Bar(chains.ChainletBase):  # no pip_requirements: pyinstrument is in the notebook's environment only
+            def __init__(self):
+                import pyinstrument
+
+                self._version = pyinstrument.__version__
+
+            async def run_remote(self, n: int) -> int:
+                return n + 1
+
+
+        @chains.mark_entrypoint
+        class Top(chains.ChainletBase):
+            def __init__(self, bar: Bar = chains.depends(Bar)):
+                self._bar = bar
+
+            async def run_remote(self, n: int) -> int:
+                return await self._bar.run_remote(n)
+    '''))
+    report = check_chain(path, [{"n": 1}])
+    assert not report.ok and not report.server_loaded
+    assert any(f.message.startswith("Bar: ") and "pyinstrument" in f.message for f in report.findings), report.findings
+
+
+def test_the_example_chains_examples_are_the_digits_samples():
+    import base64
+
+    from conftest import EXAMPLES
+    from truss_lab.bundle import read_examples
+
+    examples = read_examples(EXAMPLES / "digits-chain" / "digits_chain.examples.yaml")
+    assert examples
+    for e in examples:
+        png = (EXAMPLES / "digits" / "data" / "samples" / f"{e.name}.png").read_bytes()
+        assert base64.b64decode(e.input["image_b64"]) == png, e.name

@@ -130,6 +130,7 @@ class Chain:
                 # a chainlet that calls others does so from predict by design: the guard watches the others
                 live = load(folder, guard=guard and not gen.depends[display],
                             secrets={"baseten_chain_api_key": "truss-lab-local"})  # only 127.0.0.1 hears it
+                live.chainlet = True  # its requests record their span; it passes its own on to its calls
                 self.chainlets[display] = live
                 if display != gen.order[-1]:
                     server = live.serve()
@@ -146,6 +147,22 @@ class Chain:
     def entry(self):
         return self.chainlets[self.entrypoint]
 
+    @property
+    def examples_file(self) -> Path:
+        return examples_file(self.source)
+
+    @property
+    def examples(self) -> list:
+        """The chain's examples (see examples_file): what `truss-lab check` sends, the panel's dropdown."""
+        return list(self.entry.bundle.examples)
+
+    def check(self, inputs=None, **kwargs):
+        """`truss-lab check` on this chain: every chainlet's generated truss on the real Truss server,
+        wired as deployed, against this chain (serving/check.py)."""
+        from .serving.check import check_chain
+
+        return check_chain(self, inputs, **kwargs)
+
     def predict(self, body: Any):
         """What the deployed entrypoint answers for this JSON body: a Result whose output is that JSON
         answer (raises on an error, naming the chainlet and what failed)."""
@@ -154,7 +171,15 @@ class Chain:
 
         from .serialization import truss_json
 
-        result = self.entry.predict(body)
+        from .trace import SPAN, span_from, traceparent
+        from .wrapper import local_request
+
+        span = span_from(None, root=True)  # one trace per request: every chainlet's part is a span in it
+        token = SPAN.set(span)
+        try:
+            result = self.entry.predict(body, request=local_request(body, headers={"traceparent": traceparent(span)}))
+        finally:
+            SPAN.reset(token)
         return dataclasses.replace(result, output=json.loads(truss_json(result.output)))
 
     def run(self, **kwargs: Any) -> Any:
@@ -166,9 +191,44 @@ class Chain:
         (`POST /v1/models/model:predict` with the entrypoint's JSON body); `truss-lab serve my_chain.py`."""
         return self.entry.serve(host=host, port=port)
 
-    def report(self) -> dict[str, Any]:
-        """A Report per chainlet (its lock, waits and stages)."""
-        return {name: live.report() for name, live in self.chainlets.items()}
+    def trees(self, last: int | None = None) -> list["Call"]:
+        """The request trees, oldest first: per request to the entrypoint, which chainlet called which,
+        each with its trace (lock wait, stages, error). Built from the chainlets' kept traces by their
+        trace context (every request's chainlets share its trace id; a call's parent is its caller's span)."""
+        calls: dict[str, Call] = {}
+        for name, live in self.chainlets.items():
+            for t in live.traces:
+                if t.span_id is not None:
+                    calls[t.span_id] = Call(name, t)
+        roots: list[Call] = []
+        for call in sorted(calls.values(), key=lambda c: c.trace.start):
+            parent = calls.get(call.trace.parent_span_id or "")
+            (parent.calls if parent is not None else roots).append(call)
+        roots = [r for r in roots if r.chainlet == self.entrypoint] or roots
+        return roots if last is None else roots[-last:] if last > 0 else []
+
+    def report(self, last: int | None = None) -> "ChainReport":
+        """A Report per chainlet (its lock, waits and stages) and the request trees (`trees()`); the
+        traces of the last `last` requests to the entrypoint only, when given."""
+        trees = self.trees(last)
+        if last is None:
+            reports = {name: live.report() for name, live in self.chainlets.items()}
+        else:
+            spans = {name: set() for name in self.chainlets}
+            for tree in trees:
+                for call in tree.walk():
+                    spans[call.chainlet].add(id(call.trace))
+            from .trace import Report
+
+            reports = {name: Report.from_traces([t for t in live.traces if id(t) in spans[name]], live.concurrency)
+                       for name, live in self.chainlets.items()}
+        return ChainReport(self.name, reports, trees, {n: live.concurrency for n, live in self.chainlets.items()})
+
+    def timeline(self, last: int | None = None):
+        """The requests' timeline with a lane per chainlet (`truss_lab.timeline(chain)`)."""
+        from .display.plots import chain_timeline
+
+        return chain_timeline(self, last)
 
     # -------------------------------------------------------------- hot reload
 
@@ -276,13 +336,24 @@ def _generate(source: Path, entrypoint: str | None, root: Path) -> _Generated:
         text = config.read_text()
         config.write_text("\n".join(f"model_name: {display}" if line.startswith("model_name:") else line
                                     for line in text.splitlines()) + "\n")
+    order = [d.display_name for d in descriptors]
+    examples = examples_file(source)
+    if examples.is_file():  # the entrypoint's truss gets the chain's examples (the panel, %truss predict --example)
+        shutil.copyfile(examples, folders[order[-1]] / "examples.yaml")
     return _Generated(
         name=name,
-        order=[d.display_name for d in descriptors],
+        order=order,
         depends={d.display_name: tuple(sorted(dep.display_name for dep in d.dependencies.values())) for d in descriptors},
         folders=folders,
         classes={d.display_name: (d.chainlet_cls.__module__, d.chainlet_cls.__name__) for d in descriptors},
     )
+
+
+def examples_file(source: Path) -> Path:
+    """The chain's examples: `<source stem>.examples.yaml` next to it, else `examples.yaml` in its folder
+    (a list of {name, input}, as a truss's examples.yaml; each input is the entrypoint's JSON body)."""
+    own = source.with_name(f"{source.stem}.examples.yaml")
+    return own if own.is_file() or not (source.parent / "examples.yaml").is_file() else source.parent / "examples.yaml"
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -472,3 +543,62 @@ class ChainReloader(Reloader):
         kind = "full" if any(e.kind == "full" for e in events.values()) else "methods" if events else "unchanged"
         return ChainReloadEvent(chain.version, kind, [n for n in events if n not in untouched],
                                 chainlets={n: e for n, e in events.items() if n not in untouched}, untouched=untouched)
+
+
+@dataclasses.dataclass
+class Call:
+    """One chainlet's part of a request: its trace, and the calls it made (in the order they started)."""
+
+    chainlet: str
+    trace: Any
+    calls: list["Call"] = dataclasses.field(default_factory=list)
+
+    def walk(self):
+        yield self
+        for call in self.calls:
+            yield from call.walk()
+
+    def lines(self, indent: str = "", last: bool = True, top: bool = True) -> list[str]:
+        t = self.trace
+        what = f"{t.total_ms:.1f} ms (lock wait {t.lock_wait_ms:.1f}, predict {t.predict_ms:.1f})"
+        if not t.ok:
+            what += f" FAILED in {t.error_stage}: {t.error}"
+        branch = "" if top else ("└─ " if last else "├─ ")
+        out = [f"{indent}{branch}{self.chainlet} #{t.request_id} {what}"]
+        inner = indent + ("" if top else ("   " if last else "│  "))
+        for i, call in enumerate(self.calls):
+            out += call.lines(inner, i == len(self.calls) - 1, top=False)
+        return out
+
+
+@dataclasses.dataclass
+class ChainReport:
+    """`chain.report()`: a Report per chainlet and the request trees (which chainlet called which)."""
+
+    chain: str
+    reports: dict[str, Any]
+    trees: list[Call]
+    locks: dict[str, int]
+
+    def __getitem__(self, chainlet: str):
+        return self.reports[chainlet]
+
+    def table(self) -> str:
+        rows = [f"chain {self.chain}: {len(self.trees)} requests"]
+        rows.append(f"  {'chainlet':<14}{'lock':>5}{'calls':>7}{'max held':>9}{'wait p50':>10}{'predict p50':>12}{'failed':>8}")
+        for name, r in self.reports.items():
+            rows.append(f"  {name:<14}{self.locks[name]:>5}{r.count:>7}{r.max_lock_holders:>9}"
+                        f"{r.stages['lock_wait'].p50:>8.1f}ms{r.stages['predict'].p50:>10.1f}ms{sum(r.failures.values()):>8}")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        shown = self.trees[-5:]
+        tree_lines = [line for tree in shown for line in tree.lines("  ")]
+        more = f"  ... {len(self.trees) - len(shown)} earlier requests (report.trees)" if len(self.trees) > len(shown) else ""
+        return "\n".join([self.table(), "request trees:" if shown else "no requests yet", *tree_lines] + ([more] if more else []))
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        from .display.style import esc
+
+        text = str(self)
+        return {"text/plain": text, "text/html": f"<pre class='truss-lab truss-lab-chain-report'>{esc(text)}</pre>"}

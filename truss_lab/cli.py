@@ -129,6 +129,8 @@ def cmd_serve(args) -> int:
         from .chains import load_chain
 
         with load_chain(args.path) as chain:
+            if not args.no_watch:
+                chain.watch()  # a save reloads the chainlets whose code changed
             server = chain.serve(host=args.host, port=args.port)
             print(f"serving the chain {chain.name} ({', '.join(chain.chainlets)}) at {server.url}/v1/models/model:predict "
                   "(Ctrl-C stops)", flush=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import inspect
 import itertools
 import logging
@@ -32,7 +33,7 @@ from .bundle import Bundle, validate_concurrency
 from .errors import STAGE_ERRORS, ModelError, SecretNotFound, TrussLabError, describe
 from .lock import FairLock
 from .guard import run_queue_ns
-from .trace import ActivityLog, Report, Trace
+from .trace import SPAN, ActivityLog, Report, Trace
 from .serialization import is_response, parse_input, truss_json_check
 from .wrapper import (
     ENDPOINTS,
@@ -236,6 +237,9 @@ class Runner:
         t = Trace(next(self._ids), s.version, threading.current_thread().name, perf_counter())
         if method != "predict":
             t.method = method
+        span = SPAN.get()  # a request that came with a trace context (a chainlet's call): its place in the tree
+        if span is not None:
+            t.trace_id, t.parent_span_id, t.span_id = span
         return t
 
     @staticmethod
@@ -493,15 +497,16 @@ class Runner:
 
     def _iterate(self, stream: Any, watch: lockguard.Watch | None = None) -> Iterator[Any]:
         if inspect.isasyncgen(stream):
+            context = contextvars.copy_context()  # one for all its steps, as one task iterates it on Truss
             try:
                 while True:
                     try:
                         step = stream.__anext__()
-                        yield self._loop.run(step if watch is None else lockguard.within(watch, step))
+                        yield self._loop.run(step if watch is None else lockguard.within(watch, step), context)
                     except StopAsyncIteration:
                         return
             finally:
-                self._loop.finish(stream.aclose())  # scheduled, not awaited, if the GC finalises it on the loop thread
+                self._loop.finish(stream.aclose(), context)  # scheduled, not awaited, if the GC finalises it on the loop thread
         else:
             yield from stream
 

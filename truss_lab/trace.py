@@ -10,10 +10,31 @@ import collections
 import itertools
 import math
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 STAGES = ("preprocess", "lock_wait", "predict", "postprocess", "total")
+
+
+SPAN: ContextVar["tuple[str, str | None, str] | None"] = ContextVar("truss_lab_span", default=None)  # (trace, parent, own)
+
+
+def span_from(traceparent: str | None, root: bool = False) -> "tuple[str, str | None, str] | None":
+    """(trace id, the caller's span id, a new span id for this request) from a W3C `traceparent`
+    header (`00-<32 hex>-<16 hex>-<2 hex>`); a new trace when there is none and `root`, else None."""
+    import secrets
+
+    if traceparent:
+        parts = traceparent.strip().split("-")
+        if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
+            return parts[1], parts[2], secrets.token_hex(8)
+    return (secrets.token_hex(16), None, secrets.token_hex(8)) if root else None
+
+
+def traceparent(span: "tuple[str, str | None, str]") -> str:
+    """The `traceparent` that makes `span` (this request) the parent of the calls it makes."""
+    return f"00-{span[0]}-{span[2]}-01"
 
 
 def _ms(start: float | None, end: float | None) -> float:
@@ -53,6 +74,11 @@ class Trace:
     gpu_in_use: bool = False  # torch/TensorFlow had a GPU: a CPU-idle predict may be waiting for it
     cpu_measurable: bool = field(default=True, repr=False, compare=False)  # predict ran in this thread, not streamed
     profiler: Any = field(default=None, repr=False, compare=False)  # profile.Profiler when this request is profiled
+    # W3C trace context, when the request came with a `traceparent` (or a chain started it): the
+    # request's trace, this request's own span and the caller's (a chainlet's request tree).
+    trace_id: str | None = None
+    span_id: str | None = None
+    parent_span_id: str | None = None
 
     @property
     def ok(self) -> bool:

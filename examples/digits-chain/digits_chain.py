@@ -45,7 +45,7 @@ class Preprocess(chains.ChainletBase):
 
 class Classify(chains.ChainletBase):
     remote_config = chains.RemoteConfig(
-        docker_image=chains.DockerImage(pip_requirements=["tensorflow"], data_dir=DATA),
+        docker_image=chains.DockerImage(pip_requirements=["tensorflow>=2.16"], data_dir=DATA),
         compute=chains.Compute(predict_concurrency=1),  # the GPU lock
     )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .style import STAGE_COLOURS, STAGE_LABELS, esc
 from ..trace import Report, Trace, max_concurrent
@@ -49,6 +49,7 @@ class Timeline:
     caption: str
     by: str
     idle_label: str = "idle"  # "waiting (GPU in use?)" when a GPU was in use
+    lane_label: str = "lock\nheld"  # the occupancy lane's (a chain's: the chainlet whose lock it shows)
 
     def bars(self, stage: str) -> list[Segment]:
         return [s for s in self.segments if s.stage == stage]
@@ -99,7 +100,7 @@ class Timeline:
             ax.set_yticks(range(n), self.rows, fontsize=8)
         else:
             ax.yaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
-        ax.set_ylabel("worker" if self.by == "worker" else "request (by start)")
+        ax.set_ylabel({"worker": "worker", "chainlet": "chainlet (a track per call at once)"}.get(self.by, "request (by start)"))
         ax.set_xlabel("ms since the first request started")
         ax.set_xlim(0, self.span_ms * 1.01 or 1.0)
         fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=5, frameon=False, fontsize=8)
@@ -110,7 +111,7 @@ class Timeline:
         lane.axhline(self.lock_size, color="#333", linestyle="--", linewidth=0.8)
         lane.set_ylim(0, self.lock_size + 0.5)
         lane.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=3))
-        lane.set_ylabel("lock\nheld", fontsize=8)
+        lane.set_ylabel(self.lane_label, fontsize=8)
         lane.tick_params(labelbottom=False)
         lane.set_title(self.caption, fontsize=9, loc="left")
         return fig
@@ -209,7 +210,8 @@ class Timeline:
     # -------------------------------------------------------------------- display
 
     def __str__(self) -> str:
-        return f"lock timeline of {len(self.rows)} {'workers' if self.by == 'worker' else 'requests'}: {self.caption}"
+        what = {"worker": "workers", "chainlet": "chainlet tracks"}.get(self.by, "requests")
+        return f"lock timeline of {len(self.rows)} {what}: {self.caption}"
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         bundle = {"text/plain": str(self)}
@@ -238,6 +240,8 @@ def timeline(source: Any, by: str = "request", last: int | None = None, lock_siz
 
     `by="worker"` puts every request a worker thread ran on that worker's row.
     """
+    if hasattr(source, "chainlets") and hasattr(source, "trees"):  # a Chain: a lane per chainlet
+        return chain_timeline(source, last)
     if by not in ("request", "worker"):
         raise ValueError(f"by must be 'request' or 'worker', got {by!r}")
     report = _report(source, last, lock_size)
@@ -258,23 +262,7 @@ def timeline(source: Any, by: str = "request", last: int | None = None, lock_siz
     segments: list[Segment] = []
     errors: list[tuple[int, float, str]] = []
     for t in traces:
-        row = row_of[id(t)]
-        for stage, a, b in (
-            ("preprocess", t.pre_start, t.pre_end),
-            ("lock_wait", t.lock_requested, t.lock_acquired),
-            ("predict", t.predict_start, t.predict_end),
-            ("postprocess", t.post_start, t.post_end),
-        ):
-            if a is not None and b is not None and b > a:
-                idle = t.predict_idle_ms if stage == "predict" else None
-                if idle:  # the idle share of predict, drawn after the computing part (a share, not when)
-                    split = ms(b) - idle
-                    segments.append(Segment(row, "predict", ms(a), split, t.request_id))
-                    segments.append(Segment(row, "predict_idle", split, ms(b), t.request_id))
-                else:
-                    segments.append(Segment(row, stage, ms(a), ms(b), t.request_id))
-        if not t.ok:
-            errors.append((row, ms(t.end), f"{t.error_stage} error: {t.error}"))
+        _draw(t, row_of[id(t)], ms, segments, errors)
     steps: list[tuple[float, int]] = []
     events = sorted(
         [(t.lock_acquired, 1) for t in traces if t.lock_acquired and t.lock_released]
@@ -288,6 +276,66 @@ def timeline(source: Any, by: str = "request", last: int | None = None, lock_siz
         steps.append((ms(ts), level))
     span = max((ms(t.end) for t in traces), default=0.0)
     return Timeline(rows, segments, errors, steps, report.lock_size, span, caption(report), by, report.idle_label)
+
+
+def _draw(t: Trace, row: int, ms: Callable[[float], float], segments: list[Segment], errors: list) -> None:
+    """One request's stages (and its error mark) on `row`."""
+    for stage, a, b in (
+        ("preprocess", t.pre_start, t.pre_end),
+        ("lock_wait", t.lock_requested, t.lock_acquired),
+        ("predict", t.predict_start, t.predict_end),
+        ("postprocess", t.post_start, t.post_end),
+    ):
+        if a is not None and b is not None and b > a:
+            idle = t.predict_idle_ms if stage == "predict" else None
+            if idle:  # the idle share of predict, drawn after the computing part (a share, not when)
+                split = ms(b) - idle
+                segments.append(Segment(row, "predict", ms(a), split, t.request_id))
+                segments.append(Segment(row, "predict_idle", split, ms(b), t.request_id))
+            else:
+                segments.append(Segment(row, stage, ms(a), ms(b), t.request_id))
+    if not t.ok:
+        errors.append((row, ms(t.end), f"{t.error_stage} error: {t.error}"))
+
+
+def chain_timeline(chain: Any, last: int | None = None) -> Timeline:
+    """A chain's requests with a lane per chainlet (dependencies first, the entrypoint last): each lane
+    has a track per call running at once (up to its lock's worth inside predict), so its lock shows."""
+    report = chain.report(last)
+    every = [t for r in report.reports.values() for t in r.traces]
+    t0 = min((t.start for t in every), default=0.0)
+
+    def ms(ts: float) -> float:
+        return (ts - t0) * 1000.0
+
+    rows: list[str] = []
+    segments: list[Segment] = []
+    errors: list[tuple[int, float, str]] = []
+    busy = [n for n, r in report.reports.items() if r.count] or list(report.reports)
+    tight = min(busy, key=lambda n: report.locks[n]) if busy else None  # the smallest lock: where calls queue
+    occupancy = [(0.0, 0)]
+    if tight is not None:
+        level = 0
+        held = report.reports[tight].traces
+        for ts, step in sorted([(t.lock_acquired, 1) for t in held if t.lock_acquired and t.lock_released]
+                               + [(t.lock_released, -1) for t in held if t.lock_acquired and t.lock_released]):
+            level += step
+            occupancy.append((ms(ts), level))
+    for name, r in report.reports.items():
+        ends: list[float] = []  # per track of this lane: when its last call ended
+        base = len(rows)
+        for t in sorted(r.traces, key=lambda t: t.start):
+            track = next((i for i, end in enumerate(ends) if end <= t.start), len(ends))
+            if track == len(ends):
+                ends.append(0.0)
+            ends[track] = t.end or t.start
+            _draw(t, base + track, ms, segments, errors)
+        rows += [f"{name} (lock {report.locks[name]})"] + [f"{name} ·{k + 1}" for k in range(1, max(len(ends), 1))]
+    span = max((ms(t.end) for t in every if t.end is not None), default=0.0)
+    most = ", ".join(f"{n} {r.max_lock_holders}/{report.locks[n]}" for n, r in report.reports.items())
+    caption_text = f"chain {report.chain}: {len(report.trees)} requests{CAPTION_BREAK}most locks held at once: {most}"
+    return Timeline(rows, segments, errors, occupancy, report.locks.get(tight, 1) if tight else 1, span, caption_text,
+                    "chainlet", "idle", lane_label=f"{tight}\nlock held" if tight else "lock\nheld")
 
 
 def caption(report: Report) -> str:

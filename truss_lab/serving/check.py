@@ -264,9 +264,101 @@ def main_check(path: str, inputs: list[Any] | None, as_json: bool, truss_version
                make_model: Callable[[Path], Any]) -> int:
     """`truss-lab check` (cli.py): print the report; 0 when everything matches and no finding is an error."""
     try:
-        report = check(path, inputs, make_model=make_model, truss_version=truss_version, rtol=rtol)
+        if path.endswith(".py") and Path(path).is_file():  # a Truss Chain's source
+            report = check_chain(path, inputs, truss_version=truss_version, rtol=rtol)
+        else:
+            report = check(path, inputs, make_model=make_model, truss_version=truss_version, rtol=rtol)
     except TrussLabError as exc:
         print(f"truss-lab check: {exc}", file=sys.stderr)
         return 2
     print(report.to_json() if as_json else str(report))
     return 0 if report.ok else 1
+
+
+# ------------------------------------------------------------------------------------------ chains
+
+_TRUSS_REQUIREMENT = re.compile(r"^truss\s*(?:[=<>!~].*)?$")
+
+
+def check_chain(
+    chain: str | os.PathLike | Any,
+    inputs: Iterable[Any] | None = None,
+    *,
+    truss_version: str | None = None,
+    rtol: float = RTOL,
+    atol: float = ATOL,
+    note: Callable[[str], None] | None = None,
+) -> CheckReport:
+    """`truss-lab check my_chain.py`: every chainlet's generated truss on the real Truss server (each with
+    its own requirements), started dependencies first and wired the way a deployed chain finds its
+    chainlets - the `dynamic_chainlet_config` the platform mounts, here a folder - then the chain's
+    examples (or `inputs`) sent to the real entrypoint and to truss_lab's, and the answers compared."""
+    import shutil
+    import tempfile
+    import warnings
+
+    from ..chains import Chain, load_chain
+    from .truss_server import TRUSS_VERSION, ServerEnv, cli_site
+
+    t0 = time.perf_counter()
+    owned = not isinstance(chain, Chain)
+    env = ServerEnv.ensure(truss_version or TRUSS_VERSION, note=note)
+    if owned:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            chain = load_chain(chain)
+    findings: list[Finding] = []
+    results: list[ExampleResult] = []
+    examples = [(f"input{i}", x) for i, x in enumerate(inputs)] if inputs is not None else [(e.name, e.input) for e in chain.examples]
+    if not examples:
+        findings.append(Finding("warning", "examples", "no examples to send: only the chainlets' loads were checked",
+                                f"add examples to {chain.examples_file.name} next to the chain, or pass inputs (--input JSON)"))
+    mount = Path(tempfile.mkdtemp(prefix="truss-lab-chain-config-"))
+    site = cli_site(env)
+    servers = []
+    urls: dict[str, dict[str, str]] = {}
+    loaded = True
+    try:
+        for name, live in chain.chainlets.items():  # dependencies first: a chainlet reads its dependencies' URLs at start
+            bundle = live.bundle
+            requirements = _requirements(bundle)
+            for pin in (r for r in requirements if _TRUSS_REQUIREMENT.match(r)):
+                if pin.replace(" ", "") not in (f"truss=={env.version}", "truss"):
+                    findings.append(Finding("warning", "requirement", f"{name}: the chainlet pins {pin}; the check runs Truss {env.version}",
+                                            f"check with --truss-version matching {pin}"))
+            overlay = env.requirements_overlay([r for r in requirements if not _TRUSS_REQUIREMENT.match(r)], note=note)
+            (mount / "dynamic_chainlet_config").write_text(json.dumps(urls))
+            server_env = {"TRUSS_LAB_DYNAMIC_CONFIG_DIR": str(mount), "TRUSS_SECRET_baseten_chain_api_key": "truss-lab-local"}
+            if site is not None:
+                server_env["TRUSS_LAB_APPEND_PATH"] = str(site)  # the chainlet's `truss` requirement, after the server's own packages
+            if overlay is not None:
+                server_env["PYTHONPATH"] = str(overlay / "site")
+            server = env.start(bundle.path, env=server_env, timeout=600)
+            servers.append(server)
+            if not server.wait_ready(1):
+                loaded = False
+                findings.extend(Finding(f.severity, f.kind, f"{name}: {f.message}", f.fix)
+                                for f in _load_failure(server.output(), requirements, bundle))
+                break
+            urls[name] = {"predict_url": f"{server.url}{PREDICT}"}
+        lab = chain.serve()
+        try:
+            truss_url = servers[-1].url if loaded else None
+            for example_name, x in examples:
+                results.append(_compare(example_name, x, truss_url, lab.url, chain.entry, rtol, atol))
+        finally:
+            lab.stop()
+            if lab in chain.entry._servers:
+                chain.entry._servers.remove(lab)
+        for name, live in chain.chainlets.items():
+            findings.extend(Finding(f.severity, f.kind, f"{name}: {f.message}", f.fix) for f in _lock_findings(live, len(examples)))
+    finally:
+        for server in reversed(servers):
+            server.stop()
+        shutil.rmtree(mount, ignore_errors=True)
+        if owned:
+            chain.close()
+    return CheckReport(
+        truss=str(chain.source), truss_version=env.version, examples=results, findings=findings,
+        server_loaded=loaded, rtol=rtol, atol=atol, seconds=time.perf_counter() - t0,
+    )

@@ -35,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import names
 from ..errors import ModelError, describe
+from ..trace import SPAN, span_from, traceparent
 from ..serialization import (
     InputParsingError,
     is_pydantic,
@@ -178,7 +179,7 @@ def parse_body(body: bytes, binary: bool, input_type: type | None) -> Any:
 _WATCHERS: set = set()
 
 
-def portable(request, body: bytes):
+def portable(request, body: bytes, span: Any = None):
     """The request as model code gets it: the body already read, and the client's hang-up visible
     from the model's own event loop (async model code runs there, not on this server's loop):
     `await request.is_disconnected()` turns true once the client has gone, as on the Truss server,
@@ -209,7 +210,11 @@ def portable(request, body: bytes):
             await asyncio.sleep(0.05)
         return {"type": "http.disconnect"}
 
-    out = Request(request.scope, receive_here)
+    scope = request.scope
+    if span is not None:
+        headers = [(k, v) for k, v in scope["headers"] if k != b"traceparent"]
+        scope = dict(scope, headers=headers + [(b"traceparent", traceparent(span).encode())])
+    out = Request(scope, receive_here)
     out._body = body
 
     out.state.watch_disconnect = lambda: contextlib.nullcontext(gone)  # Truss's: an Event set on hang-up
@@ -242,7 +247,15 @@ async def predict_response(request, backend: Backend, max_body: int, method: str
         return error_body(500, "predict", f"{backend.name} has no predict(): it serves /v1/websocket only", backend.name, code=CODE_UNEXPECTED)
     if method != "predict" and method not in methods.specs:  # Truss's ModelMethodNotImplemented
         return error_body(404, method, f"`{method}` must only be called if model has it.", backend.name, code=CODE_CLIENT)
-    answer = await backend.answer(inputs, portable(request, body), method)  # its hang-up watch ends with the response
+    chainlet = getattr(getattr(backend, "live", None), "chainlet", False)
+    span = span_from(request.headers.get("traceparent"), root=chainlet)
+    token = SPAN.set(span) if span is not None else None  # the request's trace records it (runner reads it once)
+    try:
+        # a chainlet passes its own span on to the chainlets it calls (the stubs forward `traceparent`)
+        answer = await backend.answer(inputs, portable(request, body, span if chainlet else None), method)
+    finally:
+        if token is not None:
+            SPAN.reset(token)
     if answer.error is not None:
         return _error_answer(answer.error, backend)
     if answer.chunks is not None:

@@ -48,6 +48,16 @@ sys.path.insert(0, app_home)                       # the image runs `python3 /ap
 packages = os.path.join(app_home, "packages")
 if os.path.isdir(packages):
     sys.path.append(packages)                      # the image's /packages
+for extra_path in filter(None, os.environ.get("TRUSS_LAB_APPEND_PATH", "").split(os.pathsep)):
+    sys.path.append(extra_path)                    # after everything the image has: a chainlet's `truss` package
+dynamic = os.environ.get("TRUSS_LAB_DYNAMIC_CONFIG_DIR")
+if dynamic:                                        # the platform's /etc/b10_dynamic_config mount, here a folder
+    import importlib
+    for name in ("_truss_shared.dynamic_config_resolver", "truss.templates.shared.dynamic_config_resolver"):
+        try:
+            importlib.import_module(name).DYNAMIC_CONFIG_MOUNT_DIR = dynamic
+        except ImportError:
+            pass
 import uvicorn
 from truss_server import TrussServer
 
@@ -375,6 +385,12 @@ class RunningServer:
 
 
 _PASSED = {"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "SYSTEMROOT", "TRUSS_LAB_CACHE"}
+
+
+def cli_site(env: ServerEnv) -> Path | None:
+    """The site-packages of the venv with `truss` installed (what a chainlet's `truss==<pin>` requirement installs)."""
+    found = list((env.root / "venv-cli" / "lib").glob("python*/site-packages"))
+    return found[0] if found else None
 
 
 def _tree_digest(root: Path) -> str:

@@ -45,6 +45,8 @@ test-under-load: install
 # `truss-lab check` on every example truss: each must behave on the real Truss server as it does here.
 check-examples: install truss-server
 	@for t in examples/*/; do [ -f $$t/config.yaml ] || continue; echo "== truss-lab check $$t"; $(BIN)/truss-lab check $$t || exit 1; done
+	@# and every example chain (a folder with no config.yaml: its chain sources), wired on the real Truss servers
+	@for c in examples/*/*_chain.py; do [ -f $$c ] || continue; echo "== truss-lab check $$c"; $(BIN)/truss-lab check $$c || exit 1; done
 	@# and each example truss's outputs against its snapshot (rounded percentages: 1e-3 absorbs another CPU's rounding)
 	@for t in examples/*/; do if [ -f $$t/examples.snapshot.json ]; then $(BIN)/truss-lab test $$t --rtol 1e-3 || exit 1; fi; done
 

@@ -149,11 +149,25 @@ def test_each_chainlet_has_its_own_lock(chain):
     assert chain.chainlets["Entry"].report(last=4).max_lock_holders > 1  # the entrypoint's calls overlapped
 
 
-def test_percent_truss_load_of_a_chain_source(chain_file):
+EXAMPLES_YAML = """
+- name: short
+  input: {text: ab, n: 1}
+- name: long
+  input: {text: chains, n: 3}
+"""
+
+
+def test_the_magics_and_the_panel_on_a_chain(tmp_path):
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.testing.globalipapp import start_ipython
     from IPython.utils.capture import capture_output
 
+    from truss_lab.chains import ChainReloadEvent
+    from truss_lab.display.plots import Timeline
+    from truss_lab.notebook.widgets import widget
+
+    chain_file = _write_chain(tmp_path)
+    chain_file.with_name("word_chain.examples.yaml").write_text(EXAMPLES_YAML)  # the examples next to the chain
     ip = start_ipython() or InteractiveShell.instance()
     ip.run_line_magic("load_ext", "truss_lab")
     try:
@@ -161,8 +175,23 @@ def test_percent_truss_load_of_a_chain_source(chain_file):
             warnings.simplefilter("ignore")
             ip.run_line_magic("truss", f"load {chain_file} --as wc")
             ip.run_line_magic("truss", 'predict {"text": "ok", "n": 1}')
-        assert "as `wc`" in cap.stdout and isinstance(ip.user_ns["wc"], truss_lab.chains.Chain)
-        assert '"upper": "OK"' in cap.outputs[-1].data["text/plain"]
+            ip.run_line_magic("truss", "predict example:long")
+            ip.run_line_magic("truss", "timeline")
+            ip.run_line_magic("truss", "reload")
+        chain = ip.user_ns["wc"]
+        assert "as `wc`" in cap.stdout and isinstance(chain, truss_lab.chains.Chain) and chain.watching
+        texts = [o.data["text/plain"] for o in cap.outputs]
+        assert any('"upper": "OK"' in t for t in texts) and any('"count": "18"' in t for t in texts), texts
+        assert [e.name for e in chain.examples] == ["short", "long"]
+        assert any("chainlet tracks" in t for t in texts), texts  # the chain's timeline: a lane per chainlet
+        assert isinstance(chain.reload_history[-1], ChainReloadEvent) and len(chain.trees()) == 2
+        panel = widget(chain)
+        assert panel.live is chain.entry and panel.chain is chain
+        assert [label for label, _ in panel.examples.options][1:] == ["short", "long"]
+        panel.examples.value = "short"
+        panel.run_button.click()
+        assert panel._idle.wait(60) and panel.runs[-1].result.output.root == {"upper": "AB", "count": "2", "spelled": "A.B."}
+        assert len(chain.trees()) == 3  # the panel's run is a request tree too
     finally:
         ip.user_ns.pop("wc").close()
         ip.run_line_magic("unload_ext", "truss_lab")

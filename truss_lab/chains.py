@@ -110,6 +110,7 @@ class Chain:
         self.urls: dict[str, dict[str, str]] = {}
         self.chainlets: dict[str, Any] = {}
         self._servers: list[Any] = []
+        self._on_close: list[Any] = []
         from . import loader
 
         loader.OWN_ROOTS.add(self.source.parent)  # packages/ is a copy of it: the chain's code, not a library
@@ -171,15 +172,7 @@ class Chain:
 
         from .serialization import truss_json
 
-        from .trace import SPAN, span_from, traceparent
-        from .wrapper import local_request
-
-        span = span_from(None, root=True)  # one trace per request: every chainlet's part is a span in it
-        token = SPAN.set(span)
-        try:
-            result = self.entry.predict(body, request=local_request(body, headers={"traceparent": traceparent(span)}))
-        finally:
-            SPAN.reset(token)
+        result = self.entry.predict(body)  # a new trace: every chainlet's part of it is a span (runner.py)
         return dataclasses.replace(result, output=json.loads(truss_json(result.output)))
 
     def run(self, **kwargs: Any) -> Any:
@@ -269,7 +262,16 @@ class Chain:
             raise TimeoutError(f"no reload of the chain {self.name} within {timeout} s")
         return event
 
+    def on_close(self, callback) -> None:
+        """Call `callback()` once, when the chain is closed."""
+        self._on_close.append(callback)
+
     def close(self) -> None:
+        for callback in self.__dict__.pop("_on_close", []):
+            try:
+                callback()
+            except Exception:
+                pass
         if getattr(self, "reloader", None) is not None:
             self.reloader.unwatch()
         for live in self.chainlets.values():

@@ -33,7 +33,7 @@ from .bundle import Bundle, validate_concurrency
 from .errors import STAGE_ERRORS, ModelError, SecretNotFound, TrussLabError, describe
 from .lock import FairLock
 from .guard import run_queue_ns
-from .trace import SPAN, ActivityLog, Report, Trace
+from .trace import SPAN, ActivityLog, Report, Trace, span_from
 from .serialization import is_response, parse_input, truss_json_check
 from .wrapper import (
     ENDPOINTS,
@@ -95,14 +95,16 @@ class _RequestOnce:
     """The request object for one request's methods: the caller's, or one made from the input the
     first time a method asks for it (most models never do)."""
 
-    __slots__ = ("_input", "_request")
+    __slots__ = ("_input", "_request", "_trace")
 
-    def __init__(self, model_input: Any, request: Any):
-        self._input, self._request = model_input, request
+    def __init__(self, model_input: Any, request: Any, trace: Trace | None = None):
+        self._input, self._request, self._trace = model_input, request, trace
 
     def __call__(self) -> Any:
         if self._request is None:
-            self._request = local_request(self._input)
+            t = self._trace  # a chainlet's: the request carries its span, which its calls pass on
+            headers = {"traceparent": f"00-{t.trace_id}-{t.span_id}-01"} if t is not None and t.span_id else None
+            self._request = local_request(self._input, headers=headers)
         return self._request
 
 
@@ -112,6 +114,7 @@ class Runner:
     bundle: Bundle
     roots: list[Path]
     _serving: Serving
+    chainlet = False  # a Truss Chain's chainlet (chains.py): every request gets a span, its calls are its children
 
     def __init__(self, *, concurrency: int, trace_capacity: int, guard: bool, loop_name: str):
         self._warner = lockguard.Warner()
@@ -238,6 +241,8 @@ class Runner:
         if method != "predict":
             t.method = method
         span = SPAN.get()  # a request that came with a trace context (a chainlet's call): its place in the tree
+        if span is None and self.chainlet:  # a chain's request made here (chain.run, %truss predict): a new tree
+            span = span_from(None, root=True)
         if span is not None:
             t.trace_id, t.parent_span_id, t.span_id = span
         return t
@@ -261,7 +266,7 @@ class Runner:
         at the end of the whole path."""
         if self._loop.closed:
             raise TrussLabError(f"{self.bundle.model_name}: closed (tr.close() was called); load it again")
-        req = _RequestOnce(model_input, request)
+        req = _RequestOnce(model_input, request, t if self.chainlet else None)
         stage = "input"
         count = 0
         streamed = False

@@ -158,6 +158,7 @@ class TrussMagics(Magics):
     def __init__(self, shell):
         super().__init__(shell)
         self.current: Any = None  # the LiveModel %truss commands act on by default
+        self._chains: dict[int, Any] = {}  # id(entrypoint LiveModel) -> its Chain (loaded with %truss load my_chain.py)
         self.last_error: ModelError | None = None
         self.last_bench = None
         self.parser = build_parser()
@@ -219,8 +220,10 @@ class TrussMagics(Magics):
                 raise UsageError(f"several models in this notebook ({', '.join(sorted(loaded))}): pick one with --model VAR")
             raise UsageError("no model loaded yet: run %truss load PATH first")
         value = self.shell.user_ns.get(var)
+        if id(getattr(value, "entry", None)) in self._chains:  # a chain: its entrypoint answers
+            return value.entry
         if not isinstance(value, LiveModel):
-            raise UsageError(f"--model {var}: not a LiveModel in this notebook")
+            raise UsageError(f"--model {var}: not a LiveModel (or a chain) in this notebook")
         return value
 
     def evaluate(self, text: str, live) -> Any:
@@ -320,7 +323,17 @@ class TrussMagics(Magics):
             old.close()
         self.shell.user_ns[var] = chain
         self.current = chain.entry
-        print(f"{chain!r} as `{var}`; %truss predict (and the panel) send to its entrypoint")
+        self._chains[id(chain.entry)] = chain
+        chain.on_close(lambda key=id(chain.entry): self._chains.pop(key, None))
+        if not args.no_watch:
+            chain.watch()  # a save reloads only the chainlets whose code changed
+        print(f"{chain!r} as `{var}`; %truss predict, bench, profile and the panel send to its entrypoint; "
+              f"%truss timeline, reload, check act on the chain")
+        self.attach_notices(chain)
+
+    def chain_of(self, live) -> Any:
+        """The chain whose entrypoint `live` is (chain-wide commands: reload, watch, timeline, check), or None."""
+        return self._chains.get(id(live))
 
     def cmd_predict(self, args, cell):
         live = self.model(args.model)
@@ -336,13 +349,20 @@ class TrussMagics(Magics):
         display(result)
 
     def cmd_reload(self, args, cell):
-        event = self.model(args.model).reload(full=args.full)
+        live = self.model(args.model)
+        event = (self.chain_of(live) or live).reload(full=args.full)
         if not event.ok and event.exception is not None:
             self.last_error = event.exception
         display(event)
 
     def cmd_watch(self, args, cell):
         live = self.model(args.model)
+        chain = self.chain_of(live)
+        if chain is not None:
+            chain.watch() if args.state == "on" else chain.unwatch()
+            self.attach_notices(chain)
+            print(f"chain {chain.name}: {'watching ' + str(chain.source.parent) + ' for edits' if chain.watching else 'not watching'}")
+            return
         if args.state == "on":
             live.watch(examples=args.examples)
             self.attach_notices(live)
@@ -381,6 +401,13 @@ class TrussMagics(Magics):
         live = self.model(args.model)
         if args.last is not None and args.last < 1:
             raise UsageError(f"%truss timeline --last {args.last}: N must be 1 or more (the last N traces)")
+        chain = self.chain_of(live)
+        if chain is not None:  # a lane per chainlet
+            if not chain.trees():
+                print(f"chain {chain.name}: no requests yet; run %truss predict or %truss bench first")
+                return
+            display(timeline(chain, last=args.last))
+            return
         if self.last_bench is not None and args.last is None:
             source = self.last_bench
         else:
@@ -411,7 +438,7 @@ class TrussMagics(Magics):
                 inputs = [json.loads(text) for text in args.input]
             except json.JSONDecodeError as exc:
                 raise UsageError(f"%truss check --input: not JSON: {exc}") from None
-        display(live.check(inputs))
+        display((self.chain_of(live) or live).check(inputs))
 
     def cmd_guard(self, args, cell):
         live = self.model(args.model)
@@ -421,7 +448,8 @@ class TrussMagics(Magics):
     def cmd_widget(self, args, cell):
         from .widgets import widget
 
-        display(widget(self.model(args.model)))
+        live = self.model(args.model)
+        display(widget(live, chain=self.chain_of(live)))
 
     def cmd_traceback(self, args, cell):
         if self.last_error is None:

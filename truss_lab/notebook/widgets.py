@@ -45,6 +45,7 @@ class Panel:
 
     def __init__(self, live):
         self.live = live
+        self.chain: Any = None  # the Truss Chain whose entrypoint `live` is (widget(chain))
         self.runs: list[Run] = []
         self._upload: tuple[str, bytes] | None = None  # (file name, bytes) when the input is an upload
         self._busy = threading.Lock()
@@ -298,7 +299,7 @@ class Panel:
     def _check(self, _x: Any) -> None:
         """`truss-lab check` on this model: its examples on the real Truss server and here, and the lints."""
         self.output.value = "<i>checking against the real Truss server (the first time installs it)…</i>"
-        report = self.live.check(note=lambda msg: setattr(self.output, "value", f"<i>{esc(msg)}</i>"))
+        report = (self.chain or self.live).check(note=lambda msg: setattr(self.output, "value", f"<i>{esc(msg)}</i>"))
         self.output.value = report._repr_mimebundle_()["text/html"]
         self._show_status(None)
 
@@ -402,13 +403,19 @@ class _Closed:
         raise TrussLabError(f"{self.name}: closed; run %truss widget for the model loaded now")
 
 
-def widget(live) -> Panel:
-    """An interactive panel for `live` (a LiveModel): input, examples, image upload, Run, Run ×N."""
+def widget(live, chain: Any = None) -> Panel:
+    """An interactive panel for `live` (a LiveModel): input, examples, image upload, Run, Run ×N.
+    For a Truss Chain (`widget(chain)`): its entrypoint's panel, with the chain's examples, whose
+    Check runs `truss-lab check` on the whole chain."""
     from ..live import LiveModel
 
+    if chain is None and hasattr(live, "chainlets") and hasattr(live, "entry"):
+        chain, live = live, live.entry
     if not isinstance(live, LiveModel):
-        raise TypeError(f"widget() takes a LiveModel (tr = truss_lab.load(path)), not {type(live).__name__}")
-    return Panel(live)
+        raise TypeError(f"widget() takes a LiveModel (tr = truss_lab.load(path)) or a chain, not {type(live).__name__}")
+    panel = Panel(live)
+    panel.chain = chain
+    return panel
 
 
 def parse_input(text: str) -> Any:

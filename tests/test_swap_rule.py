@@ -244,3 +244,18 @@ def test_an_object_whose_class_init_changed_forces_a_full_reload_that_names_it(t
         assert event.kind == "full", event
         assert any("self.tok" in c and "Tokenizer.__init__" in c for c in event.changed), event.changed
         assert tr.predict("a").output["calls"] == 101  # load() ran again with the new __init__
+
+
+def test_a_class_bound_by_assignment_is_code_not_state(tmp_path):
+    """`Output = helper.Pixels` (as Truss's chainlet code generation writes): an edit to the helper gives
+    the new class; it is no run-time state that would force a full reload."""
+    helper = "class Pixels:\n    def scale(self):\n        return 1\n"
+    model = ("from model import helper\n\nOutput = helper.Pixels\n\nclass Model:\n    def load(self):\n        self.n = 1\n\n"
+             "    def predict(self, x):\n        return Output().scale()\n")
+    root = write_truss(tmp_path / "alias", model, files={"model/helper.py": helper})
+    with truss_lab.load(root) as tr:
+        assert tr.predict(None).output == 1
+        _write(root, "model/helper.py", helper.replace("return 1", "return 2"))
+        event = tr.reload()
+        assert event.kind == "methods", event
+        assert tr.predict(None).output == 2

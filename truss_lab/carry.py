@@ -163,6 +163,9 @@ def _plain_object(t: type) -> bool:
     return all(base.__module__ != "builtins" or base is object for base in t.__mro__)
 
 
+_CODE = "<code>"  # ImportState's mark for a value that is a class, function or module
+
+
 @dataclass
 class ImportState:
     """A module's values right after its import: identity and fingerprint, for globals and for the
@@ -176,7 +179,7 @@ class ImportState:
         for name, value in list(vars(module).items()):
             if _is_dunder(name):
                 continue
-            out[name] = (id(value), None if isinstance(value, _CODE_TYPES) else fingerprint(value))
+            out[name] = (id(value), _CODE if isinstance(value, _CODE_TYPES) else fingerprint(value))
             if isinstance(value, type) and value.__module__ == module.__name__:
                 for attr, inner in list(vars(value).items()):
                     if not _is_dunder(attr) and _is_data(inner):
@@ -190,6 +193,8 @@ class ImportState:
         ident, digest = self.values[name]
         if ident != id(value):
             return True  # rebound
+        if digest == _CODE:
+            return False  # a class or function bound by assignment (`Output = helper.Pixels`), still that one: code
         if digest is None:
             return None
         now = fingerprint(value)

@@ -3,7 +3,7 @@ CPU work - made into separate deployments.
 
     Preprocess  (CPU): decode the PNG, grayscale, ink-high, 8x8 in [0, 1]      predict_concurrency 4
     Classify    (GPU): the Keras model only                                   predict_concurrency 1
-    Digits      (entrypoint): calls both, returns the top-k labels in percent
+    Digits      (entrypoint): calls both, returns the top-k labels in percent   predict_concurrency 8
 
     chain = truss_lab.load_chain("examples/digits-chain/digits_chain.py")
     chain.run(image_b64=base64.b64encode(png_bytes).decode(), top_k=3)
@@ -64,6 +64,10 @@ class Classify(chains.ChainletBase):
 
 @chains.mark_entrypoint
 class Digits(chains.ChainletBase):
+    remote_config = chains.RemoteConfig(  # it mostly waits on the others: take many requests at once
+        compute=chains.Compute(cpu_count=1, predict_concurrency=8),
+    )
+
     def __init__(self, preprocess: Preprocess = chains.depends(Preprocess),
                  classify: Classify = chains.depends(Classify)):
         self._preprocess, self._classify = preprocess, classify

@@ -56,8 +56,8 @@ class Spell(chains.ChainletBase):
 class Entry(chains.ChainletBase):
     remote_config = chains.RemoteConfig(compute=chains.Compute(predict_concurrency=8))
 
-    def __init__(self, upper: Upper = chains.depends(Upper), count: Count = chains.depends(Count),
-                 spell: Spell = chains.depends(Spell)):
+    def __init__(self, upper: Upper = chains.depends(Upper), count: Count = chains.depends(Count, use_binary=True),
+                 spell: Spell = chains.depends(Spell)):  # Count's calls go as msgpack (binary transport)
         self._upper, self._count, self._spell = upper, count, spell
 
     async def run_remote(self, text: str, n: int = 2) -> dict[str, str]:
@@ -399,3 +399,75 @@ def test_the_example_chains_examples_are_the_digits_samples():
     for e in examples:
         png = (EXAMPLES / "digits" / "data" / "samples" / f"{e.name}.png").read_bytes()
         assert base64.b64decode(e.input["image_b64"]) == png, e.name
+
+
+FLAKY = """
+import truss_chains as chains
+
+CALLS = {}  # per text: how many calls this chainlet got (module state, as model code keeps it)
+
+
+class Flaky(chains.ChainletBase):
+    async def run_remote(self, text: str) -> str:
+        CALLS[text] = CALLS.get(text, 0) + 1
+        if CALLS[text] == 1:
+            raise RuntimeError(f"transient failure for {text}")
+        return f"{text}:{CALLS[text]}"
+
+
+@chains.mark_entrypoint
+class Caller(chains.ChainletBase):
+    def __init__(self, flaky: Flaky = chains.depends(Flaky, retries=2)):
+        self._flaky = flaky
+
+    async def run_remote(self, text: str) -> str:
+        return await self._flaky.run_remote(text)
+"""
+
+
+def test_a_dependency_is_retried_as_deployed_and_the_tree_shows_each_try(tmp_path):
+    path = tmp_path / "flaky_chain.py"
+    path.write_text(FLAKY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        chain = load_chain(path)
+    with chain:
+        assert chain.run(text="a") == "a:2"  # retries=2: the first call failed over the wire, the second answered
+        tree = chain.trees()[-1]
+        assert [(c.chainlet, c.trace.ok) for c in tree.calls] == [("Flaky", False), ("Flaky", True)]
+        assert "transient failure for a" in tree.calls[0].trace.error
+        assert chain.run(text="b") == "b:2" and len(chain.trees()) == 2
+
+
+def test_the_request_trees_export_to_perfetto_and_opentelemetry(fresh_chain, tmp_path):
+    import json
+
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    chain = fresh_chain
+    chain.run(text="ab", n=1)
+    chain.run(text="cd", n=2)
+    report = chain.report()
+    memory = InMemorySpanExporter()
+    report.to_otel(exporter=memory)
+    spans = memory.get_finished_spans()
+    roots = [s for s in spans if s.name == "predict-endpoint"]
+    assert len(roots) == 8  # 2 requests x 4 chainlets
+    by_trace: dict[int, list] = {}
+    for s in roots:
+        by_trace.setdefault(s.context.trace_id, []).append(s)
+    assert sorted(by_trace) == sorted(int(t.trace.trace_id, 16) for t in chain.trees())  # the recorded trace ids
+    for members in by_trace.values():
+        entry = next(s for s in members if s.resource.attributes["service.name"] == "Entry")
+        assert entry.parent is None
+        assert sorted(s.resource.attributes["service.name"] for s in members if s.parent is not None
+                      and s.parent.span_id == entry.context.span_id) == ["Count", "Spell", "Upper"]
+    path = tmp_path / "chain.json"
+    events = report.to_chrome_trace(path)["traceEvents"]
+    assert json.loads(path.read_text())["traceEvents"] == events
+    processes = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert sorted(processes.values()) == ["Count", "Entry", "Spell", "Upper"]
+    starts = [e for e in events if e["ph"] == "s"]
+    assert len(starts) == 6 and len([e for e in events if e["ph"] == "f"]) == 6  # a flow arrow per call
+    entry_pid = next(pid for pid, name in processes.items() if name == "Entry")
+    assert all(e["pid"] == entry_pid for e in starts)

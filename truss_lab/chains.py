@@ -585,6 +585,18 @@ class ChainReport:
     def __getitem__(self, chainlet: str):
         return self.reports[chainlet]
 
+    def to_chrome_trace(self, path: Any = None) -> dict:
+        """Chrome trace-event JSON (Perfetto): a process per chainlet, a flow arrow per call (export.py)."""
+        from .export import chain_chrome_trace
+
+        return chain_chrome_trace(self, path)
+
+    def to_otel(self, path: Any = None, exporter: Any = None) -> int:
+        """OpenTelemetry spans, one trace per request, a service per chainlet (export.py)."""
+        from .export import chain_otel
+
+        return chain_otel(self, path, exporter)
+
     def table(self) -> str:
         rows = [f"chain {self.chain}: {len(self.trees)} requests"]
         rows.append(f"  {'chainlet':<14}{'lock':>5}{'calls':>7}{'max held':>9}{'wait p50':>10}{'predict p50':>12}{'failed':>8}")

@@ -34,38 +34,74 @@ def chrome_trace(report: Any, path: str | os.PathLike | None = None, profile: An
     """The report's requests as Chrome trace events: a track per worker thread, a span per stage (the
     lock wait and the lock hold as their own), reloads as instant events, and - with a Profile - each
     profiled stage's call tree nested in that request's stage. Written to `path` if given."""
-    events: list[dict] = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": f"truss_lab: {report_name(report)}"}}]
-    tids: dict[str, int] = {}
-    sessions = _sessions_by_request(profile)
-    for t in report.traces:
-        tid = tids.setdefault(t.thread, len(tids) + 1)
-        args = {"request": t.request_id, "version": t.version, **({"error": t.error} if t.error else {})}
-        events.append(_span("request", t.start, t.end, tid, {**args, "method": t.method}, "request"))
-        for start, end, name, _, section in _STAGES:
-            a, b = getattr(t, start), getattr(t, end)
-            if a is None or b is None:
-                continue
-            events.append(_span(name, a, b, tid, args, "stage"))
-            for session in sessions.get((t.request_id, section), []):
-                events.extend(_samples(session, a, b, tid, profile))
-    for name, tid in tids.items():
-        events.append({"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": name}})
-    offset = _epoch_offset()
-    for event in getattr(report, "reloads", None) or []:
-        events.append({"ph": "i", "s": "g", "pid": 1, "tid": 0, "name": f"reload: {event.kind}",
-                       "ts": (event.when - offset) * 1e6, "args": {"version": event.version, "summary": event.summary()}})
+    events, _ = _report_events(report, 1, f"truss_lab: {report_name(report)}", profile)
+    return _write_trace(events, path)
+
+
+def chain_chrome_trace(report: Any, path: str | os.PathLike | None = None) -> dict:
+    """A ChainReport as Chrome trace events: a process per chainlet (its worker threads as tracks) and
+    a flow arrow from each call's caller to the call (Perfetto draws them), so a request reads across
+    the chainlets as it ran."""
+    events: list[dict] = []
+    where: dict[int, tuple[int, int]] = {}  # id(trace) -> (pid, tid) of its request span
+    for pid, (name, chainlet_report) in enumerate(report.reports.items(), start=1):
+        more, placed = _report_events(chainlet_report, pid, name)
+        events += more
+        where.update(placed)
+    flow = 0
+    for tree in report.trees:
+        for call in tree.walk():
+            for inner in call.calls:
+                if id(call.trace) in where and id(inner.trace) in where:
+                    flow += 1
+                    (pa, ta), (pb, tb) = where[id(call.trace)], where[id(inner.trace)]
+                    events.append({"ph": "s", "id": flow, "pid": pa, "tid": ta, "ts": inner.trace.start * 1e6,
+                                   "name": f"calls {inner.chainlet}", "cat": "chain"})
+                    events.append({"ph": "f", "bp": "e", "id": flow, "pid": pb, "tid": tb, "ts": inner.trace.start * 1e6,
+                                   "name": f"calls {inner.chainlet}", "cat": "chain"})
+    return _write_trace(events, path)
+
+
+def _write_trace(events: list[dict], path: str | os.PathLike | None) -> dict:
     out = {"traceEvents": events, "displayTimeUnit": "ms"}
     if path is not None:
         Path(path).write_text(json.dumps(out))
     return out
 
 
+def _report_events(report: Any, pid: int, process: str, profile: Any = None) -> tuple[list[dict], dict[int, tuple[int, int]]]:
+    events: list[dict] = [{"ph": "M", "pid": pid, "name": "process_name", "args": {"name": process}}]
+    tids: dict[str, int] = {}
+    placed: dict[int, tuple[int, int]] = {}
+    sessions = _sessions_by_request(profile)
+    for t in report.traces:
+        tid = tids.setdefault(t.thread, len(tids) + 1)
+        placed[id(t)] = (pid, tid)
+        args = {"request": t.request_id, "version": t.version, **({"error": t.error} if t.error else {}),
+                **({"trace_id": t.trace_id, "span_id": t.span_id} if t.span_id else {})}
+        events.append(_span("request", t.start, t.end, tid, {**args, "method": t.method}, "request", pid))
+        for start, end, name, _, section in _STAGES:
+            a, b = getattr(t, start), getattr(t, end)
+            if a is None or b is None:
+                continue
+            events.append(_span(name, a, b, tid, args, "stage", pid))
+            for session in sessions.get((t.request_id, section), []):
+                events.extend(_samples(session, a, b, tid, profile))
+    for name, tid in tids.items():
+        events.append({"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": name}})
+    offset = _epoch_offset()
+    for event in getattr(report, "reloads", None) or []:
+        events.append({"ph": "i", "s": "g", "pid": pid, "tid": 0, "name": f"reload: {event.kind}",
+                       "ts": (event.when - offset) * 1e6, "args": {"version": event.version, "summary": event.summary()}})
+    return events, placed
+
+
 def report_name(report: Any) -> str:
     return getattr(report, "label", "") or "model"
 
 
-def _span(name: str, start: float, end: float, tid: int, args: dict, cat: str) -> dict:
-    return {"ph": "X", "pid": 1, "tid": tid, "name": name, "cat": cat, "ts": start * 1e6, "dur": max(0.0, end - start) * 1e6, "args": args}
+def _span(name: str, start: float, end: float, tid: int, args: dict, cat: str, pid: int = 1) -> dict:
+    return {"ph": "X", "pid": pid, "tid": tid, "name": name, "cat": cat, "ts": start * 1e6, "dur": max(0.0, end - start) * 1e6, "args": args}
 
 
 def _sessions_by_request(profile: Any) -> dict[tuple[int, str], list]:
@@ -128,6 +164,96 @@ class NdjsonExporter:
         return True
 
 
+def _export_trace(tracer: Any, t: Any, ns: Any, context: Any = None) -> tuple[Any, int]:
+    """One request as the Truss server's spans; returns (its `predict-endpoint` span, spans made)."""
+    from opentelemetry import trace as otel_trace
+
+    count = 0
+    root = tracer.start_span("predict-endpoint", context=context, start_time=ns(t.start))
+    ctx = otel_trace.set_span_in_context(root)
+    root.add_event("start: model-call", timestamp=ns(t.start))
+    for start, end, _, span_name, section in _STAGES:
+        if span_name is None:
+            continue
+        begin = t.lock_requested if span_name == "call-predict" and t.lock_requested is not None else getattr(t, start)
+        a, b = getattr(t, start), getattr(t, end)
+        if a is None or b is None or begin is None:
+            continue
+        span = tracer.start_span(span_name, context=ctx, start_time=ns(begin))
+        span.add_event(f"start: {section}", timestamp=ns(a))
+        span.add_event(f"done: {section}", attributes={"duration_sec": b - a}, timestamp=ns(b))
+        span.end(end_time=ns(b))
+        count += 1
+    root.add_event("done: model-call", attributes={"duration_sec": t.end - t.start}, timestamp=ns(t.end))
+    root.end(end_time=ns(t.end))
+    return root, count + 1
+
+
+def chain_otel(report: Any, path: str | os.PathLike | None = None, exporter: Any = None) -> int:
+    """A ChainReport's requests as OpenTelemetry spans: per request one trace (the id it was recorded
+    with), each chainlet a service whose `predict-endpoint` span is a child of its caller's. Written
+    to `path` as NDJSON, or handed to `exporter`. Returns the span count."""
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class RecordedIds(RandomIdGenerator):  # a request's root span gets the trace id the request had
+        pending: int | None = None
+
+        def generate_trace_id(self) -> int:
+            return self.pending if self.pending is not None else super().generate_trace_id()
+
+    if exporter is None:
+        if path is None:
+            raise ValueError("to_otel() needs a path or an exporter")
+        exporter = NdjsonExporter(path)
+    shared = _KeepOpen(exporter)
+    ids = RecordedIds()
+    providers = {}
+    for name in report.reports:
+        providers[name] = TracerProvider(resource=Resource.create({SERVICE_NAME: name}), id_generator=ids)
+        providers[name].add_span_processor(SimpleSpanProcessor(shared))
+    offset = _epoch_offset()
+
+    def ns(t: float) -> int:
+        return int((t + offset) * 1e9)
+
+    count = 0
+    for tree in report.trees:
+        made: dict[int, Any] = {}
+        for call in tree.walk():  # callers before their calls
+            parent = next((made[id(c.trace)] for c in tree.walk() if call in c.calls and id(c.trace) in made), None)
+            ids.pending = int(call.trace.trace_id, 16) if parent is None and call.trace.trace_id else None
+            context = otel_trace.set_span_in_context(parent) if parent is not None else None
+            if call.trace.end is None:
+                continue
+            made[id(call.trace)], n = _export_trace(providers[call.chainlet].get_tracer("truss_lab"), call.trace, ns, context)
+            count += n
+        ids.pending = None
+    for provider in providers.values():
+        provider.shutdown()
+    exporter.shutdown()
+    return count
+
+
+class _KeepOpen:
+    """One exporter shared by several providers: only the caller shuts it down."""
+
+    def __init__(self, exporter: Any):
+        self._exporter = exporter
+
+    def export(self, spans):
+        return self._exporter.export(spans)
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
+
+
 def otel(report: Any, path: str | os.PathLike | None = None, exporter: Any = None, service_name: str = "truss-lab") -> int:
     """The report's requests as OpenTelemetry spans through the SDK, shaped as the Truss server's: a
     `predict-endpoint` span per request with `call-pre`, `call-predict` and `call-post` children, each
@@ -153,25 +279,7 @@ def otel(report: Any, path: str | os.PathLike | None = None, exporter: Any = Non
 
     count = 0
     for t in report.traces:
-        if t.end is None:
-            continue
-        root = tracer.start_span("predict-endpoint", start_time=ns(t.start))
-        ctx = otel_trace.set_span_in_context(root)
-        root.add_event("start: model-call", timestamp=ns(t.start))
-        for start, end, _, span_name, section in _STAGES:
-            if span_name is None:
-                continue
-            begin = t.lock_requested if span_name == "call-predict" and t.lock_requested is not None else getattr(t, start)
-            a, b = getattr(t, start), getattr(t, end)
-            if a is None or b is None or begin is None:
-                continue
-            span = tracer.start_span(span_name, context=ctx, start_time=ns(begin))
-            span.add_event(f"start: {section}", timestamp=ns(a))
-            span.add_event(f"done: {section}", attributes={"duration_sec": b - a}, timestamp=ns(b))
-            span.end(end_time=ns(b))
-            count += 1
-        root.add_event("done: model-call", attributes={"duration_sec": t.end - t.start}, timestamp=ns(t.end))
-        root.end(end_time=ns(t.end))
-        count += 1
+        if t.end is not None:
+            count += _export_trace(tracer, t, ns)[1]
     provider.shutdown()
     return count

@@ -281,8 +281,14 @@ def test_a_chainlet_whose_init_changed_is_rebuilt_and_a_helper_reloads_its_users
 
 
 def test_the_watcher_reloads_a_saved_chain_and_a_broken_save_keeps_the_old_code(fresh_chain):
+    import watchfiles
+
     chain, path = fresh_chain, fresh_chain.source
     good = path.read_text()
+    counts = chain.reloader.watch_filter(watchfiles)  # the chain root is often the notebook's own folder
+    assert counts(watchfiles.Change.modified, str(path)) and counts(watchfiles.Change.modified, str(path.with_name("x.examples.yaml")))
+    assert not counts(watchfiles.Change.modified, str(path.with_name("06.ipynb")))
+    assert not counts(watchfiles.Change.added, str(path.with_name("chain.json")))  # an exported trace
     chain.watch()
     n = chain.reload_count
     path.write_text(good.replace("return text.upper()", "return text.upper() + '?'"))

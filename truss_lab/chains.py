@@ -430,10 +430,20 @@ def _keep_libraries(loaded: dict[str, Any], chain_root: Path) -> None:
             sys.modules[name] = module
 
 
+_generation = threading.Lock()  # tempfile.tempdir and PATH are the process's: one generation at a time
+
+
 @contextlib.contextmanager
 def _generating(root: Path):
     """Truss's code generation writes under tempfile.gettempdir() and formats with `ruff`: our folder,
     and this interpreter's scripts on PATH."""
+    with _generation:
+        with _swapped(root):
+            yield
+
+
+@contextlib.contextmanager
+def _swapped(root: Path):
     old_tempdir, old_path = tempfile.tempdir, os.environ.get("PATH", "")
     tempfile.tempdir = str(root)
     os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), old_path])
@@ -492,6 +502,11 @@ class ChainReloader(Reloader):
     @property
     def watch_path(self) -> Path:
         return self.live.source.parent  # the chain root: what a push copies into every chainlet
+
+    def watch_filter(self, watchfiles: Any) -> Any:
+        """Python files and YAML (the chain's examples): the chain root is often the notebook's folder,
+        whose autosaves and exported traces are no code of the chain's."""
+        return watchfiles.PythonFilter(ignore_paths=(), extra_extensions=(".yaml", ".yml"))
 
     def _reload(self, full: bool) -> ChainReloadEvent | None:
         chain: Chain = self.live

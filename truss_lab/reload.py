@@ -438,6 +438,10 @@ class Reloader:
         """The folder whose saves reload: the truss folder."""
         return self.live.bundle.path
 
+    def watch_filter(self, watchfiles: Any) -> Any:
+        """Which changes under watch_path count (editor droppings and notebook checkpoints do not)."""
+        return watchfiles.DefaultFilter(ignore_dirs=(*watchfiles.DefaultFilter.ignore_dirs, ".ipynb_checkpoints"))
+
     def watch(self, step_ms: int = 12, debounce_ms: int = 400) -> None:
         """Reload on save, from a daemon thread. Saves within `step_ms` of each other count as one."""
         if self.watching:
@@ -449,10 +453,9 @@ class Reloader:
         stop = self._stop
         path = self.watch_path
 
+        watch_filter = self.watch_filter(watchfiles)
+
         def run() -> None:
-            watch_filter = watchfiles.DefaultFilter(
-                ignore_dirs=(*watchfiles.DefaultFilter.ignore_dirs, ".ipynb_checkpoints"),
-            )
             try:
                 # yield_on_timeout: an empty set every `rust_timeout` ms of quiet; the first one
                 # tells us the OS watch is in place, so watch() can return knowing no save is missed.

@@ -477,3 +477,21 @@ def test_the_request_trees_export_to_perfetto_and_opentelemetry(fresh_chain, tmp
     assert len(starts) == 6 and len([e for e in events if e["ph"] == "f"]) == 6  # a flow arrow per call
     entry_pid = next(pid for pid, name in processes.items() if name == "Entry")
     assert all(e["pid"] == entry_pid for e in starts)
+
+
+def test_the_cli_predicts_and_benches_a_chain(tmp_path, capsys):
+    import json
+
+    from truss_lab.cli import main
+
+    path = _write_chain(tmp_path)
+    path.with_name("word_chain.examples.yaml").write_text(EXAMPLES_YAML)
+    assert main(["predict", str(path), "--input", '{"text": "ab", "n": 2}']) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"upper": "AB", "count": "4", "spelled": "A.B."}
+    assert "request tree:" in err and "└─ Spell" in err  # where the time went, chainlet by chainlet
+    assert main(["predict", str(path), "--example", "long"]) == 0
+    assert json.loads(capsys.readouterr()[0])["count"] == "18"
+    assert main(["bench", str(path), "-n", "4", "--no-progress"]) == 0
+    out, _ = capsys.readouterr()
+    assert "4 requests, 4 ok" in out and "chain Entry: 4 requests" in out and "Spell" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import threading
@@ -68,11 +69,31 @@ def cmd_init(args) -> int:
     return EXIT_OK
 
 
-def cmd_predict(args) -> int:
-    from .display.text import timing_table
+@contextlib.contextmanager
+def _opened(path: str, lock: int | None):
+    """(the LiveModel requests go to, the chain it is the entrypoint of or None): a truss folder, or a
+    Truss Chain's source (its entrypoint answers, as deployed)."""
+    if path.endswith(".py") and Path(path).is_file():
+        from .chains import load_chain
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            chain = load_chain(path)
+        with chain:
+            if lock is not None:
+                chain.entry.concurrency = lock
+            yield chain.entry, chain
+        return
     from .live import load
 
-    with load(args.path, concurrency=args.lock) as live:
+    with load(path, concurrency=lock) as live:
+        yield live, None
+
+
+def cmd_predict(args) -> int:
+    from .display.text import timing_table
+
+    with _opened(args.path, args.lock) as (live, chain):
         model_input = _inputs(args, live)[0]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -85,16 +106,18 @@ def cmd_predict(args) -> int:
             return EXIT_MODEL
         print(_json(result.output))
         print(f"timing (v{result.trace.version}):\n{timing_table(result.trace)}", file=sys.stderr)
+        if chain is not None:
+            print("\n".join(["request tree:", *chain.trees()[-1].lines("  ")]), file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_bench(args) -> int:
-    from .live import load
-
-    with load(args.path, concurrency=args.lock) as live:
+    with _opened(args.path, args.lock) as (live, chain):
         inputs = _inputs(args, live)
         report = live.bench(inputs, n=args.n, concurrency=args.concurrency, progress=not args.no_progress)
         print(report.table())
+        if chain is not None:  # where the time went, chainlet by chainlet
+            print(chain.report(last=args.n).table())
         return EXIT_MODEL if report.failures else EXIT_OK
 
 

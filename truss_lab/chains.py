@@ -12,6 +12,12 @@ depends on are served on 127.0.0.1, and their URLs reach the generated code the 
 finds them: through the `dynamic_chainlet_config` it reads (per chain here, so two chains never see
 each other's URLs). So calls between chainlets cross HTTP with the deployed serialisation, retries
 and errors: a value that does not survive the wire fails here as on deploy.
+
+Every request to the entrypoint is one W3C trace; each chainlet's trace records its span and its
+caller's, so `chain.trees()` / `chain.report()` / `timeline(chain)` show which chainlet called which.
+A save in the chain's folder re-runs the code generation and reloads only the chainlets whose code
+changed (ChainReloader); `chain.check()` runs the generated trusses on the real Truss server, wired as
+deployed (serving/check.py).
 """
 
 from __future__ import annotations

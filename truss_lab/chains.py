@@ -281,6 +281,7 @@ class Chain:
         if getattr(self, "reloader", None) is not None:
             self.reloader.unwatch()
         for live in self.chainlets.values():
+            _close_stubs(live)
             live.close()
         with _lock:
             for key in [k for k, c in _chains.items() if c is self]:
@@ -421,6 +422,25 @@ def _sync(src: Path, dst: Path) -> None:
             target.write_bytes(data)
     for rel in set(old) - set(new):
         (dst / rel).unlink(missing_ok=True)
+
+
+def _close_stubs(live: Any) -> None:
+    """Close the HTTP clients a chainlet's stubs opened (aiohttp sessions on its event loop), as a
+    chainlet's process exit would: else each is an "Unclosed client session" error at exit."""
+    try:
+        from truss_chains.remote_chainlet.stub import StubBase
+    except ImportError:
+        return
+    chainlet = getattr(getattr(live, "model", None), "_chainlet", None)
+    for value in list(getattr(chainlet, "__dict__", {}).values()):
+        if not isinstance(value, StubBase):
+            continue
+        sync_client, async_client = getattr(value, "_cached_sync_client", None), getattr(value, "_cached_async_client", None)
+        with contextlib.suppress(Exception):
+            if sync_client is not None:
+                sync_client[0].close()
+            if async_client is not None and not async_client[0].closed:
+                live._loop.run(async_client[0].close())
 
 
 def _keep_libraries(loaded: dict[str, Any], chain_root: Path) -> None:

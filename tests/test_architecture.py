@@ -19,7 +19,8 @@ PACKAGE = ROOT / "truss_lab"
 FRONT_ENDS = ("truss_lab.display", "truss_lab.notebook", "truss_lab.serving", "truss_lab.devtools", "truss_lab.cli")
 FACADES = ("truss_lab", "truss_lab.ray_serve", "truss_lab.localhttp")
 # Core functions whose whole job is to start a front end (the only core -> front-end imports allowed).
-FRONT_END_ENTRIES = {("truss_lab.live", "serve"), ("truss_lab.live", "check")}
+FRONT_END_ENTRIES = {("truss_lab.live", "serve"), ("truss_lab.live", "check"),
+                     ("truss_lab.chains", "check"), ("truss_lab.chains", "timeline")}
 FRONT_END_LIBRARIES = (
     "IPython", "ipywidgets", "ipykernel", "matplotlib", "PIL", "tensorflow", "keras",
     "uvicorn", "fastapi", "starlette", "ray", "tqdm", "watchfiles",

@@ -358,7 +358,7 @@ def test_the_timeline_has_a_lane_per_chainlet(fresh_chain):
 def test_truss_lab_check_of_a_chain_on_the_real_truss_server(truss_env, chain_file):
     from truss_lab.serving.check import check_chain
 
-    report = check_chain(chain_file, [{"text": "ab", "n": 2}, {"text": "x", "n": -1}])
+    report = check_chain(chain_file, [{"text": "ab", "n": 2}, {"text": "x", "n": -1}], make_chain=load_chain)
     assert report.server_loaded and report.ok, str(report)
     assert [e.truss_status for e in report.examples] == [200, 500] and [e.lab_status for e in report.examples] == [200, 500]
 
@@ -389,7 +389,7 @@ def test_check_names_the_chainlet_whose_requirement_is_left_out(truss_env, tmp_p
             async def run_remote(self, n: int) -> int:
                 return await self._bar.run_remote(n)
     '''))
-    report = check_chain(path, [{"n": 1}])
+    report = check_chain(path, [{"n": 1}], make_chain=load_chain)
     assert not report.ok and not report.server_loaded
     assert any(f.message.startswith("Bar: ") and "pyinstrument" in f.message for f in report.findings), report.findings
 

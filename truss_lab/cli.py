@@ -210,6 +210,12 @@ def cmd_test(args) -> int:
     return EXIT_OK
 
 
+def _load_chain(path):
+    from .chains import load_chain
+
+    return load_chain(path)
+
+
 def cmd_check(args) -> int:
     try:
         from .serving.check import main_check
@@ -225,7 +231,7 @@ def cmd_check(args) -> int:
             return EXIT_USAGE
     from .live import load
 
-    return main_check(args.path, inputs, args.json, args.truss_version, args.rtol, make_model=load)
+    return main_check(args.path, inputs, args.json, args.truss_version, args.rtol, make_model=load, make_chain=_load_chain)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -181,7 +181,7 @@ def test_magic_shows_the_panel(live):
 
 
 def test_widget_wants_a_live_model():
-    with pytest.raises(TypeError, match=r"widget\(\) takes a LiveModel \(tr = truss_lab.load\(path\)\), not str"):
+    with pytest.raises(TypeError, match=r"widget\(\) takes a LiveModel \(tr = truss_lab.load\(path\)\) or a chain, not str"):
         truss_lab.widget("my-truss")
 
 

@@ -261,11 +261,11 @@ def _lock_findings(live, n: int) -> list[Finding]:
 
 
 def main_check(path: str, inputs: list[Any] | None, as_json: bool, truss_version: str | None, rtol: float,
-               make_model: Callable[[Path], Any]) -> int:
+               make_model: Callable[[Path], Any], make_chain: Callable[[Path], Any] | None = None) -> int:
     """`truss-lab check` (cli.py): print the report; 0 when everything matches and no finding is an error."""
     try:
         if path.endswith(".py") and Path(path).is_file():  # a Truss Chain's source
-            report = check_chain(path, inputs, truss_version=truss_version, rtol=rtol)
+            report = check_chain(path, inputs, make_chain=make_chain, truss_version=truss_version, rtol=rtol)
         else:
             report = check(path, inputs, make_model=make_model, truss_version=truss_version, rtol=rtol)
     except TrussLabError as exc:
@@ -284,6 +284,7 @@ def check_chain(
     chain: str | os.PathLike | Any,
     inputs: Iterable[Any] | None = None,
     *,
+    make_chain: Callable[[Path], Any] | None = None,
     truss_version: str | None = None,
     rtol: float = RTOL,
     atol: float = ATOL,
@@ -292,21 +293,23 @@ def check_chain(
     """`truss-lab check my_chain.py`: every chainlet's generated truss on the real Truss server (each with
     its own requirements), started dependencies first and wired the way a deployed chain finds its
     chainlets - the `dynamic_chainlet_config` the platform mounts, here a folder - then the chain's
-    examples (or `inputs`) sent to the real entrypoint and to truss_lab's, and the answers compared."""
+    examples (or `inputs`) sent to the real entrypoint and to truss_lab's, and the answers compared.
+    `chain`: a loaded Chain, or its source loaded with `make_chain(path)` (the CLI passes load_chain)."""
     import shutil
     import tempfile
     import warnings
 
-    from ..chains import Chain, load_chain
     from .truss_server import TRUSS_VERSION, ServerEnv, cli_site
 
     t0 = time.perf_counter()
-    owned = not isinstance(chain, Chain)
+    owned = isinstance(chain, (str, os.PathLike))
+    if owned and make_chain is None:
+        raise TrussLabError("check_chain() of a source file needs make_chain (truss-lab check passes truss_lab.load_chain)")
     env = ServerEnv.ensure(truss_version or TRUSS_VERSION, note=note)
     if owned:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            chain = load_chain(chain)
+            chain = make_chain(Path(chain))
     findings: list[Finding] = []
     results: list[ExampleResult] = []
     examples = [(f"input{i}", x) for i, x in enumerate(inputs)] if inputs is not None else [(e.name, e.input) for e in chain.examples]

@@ -5,8 +5,8 @@
    Target: >= 0.95.
 2. Guard overhead: a no-op model through LiveModel.run with the lock-misuse guard on vs off, best of
    5 interleaved rounds. Target: <= 5 us per request.
-3. Bench throughput: a no-op model through `tr.bench` with 1 and 8 workers (requests/s, progress off):
-   what the runner itself can carry.
+3. Bench throughput: a no-op model through `tr.bench` with 1 and 8 workers (requests/s, progress off,
+   best of 3 rounds): what the runner itself can carry.
 
     python benchmarks/bench_lock.py [--quick] [--json]
 """
@@ -83,9 +83,11 @@ def noop_throughput(n: int) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp, truss_lab.load(write(Path(tmp) / "noop", NOOP), trace_capacity=n) as tr:
         tr.bench([1], n=200, concurrency=8, progress=False)  # warm up
-        for workers in (1, 8):
-            report = tr.bench([1], n=n, concurrency=workers, progress=False)
-            out[f"workers_{workers}_rps"] = round(report.throughput)
+        for _ in range(3):  # best of 3 interleaved rounds: one round on a shared 2-core machine varies x2
+            for workers in (1, 8):
+                report = tr.bench([1], n=n, concurrency=workers, progress=False)
+                key = f"workers_{workers}_rps"
+                out[key] = max(out.get(key, 0), round(report.throughput))
     out["ratio_8_to_1"] = round(out["workers_8_rps"] / out["workers_1_rps"], 2)
     return out
 

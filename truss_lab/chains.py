@@ -107,6 +107,7 @@ class Chain:
 
     def __init__(self, source: str | os.PathLike, entrypoint: str | None = None, *, guard: bool = True):
         _require_truss_chains()
+        from . import loader
         from .live import load
 
         self.source = Path(source).resolve()
@@ -117,8 +118,6 @@ class Chain:
         self.chainlets: dict[str, Any] = {}
         self._servers: list[Any] = []
         self._on_close: list[Any] = []
-        from . import loader
-
         loader.OWN_ROOTS.add(self.source.parent)  # packages/ is a copy of it: the chain's code, not a library
         try:
             gen = _generate(self.source, entrypoint, self.root)
@@ -173,7 +172,6 @@ class Chain:
     def predict(self, body: Any):
         """What the deployed entrypoint answers for this JSON body: a Result whose output is that JSON
         answer (raises on an error, naming the chainlet and what failed)."""
-        import dataclasses
         import json
 
         from .serialization import truss_json

@@ -244,7 +244,7 @@ class Runner:
         if span is None and self.chainlet:  # a chain's request made here (chain.run, %truss predict): a new tree
             span = span_from(None, root=True)
         if span is not None:
-            t.trace_id, t.parent_span_id, t.span_id = span
+            t.span = span
         return t
 
     @staticmethod

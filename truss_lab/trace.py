@@ -74,11 +74,22 @@ class Trace:
     gpu_in_use: bool = False  # torch/TensorFlow had a GPU: a CPU-idle predict may be waiting for it
     cpu_measurable: bool = field(default=True, repr=False, compare=False)  # predict ran in this thread, not streamed
     profiler: Any = field(default=None, repr=False, compare=False)  # profile.Profiler when this request is profiled
-    # W3C trace context, when the request came with a `traceparent` (or a chain started it): the
-    # request's trace, this request's own span and the caller's (a chainlet's request tree).
-    trace_id: str | None = None
-    span_id: str | None = None
-    parent_span_id: str | None = None
+    # W3C trace context, when the request came with a `traceparent` (or a chain started it): (the
+    # request's trace id, the caller's span id or None, this request's own span id). One field: every
+    # request pays for each field a Trace has.
+    span: "tuple[str, str | None, str] | None" = field(default=None, repr=False)
+
+    @property
+    def trace_id(self) -> str | None:
+        return self.span[0] if self.span is not None else None
+
+    @property
+    def parent_span_id(self) -> str | None:
+        return self.span[1] if self.span is not None else None
+
+    @property
+    def span_id(self) -> str | None:
+        return self.span[2] if self.span is not None else None
 
     @property
     def ok(self) -> bool:

@@ -330,3 +330,16 @@ class Model:
         text = httpx.get(url + "/metrics/").text
         assert any(line.startswith("otel_lab_hits_total") and line.endswith(" 3.0") for line in text.splitlines()), text[-2000:]
         assert 'truss_lab_stage_seconds_count{model="otel",stage="lock_wait"} 3.0' in text
+
+
+def test_a_request_with_a_traceparent_records_its_trace_context(served):
+    tr, client = served("class Model:\n    def predict(self, x, request):\n        return request.headers.get('traceparent')\n")
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert client.post("/v1/models/model:predict", json=1, headers={"traceparent": parent}).json() == parent  # as sent
+    t = tr.traces[-1]
+    assert (t.trace_id, t.parent_span_id) == ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")
+    assert len(t.span_id) == 16 and t.span_id != t.parent_span_id  # its own span in the caller's trace
+    client.post("/v1/models/model:predict", json=1)
+    assert tr.traces[-1].span is None  # no header, no context (only a chain's chainlets start one)
+    client.post("/v1/models/model:predict", json=1, headers={"traceparent": "garbage"})
+    assert tr.traces[-1].span is None

@@ -333,7 +333,8 @@ class Model:
 
 
 def test_a_request_with_a_traceparent_records_its_trace_context(served):
-    tr, client = served("class Model:\n    def predict(self, x, request):\n        return request.headers.get('traceparent')\n")
+    tr, client = served("import starlette.requests\n\nclass Model:\n    def predict(self, x, request: starlette.requests.Request):\n"
+                        "        return request.headers.get('traceparent')\n")
     parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     assert client.post("/v1/models/model:predict", json=1, headers={"traceparent": parent}).json() == parent  # as sent
     t = tr.traces[-1]

@@ -301,10 +301,16 @@ def test_the_watcher_reloads_a_saved_chain_and_a_broken_save_keeps_the_old_code(
     assert event.kind == "failed" and "word_chain.py:" in (event.location or ""), event
     assert chain.run(text="a")["upper"] == "A?"  # the old code keeps serving
     n = chain.reload_count
-    path.write_text(good.replace("Spell", "Spelling"))
+    count = chain.chainlets["Count"].model._chainlet
+    renamed = good.replace("return text.upper()", "return text.upper() + '?'").replace("Spell", "Spelling")
+    path.write_text(renamed)  # a renamed chainlet: one added, one gone, its caller rebuilt, the others untouched
     event = chain.wait_for_reload(n, timeout=60)
-    assert event.kind == "failed" and "load the chain again" in event.error and "+Spelling, -Spell" in event.error, event
-    assert chain.run(text="a")["upper"] == "A?"
+    assert event.ok and event.removed == ["Spell"], event
+    assert event.chainlets["Spelling"].changed == ["added"] and event.chainlets["Entry"].kind == "full", event
+    assert sorted(event.untouched) == ["Count", "Upper"] and "Spelling added" in str(event) and "Spell removed" in str(event)
+    assert list(chain.chainlets) == ["Upper", "Count", "Spelling", "Entry"] and chain.chainlets["Count"].model._chainlet is count
+    assert chain.run(text="a") == {"upper": "A?", "count": "4", "spelled": "A.?."}
+    assert [c.chainlet for c in chain.trees()[-1].calls] == ["Upper", "Count", "Spelling"]
 
 
 # ------------------------------------------------------------------------------ traces across chainlets
@@ -495,3 +501,37 @@ def test_the_cli_predicts_and_benches_a_chain(tmp_path, capsys):
     assert main(["bench", str(path), "-n", "4", "--no-progress"]) == 0
     out, _ = capsys.readouterr()
     assert "4 requests, 4 ok" in out and "chain Entry: 4 requests" in out and "Spell" in out
+
+
+def test_a_chainlet_added_then_removed_while_the_chain_serves(fresh_chain):
+    chain, path = fresh_chain, fresh_chain.source
+    good = path.read_text()
+    extra = '''
+
+class Extra(chains.ChainletBase):
+    def __init__(self):
+        self.bonus = 1 // BONUS
+
+    async def run_remote(self, n: int) -> int:
+        return n + self.bonus
+
+
+BONUS = 0
+'''
+    uses_extra = (good.replace("spell: Spell = chains.depends(Spell)):", "spell: Spell = chains.depends(Spell), extra: Extra = chains.depends(Extra)):")
+                  .replace("self._upper, self._count, self._spell = upper, count, spell",
+                           "self._upper, self._count, self._spell, self._extra = upper, count, spell, extra")
+                  .replace('"spelled": spelled}', '"spelled": spelled, "extra": str(await self._extra.run_remote(n))}')
+                  .replace("@chains.mark_entrypoint", extra.strip() + "\n\n\n@chains.mark_entrypoint"))
+    path.write_text(uses_extra)
+    event = chain.reload()  # Extra's __init__ raises: it is not added, Entry keeps its old code
+    assert event.kind == "failed" and event.error.startswith("Extra: ") and "ZeroDivisionError" in event.error, event
+    assert "Extra" not in chain.chainlets and chain.run(text="a") == {"upper": "A", "count": "2", "spelled": "A."}
+    path.write_text(uses_extra.replace("BONUS = 0", "BONUS = 1"))
+    event = chain.reload()
+    assert event.ok and event.chainlets["Extra"].changed == ["added"] and event.chainlets["Entry"].kind == "full", event
+    assert chain.run(text="a", n=3)["extra"] == "4" and list(chain.chainlets)[-2:] == ["Extra", "Entry"]
+    path.write_text(good)
+    event = chain.reload()
+    assert event.ok and event.removed == ["Extra"] and "Extra" not in chain.chainlets and "Extra" not in chain.urls, event
+    assert chain.run(text="a") == {"upper": "A", "count": "2", "spelled": "A."}

@@ -108,7 +108,6 @@ class Chain:
     def __init__(self, source: str | os.PathLike, entrypoint: str | None = None, *, guard: bool = True):
         _require_truss_chains()
         from . import loader
-        from .live import load
 
         self.source = Path(source).resolve()
         if not self.source.is_file():
@@ -128,26 +127,45 @@ class Chain:
         self._gen = gen
         folders = gen.folders
         _patch_dynamic_config()
+        self._guard = guard
         try:
             for display in gen.order:  # dependencies first: a chainlet's load() may call the ones it depends on
-                folder = folders[display]
-                with _lock:
-                    _chains[str(folder.resolve())] = self
-                # a chainlet that calls others does so from predict by design: the guard watches the others
-                live = load(folder, guard=guard and not gen.depends[display],
-                            secrets={"baseten_chain_api_key": "truss-lab-local"})  # only 127.0.0.1 hears it
-                live.chainlet = True  # its requests record their span; it passes its own on to its calls
-                self.chainlets[display] = live
-                if display != gen.order[-1]:
-                    server = live.serve()
-                    self._servers.append(server)
-                    self.urls[display] = {"predict_url": f"{server.url}/v1/models/model:predict"}
+                self._start_chainlet(display, folders[display], bool(gen.depends[display]), display == gen.order[-1])
         except BaseException:
             self.close()
             raise
         self.entrypoint = gen.order[-1]
         self.version = 1
         self.reloader = ChainReloader(self)
+
+    def _start_chainlet(self, display: str, folder: Path, calls_others: bool, entrypoint: bool) -> Any:
+        """Load one chainlet's generated truss as a LiveModel; serve it on 127.0.0.1 unless it is the
+        entrypoint, and give its URL to the chainlets that call it."""
+        from .live import load
+
+        with _lock:
+            _chains[str(folder.resolve())] = self
+        # a chainlet that calls others does so from predict by design: the guard watches the others
+        live = load(folder, guard=self._guard and not calls_others,
+                    secrets={"baseten_chain_api_key": "truss-lab-local"})  # only 127.0.0.1 hears it
+        live.chainlet = True  # its requests record their span; it passes its own on to its calls
+        self.chainlets[display] = live
+        if not entrypoint:
+            server = live.serve()
+            self._servers.append(server)
+            self.urls[display] = {"predict_url": f"{server.url}/v1/models/model:predict"}
+        return live
+
+    def _stop_chainlet(self, display: str, folder: Path) -> None:
+        """A chainlet the chain no longer has: its server, its LiveModel, its generated truss."""
+        live = self.chainlets.pop(display)
+        self.urls.pop(display, None)
+        self._servers[:] = [s for s in self._servers if s not in getattr(live, "_servers", [])]
+        _close_stubs(live)
+        live.close()  # stops the servers it started
+        with _lock:
+            _chains.pop(str(folder.resolve()), None)
+        shutil.rmtree(folder, ignore_errors=True)
 
     @property
     def entry(self):
@@ -305,9 +323,6 @@ class _Generated:
     depends: dict[str, tuple[str, ...]]  # chainlet -> the chainlets it calls
     folders: dict[str, Path]  # chainlet -> its generated truss
     classes: dict[str, tuple[str, str]]  # chainlet -> (module, class name) in the chain root
-
-    def topology(self) -> tuple:
-        return self.name, tuple(self.order), tuple(sorted(self.depends.items())), tuple(sorted(self.classes.items()))
 
 
 def _generate(source: Path, entrypoint: str | None, root: Path) -> _Generated:
@@ -492,16 +507,19 @@ class ChainReloadEvent(ReloadEvent):
 
     chainlets: dict[str, ReloadEvent] = dataclasses.field(default_factory=dict)
     untouched: list[str] = dataclasses.field(default_factory=list)
+    removed: list[str] = dataclasses.field(default_factory=list)  # chainlets the source no longer has: stopped
 
     def summary(self) -> str:
         if self.kind == "failed" and not self.chainlets:
             return f"chain reload failed: {self.error} (still serving v{self.version})"
-        if not self.chainlets:
+        if not self.chainlets and not self.removed:
             return f"chain v{self.version}: no chainlet's code changed; nothing reloaded"
         parts = []
         for name, event in self.chainlets.items():
             what = ", ".join(event.changed)
-            if event.kind == "methods":
+            if event.changed == ["added"]:
+                parts.append(f"{name} added" + (f" FAILED: {event.error}" if event.kind == "failed" else " (loaded, served)"))
+            elif event.kind == "methods":
                 parts.append(f"{name} swapped ({what}; its state kept)")
             elif event.kind == "full":
                 parts.append(f"{name} rebuilt ({what})")
@@ -509,6 +527,7 @@ class ChainReloadEvent(ReloadEvent):
                 parts.append(f"{name} FAILED: {event.error} (still serving its old code)")
             else:
                 parts.append(f"{name} {event.kind}")
+        parts += [f"{name} removed" for name in self.removed]
         kept = f"; untouched: {', '.join(self.untouched)}" if self.untouched else ""
         return f"chain v{self.version}: {'; '.join(parts)}{kept} in {self.duration_ms:.0f} ms"
 
@@ -521,6 +540,7 @@ class ChainReloader(Reloader):
     def __init__(self, chain: Chain):
         self._setup(chain)
         self.keys = _chainlet_keys(chain._gen)
+        self.pending: set[str] = set()  # chainlets whose last reload failed
         self._generation = 0
 
     @property
@@ -550,41 +570,75 @@ class ChainReloader(Reloader):
         except (Exception, SystemExit) as exc:  # what the chain's source raised on import: file:line
             err = LoadError.from_exception(exc, [chain.source.parent], what=f"importing {chain.source.name}")
             return ChainReloadEvent(chain.version, "failed", error=str(err), location=err.location, exception=err)
-        if gen.topology() != chain._gen.topology():
-            was, now = chain._gen, gen
-            what = [f"+{n}" for n in now.order if n not in was.order] + [f"-{n}" for n in was.order if n not in now.order]
-            if not what:
-                what = [n for n in now.order if now.depends.get(n) != was.depends.get(n)] or ["the entrypoint"]
-            return ChainReloadEvent(chain.version, "failed", [f"chainlets: {', '.join(what)}"],
-                                    error=f"{chain.source.name}: the chain's chainlets or their dependencies changed "
-                                          f"({', '.join(what)}); load the chain again to rebuild it")
+        was = chain._gen
+        if gen.name != was.name or gen.order[-1] != was.order[-1]:
+            return ChainReloadEvent(chain.version, "failed", ["entrypoint"],
+                                    error=f"{chain.source.name}: the entrypoint changed ({was.order[-1]} -> {gen.order[-1]}); "
+                                          f"load the chain again to rebuild it")
+        added = [n for n in gen.order if n not in was.order]
+        removed = [n for n in was.order if n not in gen.order]
+        base = next(iter(was.folders.values())).parent  # .chains_generated/<chain>: where the live chainlet trusses are
+        folders = {n: was.folders.get(n) or base / f"chainlet_{n}" for n in gen.order}
         keys = _chainlet_keys(gen)
         todo = []
         for name in gen.order:
-            new, old = _files(gen.folders[name]), _files(chain._gen.folders[name])
+            if name in added:
+                continue
+            new, old = _files(gen.folders[name]), _files(folders[name])
             own = [rel for rel in sorted(set(new) | set(old)) if not rel.startswith("packages" + os.sep) and new.get(rel) != old.get(rel)]
-            if full or own or keys[name] is None or keys[name] != self.keys[name]:
-                todo.append(name)
+            if full or own or keys[name] is None or keys[name] != self.keys.get(name) or name in self.pending:
+                todo.append(name)  # its own generated files (stubs, config, data) or its code changed, or it failed last time
         for name in gen.order:  # every chainlet's truss as a push would write it now (a later full reload reads it)
-            _sync(gen.folders[name], chain._gen.folders[name])
+            _sync(gen.folders[name], folders[name])
         events: dict[str, ReloadEvent] = {}
-        for name in todo:  # dependencies first
-            event = chain.chainlets[name].reload(full=full)
-            events[name] = event
-            if event.ok:
-                self.keys[name] = keys[name]
+        not_added: list[str] = []
+        for name in gen.order:  # dependencies first: a new chainlet is served before the ones calling it reload
+            if name in added:
+                try:
+                    live = chain._start_chainlet(name, folders[name], bool(gen.depends[name]), False)
+                    events[name] = ReloadEvent(live.version, "full", ["added"])
+                    self.keys[name] = keys[name]
+                except Exception as exc:  # its load() raised: the next save tries again
+                    chain.chainlets.pop(name, None)
+                    shutil.rmtree(folders.pop(name), ignore_errors=True)
+                    not_added.append(name)
+                    events[name] = ReloadEvent(chain.version, "failed", ["added"], error=str(exc),
+                                               location=getattr(exc, "location", None), exception=exc)
+            elif name in todo:
+                events[name] = chain.chainlets[name].reload(full=full)
+                if events[name].ok:
+                    self.keys[name] = keys[name]
+                    self.pending.discard(name)
+                else:  # its folder already holds the new files: the next save must try it again
+                    self.pending.add(name)
         failed = {n: e for n, e in events.items() if not e.ok}
-        if any(e.kind in ("methods", "full") for e in events.values()):
+        # a chainlet the source no longer has goes once nothing calls it: if a reload failed, old code may
+        kept = removed if failed else []  # still call it, so it stays until a save that reloads cleanly
+        for name in removed:
+            if name not in kept:
+                chain._stop_chainlet(name, was.folders[name])
+                self.keys.pop(name, None)
+        order = kept + [n for n in gen.order if n not in not_added]
+        chain._gen = _Generated(
+            name=gen.name, order=order,
+            depends={**{n: was.depends[n] for n in kept}, **{n: gen.depends[n] for n in order if n not in kept}},
+            folders={**{n: was.folders[n] for n in kept}, **{n: folders[n] for n in order if n not in kept}},
+            classes={**{n: was.classes[n] for n in kept}, **{n: gen.classes[n] for n in order if n not in kept}},
+        )
+        chain.chainlets = {n: chain.chainlets[n] for n in order}
+        gone = [n for n in removed if n not in kept]
+        if gone or any(e.kind in ("methods", "full") for e in events.values()):
             chain.version += 1
-        untouched = [n for n in gen.order if n not in events or events[n].kind == "unchanged"]
+        untouched = [n for n in order if n not in events or events[n].kind == "unchanged"]
         if failed:
             name, event = next(iter(failed.items()))
             return ChainReloadEvent(chain.version, "failed", list(events), error=f"{name}: {event.error}",
-                                    location=event.location, exception=event.exception, chainlets=events, untouched=untouched)
-        kind = "full" if any(e.kind == "full" for e in events.values()) else "methods" if events else "unchanged"
+                                    location=event.location, exception=event.exception, chainlets=events,
+                                    untouched=untouched, removed=gone)
+        kind = "full" if gone or any(e.kind == "full" for e in events.values()) else "methods" if events else "unchanged"
         return ChainReloadEvent(chain.version, kind, [n for n in events if n not in untouched],
-                                chainlets={n: e for n, e in events.items() if n not in untouched}, untouched=untouched)
-
+                                chainlets={n: e for n, e in events.items() if n not in untouched}, untouched=untouched,
+                                removed=gone)
 
 @dataclasses.dataclass
 class Call:

@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -476,9 +477,10 @@ _generation = threading.Lock()  # tempfile.tempdir and PATH are the process's: o
 def _generating(root: Path):
     """Truss's code generation writes under tempfile.gettempdir() and formats with `ruff`: our folder,
     and this interpreter's scripts on PATH."""
-    with _generation:
-        with _swapped(root):
-            yield
+    with _generation, _swapped(root), warnings.catch_warnings():
+        # truss's ignore-file matching uses a pathspec API pathspec deprecates: 320 warnings per generation
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"pathspec(\.|$)")
+        yield
 
 
 @contextlib.contextmanager

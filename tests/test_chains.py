@@ -535,3 +535,23 @@ BONUS = 0
     event = chain.reload()
     assert event.ok and event.removed == ["Extra"] and "Extra" not in chain.chainlets and "Extra" not in chain.urls, event
     assert chain.run(text="a") == {"upper": "A", "count": "2", "spelled": "A."}
+
+
+def test_a_rebuilt_chainlets_old_stubs_close_their_clients(fresh_chain):
+    chain, path = fresh_chain, fresh_chain.source
+    chain.run(text="a")
+    old = chain.entry.model._chainlet
+    session = old._count._cached_async_client[0]  # the aiohttp session its async stub opened
+    assert not session.closed
+    path.write_text(path.read_text().replace("        self._upper, self._count, self._spell = upper, count, spell",
+                                             "        self._upper, self._count, self._spell = upper, count, spell\n        self.z = 1"))
+    assert chain.reload().chainlets["Entry"].kind == "full"
+    assert session.closed  # once the old version's last request ended: no "Unclosed client session" later
+    chain.run(text="b")
+    new = chain.entry.model._chainlet
+    assert new is not old and not new._count._cached_async_client[0].closed
+    path.write_text(path.read_text().replace('"count": str(counted)', '"count": str(counted) + "!"'))
+    event = chain.reload()
+    assert event.chainlets["Entry"].kind == "methods", event  # its old instance is retired too...
+    assert chain.entry.model._chainlet is new and not new._count._cached_async_client[0].closed  # ...sharing the chainlet
+    assert chain.run(text="c")["count"] == "2!"

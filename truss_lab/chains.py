@@ -150,6 +150,7 @@ class Chain:
         live = load(folder, guard=self._guard and not calls_others,
                     secrets={"baseten_chain_api_key": "truss-lab-local"})  # only 127.0.0.1 hears it
         live.chainlet = True  # its requests record their span; it passes its own on to its calls
+        live.on_retire(lambda old, live=live: _close_stubs_of(old, live))  # a rebuilt chainlet's old stubs
         self.chainlets[display] = live
         if not entrypoint:
             server = live.serve()
@@ -441,11 +442,19 @@ def _sync(src: Path, dst: Path) -> None:
 def _close_stubs(live: Any) -> None:
     """Close the HTTP clients a chainlet's stubs opened (aiohttp sessions on its event loop), as a
     chainlet's process exit would: else each is an "Unclosed client session" error at exit."""
+    _close_stubs_of(getattr(live, "model", None), live, current=False)
+
+
+def _close_stubs_of(instance: Any, live: Any, current: bool = True) -> None:
+    """The stubs' clients of one model instance of `live` (a retired one: unless the serving instance
+    still holds the same chainlet object, as after a method swap)."""
     try:
         from truss_chains.remote_chainlet.stub import StubBase
     except ImportError:
         return
-    chainlet = getattr(getattr(live, "model", None), "_chainlet", None)
+    chainlet = getattr(instance, "_chainlet", None)
+    if chainlet is None or (current and getattr(live.model, "_chainlet", None) is chainlet):
+        return
     for value in list(getattr(chainlet, "__dict__", {}).values()):
         if not isinstance(value, StubBase):
             continue

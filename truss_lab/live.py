@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from . import carry, collectors, loader, names, origins, wrapper
 from .bundle import Bundle, read_bundle, resolve_secrets
-from .errors import TrussLabError
+from .errors import TrussLabError, describe
 from .reload import Reloader, Snapshot
 from .runner import DEFAULT_TRACE_CAPACITY, Result, Runner
 from .trace import BenchReport, Trace
@@ -52,6 +52,7 @@ class LiveModel(Runner):
         self._serving: wrapper.Serving | None = None
         self._servers: list[Any] = []  # HTTP servers started by serve(); close() stops them
         self._on_close: list[Callable[[], None]] = []
+        self._on_retire: list[Callable[[Any], None]] = []
         self._examples_watch = None
         self.load_ms: float = 0.0
         self.roots = loader.user_roots(bundle)
@@ -130,6 +131,11 @@ class LiveModel(Runner):
     def _forget(self, s: wrapper.Serving) -> None:
         if s.code is not None:
             s.code.release()
+        for callback in list(self._on_retire):
+            try:
+                callback(s.instance)
+            except Exception as exc:  # a cleanup hook must never break serving
+                warnings.warn(f"truss_lab on_retire callback {callback!r} raised {describe(exc)}", RuntimeWarning)
 
     def _start(self) -> None:
         try:
@@ -412,6 +418,11 @@ class LiveModel(Runner):
         from .serving.check import check
 
         return check(self, inputs, **kwargs)  # check() takes this LiveModel duck-typed: no import of live
+
+    def on_retire(self, callback: Callable[[Any], None]) -> None:
+        """Call `callback(instance)` with a replaced version's model instance once its last request has
+        ended (after a reload; a method swap's old instance shares its state with the new one)."""
+        self._on_retire.append(callback)
 
     def on_close(self, callback: Callable[[], None]) -> None:
         """Call `callback()` when the model closes (a panel or a notice lets go of it then)."""

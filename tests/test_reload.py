@@ -79,6 +79,19 @@ def test_method_swap_keeps_weights_and_does_not_reload(model):
     assert "swapped label" in str(event) and "load() not re-run" in str(event)
 
 
+def test_on_retire_hands_over_each_replaced_instance(model):
+    tr, mf = model
+    retired = []
+    tr.on_retire(retired.append)
+    first = tr.model
+    edit(mf, 'return f"cat:{x}"', 'return f"dog:{x}"')
+    assert tr.reload().kind == "methods"
+    assert retired == [first] and retired[0].__dict__ is tr.model.__dict__  # a swap's old instance shares the state
+    second = tr.model
+    assert tr.reload(full=True).kind == "full"
+    assert retired[-1] is second and retired[-1].__dict__ is not tr.model.__dict__  # a rebuilt one does not
+
+
 def test_added_and_removed_methods_swap(model):
     tr, mf = model
     edit(mf, "    def postprocess(self, y):\n        return y\n", "    def postprocess(self, y):\n        return self.extra(y)\n\n    def extra(self, y):\n        return [y]\n")

@@ -555,3 +555,44 @@ def test_a_rebuilt_chainlets_old_stubs_close_their_clients(fresh_chain):
     assert event.chainlets["Entry"].kind == "methods", event  # its old instance is retired too...
     assert chain.entry.model._chainlet is new and not new._count._cached_async_client[0].closed  # ...sharing the chainlet
     assert chain.run(text="c")["count"] == "2!"
+
+
+def test_truss_lab_serve_of_a_chain_answers_and_reloads_on_save(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    path = _write_chain(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "truss_lab.cli", "serve", str(path), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1/models/model:predict"
+
+    def answer():
+        try:
+            return httpx.post(url, json={"text": "ab", "n": 1}, timeout=10).json()
+        except httpx.TransportError:
+            return None
+
+    def wait_for(expected, timeout=120.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if answer() == expected:
+                return
+            time.sleep(0.05)  # polling the server with a deadline
+        raise AssertionError(f"never answered {expected}")
+
+    try:
+        wait_for({"upper": "AB", "count": "2", "spelled": "A.B."})
+        path.write_text(path.read_text().replace("return text.upper()", "return text.upper() + '?'"))
+        wait_for({"upper": "AB?", "count": "3", "spelled": "A.B.?."})
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "serving the chain Entry" in out and "Upper swapped" in out, out

@@ -154,6 +154,7 @@ def cmd_serve(args) -> int:
         with load_chain(args.path) as chain:
             if not args.no_watch:
                 chain.watch()  # a save reloads the chainlets whose code changed
+                chain.on_reload(lambda event: print(event.summary(), flush=True))
             server = chain.serve(host=args.host, port=args.port)
             print(f"serving the chain {chain.name} ({', '.join(chain.chainlets)}) at {server.url}/v1/models/model:predict "
                   "(Ctrl-C stops)", flush=True)

@@ -169,10 +169,14 @@ def test_cli_serve_is_live_at_once_and_ready_after_load(make_truss):
         (root / "data" / "go").touch()
         wait_for(lambda: client.get("/v1/models/model").status_code == 200)
         assert client.post(PREDICT, json={"a": 1}).json() == {"a": 1}
+        model_py = root / "model" / "model.py"
+        model_py.write_text(model_py.read_text().replace("return x", "return [x]"))
+        wait_for(lambda: client.post(PREDICT, json={"a": 1}).json() == [{"a": 1}])  # the watcher swapped it
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
+    assert "swapped predict" in out, out  # each reload is a line in the server's output
     assert "ready at http://127.0.0.1" in out
 
 

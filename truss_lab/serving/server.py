@@ -119,6 +119,7 @@ def serve_path(
             live = make_model(bundle)
             if watch:
                 live.watch()
+                live.on_reload(lambda event: print(f"{bundle.model_name}: {event.summary()}", flush=True))  # each save, as it lands
             backend.live = live
             print(f"{bundle.model_name}: loaded in {live.load_ms:.0f} ms; ready at http://{host}:{port}{PREDICT_ROUTE}", flush=True)
         except TrussLabError as exc:

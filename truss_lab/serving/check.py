@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -169,14 +169,7 @@ def check(
             loaded = oracle.wait_ready(1)
             if not loaded:
                 findings.extend(_load_failure(oracle.output(), requirements, bundle))
-            server = live.serve()
-            try:
-                for name, x in examples:
-                    results.append(_compare(name, x, oracle.url if loaded else None, server.url, live, rtol, atol))
-            finally:
-                server.stop()
-                if server in live._servers:
-                    live._servers.remove(server)
+            results = _compare_all(examples, oracle.url if loaded else None, live, rtol, atol)
         findings.extend(_lock_findings(live, len(examples)))
     finally:
         if owned:
@@ -185,6 +178,22 @@ def check(
         truss=str(bundle.path), truss_version=env.version, examples=results, findings=findings,
         server_loaded=loaded, rtol=rtol, atol=atol, seconds=time.perf_counter() - t0,
     )
+
+
+def _compare_all(examples: list[tuple[str, Any]], truss_url: str | None, live, rtol: float, atol: float) -> list[ExampleResult]:
+    """Every example to the Truss server at `truss_url` and to `live` served here for the while."""
+    server = live.serve()
+    try:
+        return [_compare(name, x, truss_url, server.url, live, rtol, atol) for name, x in examples]
+    finally:
+        server.stop()
+        if server in live._servers:
+            live._servers.remove(server)
+
+
+def _named(chainlet: str, findings: Iterable[Finding]) -> list[Finding]:
+    """`findings` of one chainlet, each message led by its name."""
+    return [replace(f, message=f"{chainlet}: {f.message}") for f in findings]
 
 
 def _server_site(env) -> Path | None:
@@ -340,21 +349,12 @@ def check_chain(
             servers.append(server)
             if not server.wait_ready(1):
                 loaded = False
-                findings.extend(Finding(f.severity, f.kind, f"{name}: {f.message}", f.fix)
-                                for f in _load_failure(server.output(), requirements, bundle))
+                findings.extend(_named(name, _load_failure(server.output(), requirements, bundle)))
                 break
             urls[name] = {"predict_url": f"{server.url}{PREDICT}"}
-        lab = chain.serve()
-        try:
-            truss_url = servers[-1].url if loaded else None
-            for example_name, x in examples:
-                results.append(_compare(example_name, x, truss_url, lab.url, chain.entry, rtol, atol))
-        finally:
-            lab.stop()
-            if lab in chain.entry._servers:
-                chain.entry._servers.remove(lab)
+        results = _compare_all(examples, servers[-1].url if loaded else None, chain.entry, rtol, atol)
         for name, live in chain.chainlets.items():
-            findings.extend(Finding(f.severity, f.kind, f"{name}: {f.message}", f.fix) for f in _lock_findings(live, len(examples)))
+            findings.extend(_named(name, _lock_findings(live, len(examples))))
     finally:
         for server in reversed(servers):
             server.stop()

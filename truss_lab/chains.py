@@ -116,7 +116,6 @@ class Chain:
         self.root = Path(tempfile.mkdtemp(prefix="truss-lab-chain-"))
         self.urls: dict[str, dict[str, str]] = {}
         self.chainlets: dict[str, Any] = {}
-        self._servers: list[Any] = []
         self._on_close: list[Any] = []
         loader.OWN_ROOTS.add(self.source.parent)  # packages/ is a copy of it: the chain's code, not a library
         try:
@@ -152,17 +151,14 @@ class Chain:
         live.chainlet = True  # its requests record their span; it passes its own on to its calls
         live.on_retire(lambda old, live=live: _close_stubs_of(old, live))  # a rebuilt chainlet's old stubs
         self.chainlets[display] = live
-        if not entrypoint:
-            server = live.serve()
-            self._servers.append(server)
-            self.urls[display] = {"predict_url": f"{server.url}/v1/models/model:predict"}
+        if not entrypoint:  # the LiveModel stops the server it started when it closes
+            self.urls[display] = {"predict_url": f"{live.serve().url}/v1/models/model:predict"}
         return live
 
     def _stop_chainlet(self, display: str, folder: Path) -> None:
         """A chainlet the chain no longer has: its server, its LiveModel, its generated truss."""
         live = self.chainlets.pop(display)
         self.urls.pop(display, None)
-        self._servers[:] = [s for s in self._servers if s not in getattr(live, "_servers", [])]
         _close_stubs(live)
         live.close()  # stops the servers it started
         with _lock:
@@ -427,9 +423,8 @@ class _ChainletStatements(Statements):
         return f"chainlet:{name}" if name in self.opaque else super().key(name)
 
 
-def _sync(src: Path, dst: Path) -> None:
-    """Make folder `dst` hold what `src` holds (only the files that differ are written)."""
-    new, old = _files(src), _files(dst)
+def _sync(dst: Path, new: dict[str, bytes], old: dict[str, bytes]) -> None:
+    """Make folder `dst`, which holds `old` (its `_files`), hold `new` (only the files that differ are written)."""
     for rel, data in new.items():
         if old.get(rel) != data:
             target = dst / rel
@@ -593,14 +588,14 @@ class ChainReloader(Reloader):
         keys = _chainlet_keys(gen)
         todo = []
         for name in gen.order:
-            if name in added:
+            if name in added:  # its generated truss, where the chain's live chainlet trusses are
+                shutil.copytree(gen.folders[name], folders[name])
                 continue
             new, old = _files(gen.folders[name]), _files(folders[name])
             own = [rel for rel in sorted(set(new) | set(old)) if not rel.startswith("packages" + os.sep) and new.get(rel) != old.get(rel)]
             if full or own or keys[name] is None or keys[name] != self.keys.get(name) or name in self.pending:
                 todo.append(name)  # its own generated files (stubs, config, data) or its code changed, or it failed last time
-        for name in gen.order:  # every chainlet's truss as a push would write it now (a later full reload reads it)
-            _sync(gen.folders[name], folders[name])
+            _sync(folders[name], new, old)  # its truss as a push would write it now (a later full reload reads it)
         events: dict[str, ReloadEvent] = {}
         not_added: list[str] = []
         for name in gen.order:  # dependencies first: a new chainlet is served before the ones calling it reload

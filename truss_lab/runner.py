@@ -33,7 +33,7 @@ from .bundle import Bundle, validate_concurrency
 from .errors import STAGE_ERRORS, ModelError, SecretNotFound, TrussLabError, describe
 from .lock import FairLock
 from .guard import run_queue_ns
-from .trace import SPAN, ActivityLog, Report, Trace, span_from
+from .trace import SPAN, ActivityLog, Report, Trace, span_from, traceparent
 from .serialization import is_response, parse_input, truss_json_check
 from .wrapper import (
     ENDPOINTS,
@@ -103,7 +103,7 @@ class _RequestOnce:
     def __call__(self) -> Any:
         if self._request is None:
             t = self._trace  # a chainlet's: the request carries its span, which its calls pass on
-            headers = {"traceparent": f"00-{t.trace_id}-{t.span_id}-01"} if t is not None and t.span_id else None
+            headers = {"traceparent": traceparent(t.span)} if t is not None and t.span is not None else None
             self._request = local_request(self._input, headers=headers)
         return self._request
 

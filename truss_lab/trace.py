@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import itertools
 import math
+import os
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -23,13 +24,11 @@ SPAN: ContextVar["tuple[str, str | None, str] | None"] = ContextVar("truss_lab_s
 def span_from(traceparent: str | None, root: bool = False) -> "tuple[str, str | None, str] | None":
     """(trace id, the caller's span id, a new span id for this request) from a W3C `traceparent`
     header (`00-<32 hex>-<16 hex>-<2 hex>`); a new trace when there is none and `root`, else None."""
-    import secrets
-
-    if traceparent:
+    if traceparent:  # ids from os.urandom, as secrets.token_hex makes them (no import on a request's path)
         parts = traceparent.strip().split("-")
         if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
-            return parts[1], parts[2], secrets.token_hex(8)
-    return (secrets.token_hex(16), None, secrets.token_hex(8)) if root else None
+            return parts[1], parts[2], os.urandom(8).hex()
+    return (os.urandom(16).hex(), None, os.urandom(8).hex()) if root else None
 
 
 def traceparent(span: "tuple[str, str | None, str]") -> str:

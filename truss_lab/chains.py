@@ -659,6 +659,12 @@ class Call:
         for call in self.calls:
             yield from call.walk()
 
+    def edges(self):
+        """(caller, call) for every call below this one, callers before their calls."""
+        for call in self.calls:
+            yield self, call
+            yield from call.edges()
+
     def lines(self, indent: str = "", last: bool = True, top: bool = True) -> list[str]:
         t = self.trace
         what = f"{t.total_ms:.1f} ms (lock wait {t.lock_wait_ms:.1f}, predict {t.predict_ms:.1f})"

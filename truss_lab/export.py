@@ -50,15 +50,14 @@ def chain_chrome_trace(report: Any, path: str | os.PathLike | None = None) -> di
         where.update(placed)
     flow = 0
     for tree in report.trees:
-        for call in tree.walk():
-            for inner in call.calls:
-                if id(call.trace) in where and id(inner.trace) in where:
-                    flow += 1
-                    (pa, ta), (pb, tb) = where[id(call.trace)], where[id(inner.trace)]
-                    events.append({"ph": "s", "id": flow, "pid": pa, "tid": ta, "ts": inner.trace.start * 1e6,
-                                   "name": f"calls {inner.chainlet}", "cat": "chain"})
-                    events.append({"ph": "f", "bp": "e", "id": flow, "pid": pb, "tid": tb, "ts": inner.trace.start * 1e6,
-                                   "name": f"calls {inner.chainlet}", "cat": "chain"})
+        for call, inner in tree.edges():
+            if id(call.trace) in where and id(inner.trace) in where:
+                flow += 1
+                (pa, ta), (pb, tb) = where[id(call.trace)], where[id(inner.trace)]
+                events.append({"ph": "s", "id": flow, "pid": pa, "tid": ta, "ts": inner.trace.start * 1e6,
+                               "name": f"calls {inner.chainlet}", "cat": "chain"})
+                events.append({"ph": "f", "bp": "e", "id": flow, "pid": pb, "tid": tb, "ts": inner.trace.start * 1e6,
+                               "name": f"calls {inner.chainlet}", "cat": "chain"})
     return _write_trace(events, path)
 
 
@@ -223,8 +222,8 @@ def chain_otel(report: Any, path: str | os.PathLike | None = None, exporter: Any
     count = 0
     for tree in report.trees:
         made: dict[int, Any] = {}
-        for call in tree.walk():  # callers before their calls
-            parent = next((made[id(c.trace)] for c in tree.walk() if call in c.calls and id(c.trace) in made), None)
+        for caller, call in [(None, tree), *tree.edges()]:  # callers before their calls
+            parent = made.get(id(caller.trace)) if caller is not None else None
             ids.pending = int(call.trace.trace_id, 16) if parent is None and call.trace.trace_id else None
             context = otel_trace.set_span_in_context(parent) if parent is not None else None
             if call.trace.end is None:

@@ -45,6 +45,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# An async stream that sets a ContextVar before its first chunk and resets it after the last (what
+# truss_chains' streaming chainlets do): tests/test_runner.py runs it here, the conformance suite on
+# the real Truss server too (the case async-stream-one-context).
+CONTEXTVAR_STREAM_MODEL = """
+import contextlib
+import contextvars
+
+REQUEST = contextvars.ContextVar("request", default=None)
+
+@contextlib.contextmanager
+def tagged(tag):
+    token = REQUEST.set(tag)
+    try:
+        yield
+    finally:
+        REQUEST.reset(token)
+
+class Model:
+    async def predict(self, x):
+        with tagged(f"r{x}"):
+            for i in range(3):
+                yield f"{REQUEST.get()}-{i} "
+"""
+
+
 ECHO_MODEL = """
 class Model:
     def __init__(self, **kwargs):

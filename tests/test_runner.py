@@ -9,6 +9,7 @@ import pytest
 import truss_lab
 from truss_lab import OutputWarning, PostprocessError, PredictError, PreprocessError
 from truss_lab.trace import max_concurrent
+from conftest import CONTEXTVAR_STREAM_MODEL
 
 
 def test_three_stages_in_order_with_trace(live):
@@ -58,28 +59,7 @@ def test_async_methods(live):
 def test_an_async_stream_runs_its_steps_in_one_context(live):
     """As on the Truss server (one task iterates it): a ContextVar a `with` sets before the first
     chunk is still set at the last, and resetting it there works (the request does not fail)."""
-    tr = live(
-        """
-        import contextlib
-        import contextvars
-
-        REQUEST = contextvars.ContextVar("request", default=None)
-
-        @contextlib.contextmanager
-        def tagged(tag):
-            token = REQUEST.set(tag)
-            try:
-                yield
-            finally:
-                REQUEST.reset(token)
-
-        class Model:
-            async def predict(self, x):
-                with tagged(f"r{x}"):
-                    for i in range(3):
-                        yield f"{REQUEST.get()}-{i} "
-        """
-    )
+    tr = live(CONTEXTVAR_STREAM_MODEL)
     result = tr.run(7)
     assert result.ok, result.trace.error
     assert result.output == "r7-0 r7-1 r7-2 "

@@ -25,6 +25,7 @@ import msgpack
 import pytest
 
 import truss_lab
+from conftest import CONTEXTVAR_STREAM_MODEL
 
 PREDICT = "/v1/models/model:predict"
 
@@ -147,26 +148,7 @@ class Model:
         yield "first "
         raise RuntimeError("mid-stream")
 """),
-    Case("async-stream-one-context", [Req(7), Req(7, headers={"accept": "application/json"})], model="""
-import contextlib
-import contextvars
-
-REQUEST = contextvars.ContextVar("request", default=None)
-
-@contextlib.contextmanager
-def tagged(tag):
-    token = REQUEST.set(tag)
-    try:
-        yield
-    finally:
-        REQUEST.reset(token)
-
-class Model:
-    async def predict(self, x):
-        with tagged(f"r{x}"):  # a ContextVar set before the first chunk, reset after the last (truss_chains does)
-            for i in range(3):
-                yield f"{REQUEST.get()}-{i} "
-"""),
+    Case("async-stream-one-context", [Req(7), Req(7, headers={"accept": "application/json"})], model=CONTEXTVAR_STREAM_MODEL),
     Case("async-predict", [Req({"n": 3})], model="""
 import asyncio
 class Model:

@@ -263,19 +263,23 @@ def timeline(source: Any, by: str = "request", last: int | None = None, lock_siz
     errors: list[tuple[int, float, str]] = []
     for t in traces:
         _draw(t, row_of[id(t)], ms, segments, errors)
-    steps: list[tuple[float, int]] = []
+    steps = _occupancy(traces, ms)
+    span = max((ms(t.end) for t in traces), default=0.0)
+    return Timeline(rows, segments, errors, steps, report.lock_size, span, caption(report), by, report.idle_label)
+
+
+def _occupancy(traces: list[Trace], ms: Callable[[float], float]) -> list[tuple[float, int]]:
+    """Lock slots held over time, a step function: (ms, slots held from then on)."""
     events = sorted(
         [(t.lock_acquired, 1) for t in traces if t.lock_acquired and t.lock_released]
         + [(t.lock_released, -1) for t in traces if t.lock_acquired and t.lock_released],
         key=lambda e: (e[0], e[1]),
     )
-    level = 0
-    steps.append((0.0, 0))
+    steps, level = [(0.0, 0)], 0
     for ts, step in events:
         level += step
         steps.append((ms(ts), level))
-    span = max((ms(t.end) for t in traces), default=0.0)
-    return Timeline(rows, segments, errors, steps, report.lock_size, span, caption(report), by, report.idle_label)
+    return steps
 
 
 def _draw(t: Trace, row: int, ms: Callable[[float], float], segments: list[Segment], errors: list) -> None:
@@ -313,14 +317,7 @@ def chain_timeline(chain: Any, last: int | None = None) -> Timeline:
     errors: list[tuple[int, float, str]] = []
     busy = [n for n, r in report.reports.items() if r.count] or list(report.reports)
     tight = min(busy, key=lambda n: report.locks[n]) if busy else None  # the smallest lock: where calls queue
-    occupancy = [(0.0, 0)]
-    if tight is not None:
-        level = 0
-        held = report.reports[tight].traces
-        for ts, step in sorted([(t.lock_acquired, 1) for t in held if t.lock_acquired and t.lock_released]
-                               + [(t.lock_released, -1) for t in held if t.lock_acquired and t.lock_released]):
-            level += step
-            occupancy.append((ms(ts), level))
+    occupancy = _occupancy(report.reports[tight].traces, ms) if tight is not None else [(0.0, 0)]
     for name, r in report.reports.items():
         ends: list[float] = []  # per track of this lane: when its last call ended
         base = len(rows)

@@ -148,8 +148,7 @@ def check(
     env = ServerEnv.ensure(truss_version or TRUSS_VERSION, note=note)
     requirements = _requirements(bundle)
     overlay = env.requirements_overlay(requirements, note=note)
-    examples = [(f"input{i}", x) for i, x in enumerate(inputs)] if inputs is not None else \
-        [(e.name, e.input) for e in bundle.examples]
+    examples = _named_inputs(inputs, bundle.examples)
     findings = lint(bundle, env_python=env.python_version, server_site=_server_site(env))
     if not examples:
         findings.append(Finding("warning", "examples", "no examples to send: only the server's load and the lints were checked",
@@ -178,6 +177,13 @@ def check(
         truss=str(bundle.path), truss_version=env.version, examples=results, findings=findings,
         server_loaded=loaded, rtol=rtol, atol=atol, seconds=time.perf_counter() - t0,
     )
+
+
+def _named_inputs(inputs: Iterable[Any] | None, examples: list[Any]) -> list[tuple[str, Any]]:
+    """What a check sends: the given inputs (named input0, input1, ...), else every example."""
+    if inputs is not None:
+        return [(f"input{i}", x) for i, x in enumerate(inputs)]
+    return [(e.name, e.input) for e in examples]
 
 
 def _compare_all(examples: list[tuple[str, Any]], truss_url: str | None, live, rtol: float, atol: float) -> list[ExampleResult]:
@@ -321,7 +327,7 @@ def check_chain(
             chain = make_chain(Path(chain))
     findings: list[Finding] = []
     results: list[ExampleResult] = []
-    examples = [(f"input{i}", x) for i, x in enumerate(inputs)] if inputs is not None else [(e.name, e.input) for e in chain.examples]
+    examples = _named_inputs(inputs, chain.examples)
     if not examples:
         findings.append(Finding("warning", "examples", "no examples to send: only the chainlets' loads were checked",
                                 f"add examples to {chain.examples_file.name} next to the chain, or pass inputs (--input JSON)"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import textwrap
 from pathlib import Path
@@ -36,6 +37,24 @@ def write_truss(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text))
     return root
+
+
+def sigint_default_in_child() -> None:
+    """`preexec_fn` for a child the test will send SIGINT: its default handling (Python then raises
+    KeyboardInterrupt). Started from a script in the background (`make test &`, nohup, cron) the test
+    run has SIGINT ignored, and a child inherits that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt in this process for the test, as in an interactive shell (in a
+    background job Python starts with SIGINT ignored and never installs its handler)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def free_port() -> int:

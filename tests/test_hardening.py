@@ -239,7 +239,7 @@ def test_the_loop_thread_never_blocks_on_itself():
         lt.close()
 
 
-def test_an_interrupted_async_call_returns_only_once_its_coroutine_stopped():
+def test_an_interrupted_async_call_returns_only_once_its_coroutine_stopped(sigint_raises):
     import asyncio
     import signal
 

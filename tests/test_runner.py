@@ -146,7 +146,7 @@ def test_keyboard_interrupt_in_predict_releases_lock(live):
     assert tr.traces[-1].error_stage == "predict"
 
 
-def test_real_interrupt_while_waiting_in_async_predict(live):
+def test_real_interrupt_while_waiting_in_async_predict(live, sigint_raises):
     """A notebook's interrupt (the kernel sends SIGINT -> KeyboardInterrupt in the main thread)."""
     tr = live(
         """

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from conftest import free_port, write_truss
+from conftest import free_port, sigint_default_in_child, write_truss
 
 
 def test_cli_serve_ray_answers_and_stops_on_ctrl_c(tmp_path):
@@ -22,7 +22,7 @@ def test_cli_serve_ray_answers_and_stops_on_ctrl_c(tmp_path):
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "truss_lab.cli", "serve", str(root), "--ray", "--port", str(port), "--replicas", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env, preexec_fn=sigint_default_in_child,
     )
     lines: list[str] = []
     announced = threading.Event()

@@ -27,9 +27,10 @@ browser:
 	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	  else echo "note: no chromium and no apt-get here; the browser test will be skipped (install chromium to run it)"; fi; }
 
-# The real Truss server (the oracle of tests/conformance), in venvs of its own, cached in ~/.cache/truss_lab.
+# The real Truss server (the oracle of tests/conformance), in venvs of its own, cached in ~/.cache/truss_lab
+# ($$TRUSS_LAB_CACHE), with every requirements overlay the examples' checks install: the tests run offline.
 truss-server: install
-	$(BIN)/python -m truss_lab.serving.truss_server
+	$(BIN)/python -m truss_lab.serving.prepare examples
 
 test: install browser truss-server
 	$(BIN)/python -m pytest

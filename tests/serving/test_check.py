@@ -219,7 +219,7 @@ def test_two_checks_at_once_share_the_cache_safely(truss_env, tmp_path):
     assert not [p for p in target.parent.iterdir() if ".tmp-" in p.name]  # no half-built folder left
 
 
-def test_ctrl_c_during_an_install_stops_pip_too(tmp_path):
+def test_ctrl_c_during_an_install_stops_pip_too(tmp_path, sigint_raises):
     import signal
     import threading
 
@@ -241,3 +241,15 @@ def test_ctrl_c_during_an_install_stops_pip_too(tmp_path):
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # gone (terminated and reaped)
+
+
+def test_the_set_up_step_installed_every_overlay_the_examples_checks_need(truss_env):
+    """The test run is offline (tests/offline): a check that still had to pip install a requirement
+    (notebook 06's chain check: the Classify chainlet's tensorflow) would fail there on a new machine.
+    `make truss-server` (python -m truss_lab.serving.prepare examples) installs them all first."""
+    from truss_lab.serving.prepare import requirement_sets
+
+    sets = requirement_sets([ROOT / "examples"])
+    assert any(any(r.startswith("tensorflow") for r in reqs) for reqs in sets)  # the chain's Classify is among them
+    missing = [reqs for reqs in sets if reqs and not (truss_env.overlay_folder(reqs) / ".ready").is_file()]
+    assert not missing, f"not prepared by `make truss-server`: {missing}"

@@ -295,6 +295,12 @@ def main_check(path: str, inputs: list[Any] | None, as_json: bool, truss_version
 _TRUSS_REQUIREMENT = re.compile(r"^truss\s*(?:[=<>!~].*)?$")
 
 
+def chainlet_requirements(bundle: Bundle) -> list[str]:
+    """What a chainlet's Truss server needs installed on top of its own: its requirements but the `truss`
+    pin (the server's own Truss version stands in for it, appended to its path)."""
+    return [r for r in _requirements(bundle) if not _TRUSS_REQUIREMENT.match(r)]
+
+
 def check_chain(
     chain: str | os.PathLike | Any,
     inputs: Iterable[Any] | None = None,
@@ -344,7 +350,7 @@ def check_chain(
                 if pin.replace(" ", "") not in (f"truss=={env.version}", "truss"):
                     findings.append(Finding("warning", "requirement", f"{name}: the chainlet pins {pin}; the check runs Truss {env.version}",
                                             f"check with --truss-version matching {pin}"))
-            overlay = env.requirements_overlay([r for r in requirements if not _TRUSS_REQUIREMENT.match(r)], note=note)
+            overlay = env.requirements_overlay(chainlet_requirements(bundle), note=note)
             (mount / "dynamic_chainlet_config").write_text(json.dumps(urls))
             server_env = {"TRUSS_LAB_DYNAMIC_CONFIG_DIR": str(mount), "TRUSS_SECRET_baseten_chain_api_key": "truss-lab-local"}
             if site is not None:

@@ -243,13 +243,10 @@ class ServerEnv:
         the server's packages on PYTHONPATH - as the image's `pip install` of them after the server's
         own requirements would. None when there are none. A requirement that cannot be installed is a
         TrussLabError naming it."""
-        reqs = sorted({r.strip() for r in requirements if r.strip() and not r.strip().startswith("#")})
-        if not reqs:
-            return None
-        digest = hashlib.sha1("\n".join(reqs).encode()).hexdigest()[:16]
-        folder = self.root / "requirements" / digest
-        if (folder / ".ready").is_file():
+        folder = self.overlay_folder(requirements)
+        if folder is None or (folder / ".ready").is_file():
             return folder
+        reqs = _normalised(requirements)
         say = note or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
         def build(tmp: Path) -> None:
@@ -262,6 +259,11 @@ class ServerEnv:
 
         folder.parent.mkdir(parents=True, exist_ok=True)
         return build_once(folder, build, say)
+
+    def overlay_folder(self, requirements: list[str]) -> Path | None:
+        """Where the overlay for these requirements is cached (ready once it holds `.ready`); None for none."""
+        reqs = _normalised(requirements)
+        return self.root / "requirements" / hashlib.sha1("\n".join(reqs).encode()).hexdigest()[:16] if reqs else None
 
     @property
     def python_version(self) -> str:
@@ -393,6 +395,10 @@ def cli_site(env: ServerEnv) -> Path | None:
     return found[0] if found else None
 
 
+def _normalised(requirements: list[str]) -> list[str]:
+    return sorted({r.strip() for r in requirements if r.strip() and not r.strip().startswith("#")})
+
+
 def _tree_digest(root: Path) -> str:
     h = hashlib.sha1()
     for p in sorted(root.rglob("*")):
@@ -403,7 +409,8 @@ def _tree_digest(root: Path) -> str:
 
 
 def main() -> None:
-    """`python -m truss_lab.serving.truss_server`: make (or find) the cached Truss server environment."""
+    """`python -m truss_lab.serving.truss_server`: make (or find) the cached Truss server environment
+    (`python -m truss_lab.serving.prepare PATH` also installs what checking those trusses needs)."""
     env = ServerEnv.ensure()
     print(f"Truss {env.version} server ready: {env.server_python}")
 

@@ -1,6 +1,9 @@
-"""Draw the README's lock timelines with truss_lab itself: the same download inside predict vs preprocess.
+"""Draw the README's pictures with truss_lab itself, from real runs.
 
-    python docs/make_pictures.py      # writes docs/timeline-wrong.png and docs/timeline-right.png
+    python docs/make_pictures.py      # docs/timeline-wrong.png, docs/timeline-right.png, docs/profile.png
+
+The timelines: the same download inside predict vs preprocess. The profile: the digits truss's
+profile as a notebook shows it (its HTML, screenshot in Debian's chromium with Playwright).
 """
 
 from __future__ import annotations
@@ -42,7 +45,35 @@ def write(root: Path, in_pre: bool) -> Path:
     return root
 
 
+def profile_picture(out: Path) -> None:
+    """The digits truss profiled over 5 requests, drawn as its notebook HTML and screenshot."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    from truss_lab.display import render
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = truss_lab.load(HERE.parent / "examples" / "digits")
+    with tr:
+        tr.profile(tr.example("three"), n=2)  # warm: TensorFlow traces its functions on the first calls
+        html = render.bundle(tr.profile(tr.example("three"), n=5))["text/html"]
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as pw:
+        page_file = Path(tmp) / "profile.html"
+        page_file.write_text(f"<html><body style='margin:8px;background:white'>{html}</body></html>")
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        browser = pw.chromium.launch(executable_path=chromium, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 980, "height": 400}, device_scale_factor=1)
+        page.goto(page_file.as_uri())
+        page.locator(".truss-lab-profile").screenshot(path=str(out))
+        browser.close()
+    print(f"{out.name}: the digits truss's profile")
+
+
 def main() -> None:
+    profile_picture(HERE / "profile.png")
     with tempfile.TemporaryDirectory() as tmp, LocalServer(files={"img.png": bytes(20_000)}, delay_ms=40) as server:
         for name, in_pre in (("wrong", False), ("right", True)):
             with truss_lab.load(write(Path(tmp) / f"download-in-{'preprocess' if in_pre else 'predict'}", in_pre)) as tr:

@@ -207,3 +207,173 @@ def test_ops_lists_pytorchs_heaviest_ops_in_predict(tmp_path):
     assert profile.ops.framework == "PyTorch" and "conv" in names[0], profile.ops.text()
     assert "aten::sin" not in names
     assert (tmp_path / "trace" / "torch-trace.json").is_file()
+
+
+OWN_FUNCTIONS = """
+import time
+
+from model.helpers import burn
+
+
+def decode_slowly(x):
+    burn(0.02)
+    time.sleep(0.02)  # the guard wraps time.sleep and open: their time is still the user's call's
+    with open(__file__) as f:
+        f.read()
+    return x
+
+
+def crunch_numbers(x):
+    return burn(0.015)
+
+
+def rank_labels(y):
+    burn(0.01)
+    return {"y": y}
+
+
+class Model:
+    def preprocess(self, x):
+        return decode_slowly(x)
+
+    def predict(self, x):
+        return crunch_numbers(x)
+
+    def postprocess(self, y):
+        return rank_labels(y)
+"""
+
+BURN = """
+import time
+
+
+def burn(seconds):  # the shared helper every stage spends its time in
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return n
+"""
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    root = write_truss(tmp_path_factory.mktemp("own") / "own", OWN_FUNCTIONS, files={"model/helpers.py": BURN})
+    with truss_lab.load(root) as tr:
+        yield tr.profile(1, n=3)
+
+
+def test_hot_spots_put_the_stages_own_function_on_top(own):
+    """Every stage spends its time in the shared burn(): the function that owns the stage's time is the
+    stage's own (decode_slowly, crunch_numbers, rank_labels), ranked by total time, with self time beside."""
+    for stage, mine in (("preprocess", "decode_slowly"), ("predict", "crunch_numbers"), ("postprocess", "rank_labels")):
+        spots = own.hotspots(stage, 5)
+        assert spots[0].function == mine, own.text()
+        assert spots[0].share > 0.8 and spots[0].self_seconds < 0.3 * spots[0].seconds  # its time is burn's
+        burn = next(h for h in spots if h.function == "burn")
+        assert burn.location.startswith("own/model/helpers.py:") and burn.self_seconds > 0.3 * burn.seconds
+        assert all(0 <= h.self_seconds <= h.seconds + 1e-9 for h in spots)
+    text = str(own)
+    for name in ("decode_slowly", "crunch_numbers", "rank_labels", "burn"):
+        assert name in text
+    tree = own.tree("preprocess").splitlines()
+    depth = {line.split()[3]: len(line.split("%  ", 1)[1]) - len(line.split("%  ", 1)[1].lstrip()) for line in tree[2:]}
+    assert depth["preprocess"] < depth["decode_slowly"] < depth["burn"]  # the path through the truss's code
+
+
+def test_a_hot_spot_prints_the_same_per_request_figure_as_the_profile(own):
+    for stage in ("preprocess", "predict"):
+        for spot in own.hotspots(stage, 3):
+            assert spot.requests == 3
+            assert str(spot) in str(own)  # the line the profile prints: ms per request, not the total of 3
+
+
+def test_truss_labs_own_frames_never_appear_in_a_profile(own):
+    from truss_lab.display import render
+
+    html = render.bundle(own)["text/html"]
+    for shown in (str(own), html, json.dumps(own.tree("preprocess", expand=True))):
+        assert "truss_lab/" not in shown and "guard.py" not in shown
+    sleep = next(h for h in own.hotspots("preprocess", 10) if h.function == "sleep")
+    assert sleep.library and sleep.share > 0.2  # time.sleep, with its time, called from decode_slowly
+    assert "decode_slowly" in html and "&lt;built-in&gt;" in html  # the call tree is in the HTML too
+
+
+ASYNC_STAGES = """
+import asyncio
+import time
+
+
+def burn(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+class Model:
+    async def preprocess(self, x):
+        await asyncio.sleep(0.005)
+        burn(0.003)
+        await asyncio.sleep(0.005)
+        return x
+
+    def predict(self, x):
+        burn(0.001)
+        return x
+
+    async def postprocess(self, y):
+        await asyncio.sleep(0.002)
+        burn(0.002)
+        return y
+"""
+
+
+def test_async_stages_under_concurrency_keep_their_samples_inside_the_stage(tmp_path):
+    """Requests share the model's event loop: a stage's samples can add up to more than its session's
+    duration. Every sample slice in the Chrome trace lies inside its own stage slice."""
+    root = write_truss(tmp_path / "asy", ASYNC_STAGES)
+    with truss_lab.load(root) as tr:
+        report = tr.bench([1], n=16, concurrency=4, progress=False, profile=True)
+    events = report.to_chrome_trace(profile=report.profile)["traceEvents"]
+    stages = [e for e in events if e.get("cat") == "stage" and e["name"] in ("preprocess", "predict", "postprocess")]
+    samples = [e for e in events if e.get("cat") == "sample"]
+    assert samples
+    eps = 1e-3  # µs
+    for s in samples:
+        assert any(st["tid"] == s["tid"] and st["ts"] - eps <= s["ts"] and s["ts"] + s["dur"] <= st["ts"] + st["dur"] + eps
+                   for st in stages), s
+
+
+def test_requests_that_overlap_never_share_a_trace_track(tmp_path):
+    """Over HTTP every request runs on a thread named "AnyIO worker thread": tracks are laid out by time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    model = """
+    import threading
+
+    ARRIVED = threading.Barrier(4)
+
+    class Model:
+        def preprocess(self, x):
+            ARRIVED.wait(30)  # four requests in flight at once, whatever the machine's speed
+            return x
+
+        def predict(self, x):
+            return x
+    """
+    root = write_truss(tmp_path / "tracks", model, config={"runtime": {"predict_concurrency": 4}})
+    with truss_lab.load(root) as tr:
+        url = tr.serve().url + "/v1/models/model:predict"
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(lambda i: httpx.post(url, json=i, timeout=60).json(), range(4))) == [0, 1, 2, 3]
+        events = tr.report().to_chrome_trace()["traceEvents"]
+    requests = [e for e in events if e.get("cat") == "request"]
+    assert len(requests) == 4 and len({e["tid"] for e in requests}) == 4
+    names = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    assert len(names) == 4 and all(n.startswith("AnyIO worker thread") for n in names)
+    for a in requests:
+        for b in requests:
+            if a is not b and a["tid"] == b["tid"]:
+                assert a["ts"] + a["dur"] <= b["ts"] or b["ts"] + b["dur"] <= a["ts"]

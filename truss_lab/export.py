@@ -70,11 +70,11 @@ def _write_trace(events: list[dict], path: str | os.PathLike | None) -> dict:
 
 def _report_events(report: Any, pid: int, process: str, profile: Any = None) -> tuple[list[dict], dict[int, tuple[int, int]]]:
     events: list[dict] = [{"ph": "M", "pid": pid, "name": "process_name", "args": {"name": process}}]
-    tids: dict[str, int] = {}
     placed: dict[int, tuple[int, int]] = {}
     sessions = _sessions_by_request(profile)
+    tracks, names = _tracks(report.traces)
     for t in report.traces:
-        tid = tids.setdefault(t.thread, len(tids) + 1)
+        tid = tracks[id(t)]
         placed[id(t)] = (pid, tid)
         args = {"request": t.request_id, "version": t.version, **({"error": t.error} if t.error else {}),
                 **({"trace_id": t.trace_id, "span_id": t.span_id} if t.span_id else {})}
@@ -86,13 +86,43 @@ def _report_events(report: Any, pid: int, process: str, profile: Any = None) -> 
             events.append(_span(name, a, b, tid, args, "stage", pid))
             for session in sessions.get((t.request_id, section), []):
                 events.extend(_samples(session, a, b, tid, profile))
-    for name, tid in tids.items():
+    for tid, name in names.items():
         events.append({"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": name}})
     offset = _epoch_offset()
     for event in getattr(report, "reloads", None) or []:
         events.append({"ph": "i", "s": "g", "pid": pid, "tid": 0, "name": f"reload: {event.kind}",
                        "ts": (event.when - offset) * 1e6, "args": {"version": event.version, "summary": event.summary()}})
     return events, placed
+
+
+def _tracks(traces: list) -> tuple[dict[int, int], dict[int, str]]:
+    """A track for each request such that requests overlapping in time never share one (a viewer
+    nests slices on a track by time, so overlapping ones would be drawn inside each other), keeping a
+    thread's requests on its own track where it is free: (id(trace) -> track, track -> name). Thread
+    names are not enough: every request served over HTTP runs on a thread named "AnyIO worker thread"."""
+    ends: list[float] = []  # per track (index + 1), when its last request ended
+    threads: list[set[str]] = []
+    out: dict[int, int] = {}
+    for t in sorted(traces, key=lambda t: t.start):
+        end = t.end if t.end is not None else t.start
+        free = [i for i, e in enumerate(ends) if e <= t.start]
+        own = [i for i in free if t.thread in threads[i]]
+        if own or free:
+            i = (own or free)[0]
+        else:
+            i = len(ends)
+            ends.append(end)
+            threads.append(set())
+        ends[i] = max(ends[i], end)
+        threads[i].add(t.thread)
+        out[id(t)] = i + 1
+    names: dict[int, str] = {}
+    seen: dict[str, int] = {}
+    for i, used in enumerate(threads):
+        name = next(iter(used)) if len(used) == 1 else "requests"
+        seen[name] = seen.get(name, 0) + 1
+        names[i + 1] = name if seen[name] == 1 else f"{name} ({seen[name]})"
+    return out, names
 
 
 def report_name(report: Any) -> str:
@@ -115,26 +145,25 @@ def _sessions_by_request(profile: Any) -> dict[tuple[int, str], list]:
 
 def _samples(session: Any, start: float, end: float, tid: int, profile: Any) -> list[dict]:
     """A session's call tree from the truss's code down as nested spans, laid out from the stage's
-    start in call order, each as long as its sampled time (a flame chart inside the stage)."""
+    start in call order, each as long as its sampled time (a flame chart inside the stage). Scaled to
+    fit the stage: an async stage's samples can add up to more than its session's own duration when
+    several requests share the model's event loop, and every slice must lie inside its stage."""
     events: list[dict] = []
-    scale = (end - start) / session.duration if session.duration else 1.0
+    nodes = profile.session_tree(session)
+    sampled = max(session.duration, sum(n.seconds for n in nodes))
+    scale = (end - start) / sampled if sampled > 0 else 1.0
 
-    def lay(frame, at: float) -> None:
-        if frame.is_synthetic:
-            return
-        dur = frame.time * scale
-        events.append({"ph": "X", "pid": 1, "tid": tid, "name": frame.function, "cat": "sample",
-                       "ts": at * 1e6, "dur": dur * 1e6, "args": {"location": profile._where(frame)}})
-        if profile._mine(frame):
-            child_at = at
-            for child in frame.children:
-                lay(child, child_at)
-                child_at += child.time * scale
+    def lay(node, at: float) -> None:
+        events.append({"ph": "X", "pid": 1, "tid": tid, "name": node.function, "cat": "sample",
+                       "ts": at * 1e6, "dur": node.seconds * scale * 1e6, "args": {"location": node.location}})
+        for child in node.children:
+            lay(child, at)
+            at += child.seconds * scale
 
     at = start
-    for frame in profile._starts(profile._root(session)):
-        lay(frame, at)
-        at += frame.time * scale
+    for node in nodes:
+        lay(node, at)
+        at += node.seconds * scale
     return events
 
 

@@ -16,6 +16,7 @@ is imported only when a profile is taken.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,20 +33,48 @@ WRAPPERS = frozenset({  # decorator frames a library call is named through (to t
 
 @dataclass(frozen=True)
 class Hotspot:
-    """One function's time within a stage (its own time; a folded library call's whole time)."""
+    """One function's time within a stage, over the profiled requests: its total time (callees
+    included), its own time, and the stage's time they are a share of."""
 
     function: str
     location: str  # file:line, relative to the truss's parent folder for the truss's own code
-    seconds: float
-    share: float  # of that stage's time
-    library: bool = False  # a folded library call (its callees included)
+    seconds: float  # total: the function and everything it called (a folded library call: all of it)
+    self_seconds: float  # in the function's own code (a folded library call: all of it but the truss code it called back)
+    share: float  # seconds / the stage's time
+    library: bool = False  # a library call, folded at the truss's line that made it
+    requests: int = 1  # the times are over this many requests
 
-    def line(self, requests: int = 1) -> str:
-        folded = " (library, folded)" if self.library else ""
-        return f"{self.share:6.1%}  {self.seconds * 1000 / max(1, requests):8.2f} ms/request  {self.function}  {self.location}{folded}"
+    @property
+    def self_share(self) -> float:
+        return self.share * self.self_seconds / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        per = 1000.0 / max(1, self.requests)
+        folded = "  (library, folded)" if self.library else ""
+        return (f"{self.seconds * per:9.2f} {self.self_seconds * per:9.2f} {self.share:7.1%}  "
+                f"{self.function}  {self.location}{folded}")
 
     def __str__(self) -> str:
         return self.line()
+
+
+@dataclass
+class Node:
+    """A function in a stage's call tree, as drawn: the truss's own code expanded; a library call folded
+    at the truss's line that made it (the truss code it called back, a callback or a layer, beneath it)."""
+
+    function: str
+    location: str
+    seconds: float  # total, over the profiled requests
+    self_seconds: float
+    library: bool
+    children: list["Node"] = field(default_factory=list)
+
+    def walk(self, level: int = 0):
+        """(level, node) in drawing order: heaviest child first."""
+        yield level, self
+        for child in sorted(self.children, key=lambda c: -c.seconds):
+            yield from child.walk(level + 1)
 
 
 class Profiler:
@@ -132,41 +161,85 @@ class Profile:
         return out
 
     def _root(self, session):
-        """The session's call tree with repeated calls of one function from one place merged (a
-        generator resumed 300 times is one entry), as pyinstrument's own renderers show it."""
+        """The session's call tree, truss_lab's own frames taken out (their time is the caller's and the
+        callee's: a guarded `time.sleep` is `sleep`, called from the user's line), and repeated calls of
+        one function from one place merged (a generator resumed 300 times is one entry), as
+        pyinstrument's own renderers show it."""
         from pyinstrument import processors
 
         frame = session.root_frame(trim_stem=False)
-        for process in (processors.remove_importlib, processors.aggregate_repeated_calls, processors.merge_consecutive_self_time):
+        for process in (processors.remove_importlib, _remove_truss_lab_frames, processors.aggregate_repeated_calls,
+                        processors.merge_consecutive_self_time):
             frame = process(frame, options={})
         return frame
 
+    def call_tree(self, stage: str, expand: bool = False) -> list[Node]:
+        """The stage's call tree from the truss's own code down (the stage method at the top), library
+        calls folded at the truss's line that made them (`expand=True`: nothing folded)."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        return self.session_tree(self._combined(stage), expand)
+
+    def session_tree(self, session, expand: bool = False) -> list[Node]:
+        """One pyinstrument session's call tree, drawn as `call_tree` draws a stage's."""
+        root = self._root(session) if session is not None else None
+        return [node for start in self._starts(root) for node in self._nodes(start, expand)] if root is not None else []
+
+    def _nodes(self, frame, expand: bool) -> list[Node]:
+        """`frame` as drawn: a Node, or - for a decorator frame a library call is made through - the
+        functions it wrapped (tf.image.resize is resize_images_v2, not TF's error_handler)."""
+        if frame.is_synthetic:
+            return []
+        mine = self._mine(frame)
+        real = [c for c in frame.children if not c.is_synthetic]
+        if not mine and not expand and frame.function in WRAPPERS and real:
+            wrapped = [n for c in real for n in self._nodes(c, expand)]
+            own = frame.time - sum(c.time for c in real)
+            if own > 0:
+                wrapped.append(Node(frame.function, self._where(frame), own, own, True))
+            return wrapped
+        if mine or expand:
+            children = [n for c in real for n in self._nodes(c, expand)]
+        else:  # folded: only the truss's own code it called back stays visible beneath it
+            children = [n for c in real for start in self._starts(c) for n in self._nodes(start, expand)]
+        own = frame.time - sum(c.seconds for c in children)
+        return [Node(frame.function, self._where(frame), frame.time, max(0.0, own), not mine, children)]
+
     def hotspots(self, stage: str, n: int = 5, expand: bool = False) -> list[Hotspot]:
-        """The heaviest functions of `stage`, heaviest first: the truss's own functions by their own
-        time, a library call made from the truss's code by its whole time (`expand=True`: every
-        function by its own time)."""
+        """The functions `stage` spends its time in, the one that owns most of it first: every function
+        the stage method calls (the truss's own and the library calls it makes, folded), ranked by total
+        time (callees included; a caller before its callee when they tie), each with its own time too.
+        `expand=True`: library code unfolded. The lock wait is one measured entry."""
         if stage == "lock_wait":
             seconds = self.stage_seconds("lock_wait")  # listed however short: what shows never depends on speed
-            return [Hotspot("waiting for the predict lock", "(measured by the trace, not sampled)", seconds, 1.0)] if self.count else []
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {', '.join(STAGES)} or lock_wait, got {stage!r}")
-        session = self._combined(stage)
-        if session is None:
-            return []
-        total = session.duration or 1e-12
-        found: dict[tuple[str, str, bool], float] = {}
-        for start in self._starts(self._root(session)):
-            self._visit(start, found, expand)
-        spots = [Hotspot(fn, loc, secs, secs / total, lib) for (fn, loc, lib), secs in found.items() if secs > 0]
-        spots.sort(key=lambda h: -h.seconds)
-        return spots[:n]
+            return [Hotspot("waiting for the predict lock", "(measured by the trace, not sampled)", seconds, seconds, 1.0,
+                            requests=self.count)] if self.count else []
+        total = self.stage_seconds(stage) or 1e-12
+        found: dict[tuple[str, str, bool], list[float]] = {}  # key -> [total, self, depth of its first sight]
+
+        def visit(node: Node, depth: int, inside: frozenset) -> None:
+            key = (node.function, node.location, node.library)
+            entry = found.setdefault(key, [0.0, 0.0, depth])
+            if key not in inside:  # a recursive call is already in its caller's total
+                entry[0] += node.seconds
+            entry[1] += node.self_seconds
+            entry[2] = min(entry[2], depth)
+            for child in node.children:
+                visit(child, depth + 1, inside | {key})
+
+        for top in self.call_tree(stage, expand):  # the stage method itself is the stage: its callees are the spots
+            for child in top.children:
+                visit(child, 1, frozenset())
+        spots = sorted(found.items(), key=lambda kv: (-kv[1][0], kv[1][2]))
+        return [Hotspot(fn, loc, secs, own, secs / total, lib, self.count)
+                for (fn, loc, lib), (secs, own, _) in spots if secs > 0][:n]
 
     def _mine(self, frame) -> bool:
         path = frame.file_path or ""
         return bool(path) and any(path.startswith(str(r) + "/") for r in self.roots)
 
     def _starts(self, root) -> list:
-        """The outermost frames of the truss's own code (the stage method), under truss_lab's frames."""
+        """The outermost frames of the truss's own code under `root` (the stage method, under truss_lab's frames)."""
         out, stack = [], [root]
         while stack:
             f = stack.pop()
@@ -175,7 +248,7 @@ class Profile:
             if self._mine(f):
                 out.append(f)
             else:
-                stack.extend(f.children)
+                stack.extend(reversed(f.children))
         return out
 
     def _where(self, frame) -> str:
@@ -183,62 +256,62 @@ class Profile:
         for r in self.roots:
             if str(path).startswith(str(r) + "/"):
                 return f"{path.relative_to(r.parent)}:{frame.line_no}"
+        if frame.file_path in (None, "", "<built-in>"):
+            return "<built-in>"
         return f"{frame.file_path_short}:{frame.line_no}"
 
-    def _visit(self, frame, found: dict, expand: bool) -> None:
-        mine = self._mine(frame)
-        if frame.is_synthetic:
-            return
-        if not mine and not expand:  # folded at the call from the truss's code, with all of its time
-            children = [c for c in frame.children if not c.is_synthetic]
-            if frame.function in WRAPPERS and children:  # a decorator (TF's error_handler, op dispatch):
-                for child in children:  # each function it wrapped is its own entry (tf.image.resize -> resize_images_v2)
-                    self._visit(child, found, expand)
-                own = frame.time - sum(c.time for c in children)
-                if own > 0:
-                    key = (frame.function, self._where(frame), True)
-                    found[key] = found.get(key, 0.0) + own
-                return
-            key = (frame.function, self._where(frame), True)
-            found[key] = found.get(key, 0.0) + frame.time
-            return
-        key = (frame.function, self._where(frame), not mine)
-        own = sum(c.time for c in frame.children if c.is_synthetic)
-        found[key] = found.get(key, 0.0) + own
-        for child in frame.children:
-            if not child.is_synthetic:
-                self._visit(child, found, expand)
-
-    def tree(self, stage: str, depth: int = 8, expand: bool = False) -> str:
-        """The stage's call tree from the truss's own code down, library calls folded, as text."""
-        session = self._combined(stage)
-        if session is None:
+    def tree(self, stage: str, depth: int = 8, expand: bool = False, threshold: float = 0.01) -> str:
+        """The stage's call tree as text: per function its total and own ms per request and its share of
+        the stage; calls under `threshold` of the stage (1 %) and below `depth` are left out."""
+        if not self.sessions.get(stage):
             return f"{stage}: not profiled"
-        total = session.duration or 1e-12
-        lines = [f"{stage}: {total * 1000 / max(1, len(self.sessions[stage])):.1f} ms/request"]
-
-        def walk(f, level: int) -> None:
-            if f.is_synthetic or level > depth:
-                return
-            lines.append(f"{'  ' * level}{f.time / total:5.1%}  {f.function}  {self._where(f)}")
-            if self._mine(f) or expand:
-                for c in sorted(f.children, key=lambda c: -c.time):
-                    walk(c, level + 1)
-
-        for start in self._starts(self._root(session)):
-            walk(start, 1)
+        if not self.call_tree(stage, expand):
+            return f"{stage}  {self.stage_seconds(stage) * 1000 / max(1, self.count):.2f} ms/request  {self.unsampled(stage)}"
+        total = self.stage_seconds(stage) or 1e-12
+        per = 1000.0 / max(1, self.count)
+        lines = [f"{stage}  {total * per:.2f} ms/request", f"  {'total':>9} {'self':>9} {'share':>7}  call tree (ms/request)"]
+        lines += [f"  {n.seconds * per:9.2f} {n.self_seconds * per:9.2f} {n.seconds / total:7.1%}  {'  ' * level}{n.function}  "
+                  f"{n.location}{'  (library)' if n.library else ''}"
+                  for level, n in self.tree_rows(stage, depth, expand, threshold)]
         return "\n".join(lines)
+
+    def nested(self, stage: str) -> bool:
+        """Whether the stage's call tree goes deeper than the calls the stage method makes: only then do
+        the hot spots (functions ranked by total time, wherever they are called) say more than the tree."""
+        return any(level > 1 for level, _ in self.tree_rows(stage))
+
+    def unsampled(self, stage: str) -> str:
+        return f"(no samples: it ran for less than the {self.interval * 1000:g} ms sampling interval)"
+
+    def tree_rows(self, stage: str, depth: int = 8, expand: bool = False, threshold: float = 0.01) -> list[tuple[int, Node]]:
+        """(level, node) of the call tree in drawing order, pruned as `tree` prunes it (text and HTML share it)."""
+        total = self.stage_seconds(stage) or 1e-12
+        rows: list[tuple[int, Node]] = []
+        for top in self.call_tree(stage, expand):
+            skip_below: int | None = None
+            for level, node in top.walk():
+                if skip_below is not None and level > skip_below:
+                    continue
+                skip_below = None
+                if level > depth or node.seconds < threshold * total:
+                    skip_below = level
+                    continue
+                rows.append((level, node))
+        return rows
 
     def text(self, n: int = 5) -> str:
         lines = [f"profile of {self.model_name}: {self.count} request{'s' if self.count != 1 else ''}, "
                  f"sampled every {self.interval * 1000:g} ms"]
         for stage in ("preprocess", "lock_wait", "predict", "postprocess"):
-            seconds = self.stage_seconds(stage)
-            if stage != "lock_wait" and not self.sessions.get(stage):
+            if stage == "lock_wait":
+                lines.append(f"lock wait  {self.stage_seconds(stage) * 1000 / max(1, self.count):.2f} ms/request  (measured, not sampled)")
                 continue
-            per = seconds * 1000 / max(1, self.count)
-            lines.append(f"{stage.replace('_', ' ')}  {per:.2f} ms/request")
-            lines.extend(f"  {h.line(self.count)}" for h in self.hotspots(stage, n))
+            if not self.sessions.get(stage):
+                continue
+            lines.append(self.tree(stage))
+            if self.nested(stage):  # else the tree's one level already lists them, heaviest first
+                lines.append(f"  {'total':>9} {'self':>9} {'share':>7}  hot spots")
+                lines.extend(f"  {h.line()}" for h in self.hotspots(stage, n))
         if self.ops is not None:
             lines.append(self.ops.text(n))
         return "\n".join(lines)
@@ -254,6 +327,23 @@ class Profile:
     def merged(self, other: "Profile") -> "Profile":
         sessions = {s: self.sessions.get(s, []) + other.sessions.get(s, []) for s in STAGES}
         return Profile(self.model_name, self.roots, sessions, self.traces + other.traces, self.interval)
+
+
+_OWN = str(Path(__file__).resolve().parent) + os.sep  # truss_lab's own code: never in a profile
+
+
+def _remove_truss_lab_frames(frame, options):
+    """A pyinstrument processor: every frame of truss_lab's own code (the runner, the guard's stand-ins
+    for `time.sleep` and `open`) replaced by what it called, its own time given to its caller."""
+    from pyinstrument.frame_ops import delete_frame_from_tree
+
+    if frame is None:
+        return None
+    for child in frame.children:
+        _remove_truss_lab_frames(child, options)
+        if (child.file_path or "").startswith(_OWN):
+            delete_frame_from_tree(child, replace_with="children")
+    return frame
 
 
 # ------------------------------------------------------------------------------ the framework's own profiler

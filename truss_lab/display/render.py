@@ -46,23 +46,44 @@ def to_html(value: Any) -> str:
 
 
 def profile_html(profile, n: int = 8) -> str:
-    """Per stage: its time per request, then the heaviest functions as bars of their share (every name escaped)."""
+    """Per stage: its time per request, its call tree (the truss's code expanded, library calls folded)
+    with a bar of each call's share, then - where the tree nests - the hot spots with total and own time
+    (every name escaped)."""
     from .style import STAGE_COLOURS
 
+    per = 1000.0 / max(1, profile.count)
+    num = "style='white-space:nowrap'"
+
+    def row(name: str, location: str, library: bool, seconds: float, own: float, share: float, colour: str, level: int = 0) -> str:
+        return (f"<tr><td class='k' style='padding-left:{0.3 + 1.2 * level:.1f}em;white-space:nowrap'>{esc(name)}</td>"
+                f"<td style='text-align:left;color:#666'>{esc(location)}{' <i>(library)</i>' if library else ''}</td>"
+                f"<td style='text-align:left;width:140px'><div style='background:{colour};height:10px;width:{100 * min(1.0, share):.1f}%'></div></td>"
+                f"<td {num}>{share:.1%}</td><td {num}>{seconds * per:.2f} ms</td><td {num} class='tl-muted'>{own * per:.2f} ms</td></tr>")
+
     parts = [f"<div class='tl-muted'>{esc(profile.text().splitlines()[0])}</div>"]
+    head = "<tr><th></th><th></th><th></th><th>share</th><th>total</th><th>self</th></tr>"
     for stage in ("preprocess", "lock_wait", "predict", "postprocess"):
-        if stage != "lock_wait" and not profile.sessions.get(stage):
-            continue
-        per = profile.stage_seconds(stage) * 1000 / max(1, profile.count)
         colour = STAGE_COLOURS.get(stage, "#999")
-        rows = "".join(
-            f"<tr><td class='k'>{esc(h.function)}</td><td style='text-align:left;color:#666'>{esc(h.location)}"
-            f"{' <i>(library)</i>' if h.library else ''}</td>"
-            f"<td style='text-align:left;width:200px'><div style='background:{colour};height:10px;width:{100 * min(1.0, h.share):.1f}%'></div></td>"
-            f"<td>{h.share:.1%}</td><td>{h.seconds * 1000 / max(1, profile.count):.2f} ms</td></tr>"
-            for h in profile.hotspots(stage, n)
-        )
-        parts.append(f"<div style='margin-top:6px'><b>{esc(stage.replace('_', ' '))}</b> {per:.2f} ms/request</div><table>{rows}</table>")
+        if stage == "lock_wait":
+            parts.append(f"<div style='margin-top:6px'><b>lock wait</b> {profile.stage_seconds(stage) * per:.2f} ms/request "
+                         "<span class='tl-muted'>(measured by the trace, not sampled)</span></div>")
+            continue
+        if not profile.sessions.get(stage):
+            continue
+        total = profile.stage_seconds(stage) or 1e-12
+        title = f"<div style='margin-top:6px'><b>{esc(stage)}</b> {total * per:.2f} ms/request</div>"
+        tree = profile.tree_rows(stage)
+        if not tree:
+            parts.append(title + f"<div class='tl-muted'>{esc(profile.unsampled(stage))}</div>")
+            continue
+        rows = "".join(row(node.function, node.location, node.library, node.seconds, node.self_seconds, node.seconds / total, colour, level)
+                       for level, node in tree)
+        if profile.nested(stage):
+            rows += (f"<tr><td colspan='6' class='tl-muted' style='text-align:left;padding-top:4px'>hot spots: "
+                     f"the functions {esc(stage)} spends its time in, by total time</td></tr>")
+            rows += "".join(row(h.function, h.location, h.library, h.seconds, h.self_seconds, h.share, colour)
+                            for h in profile.hotspots(stage, n))
+        parts.append(f"{title}<table>{head}{rows}</table>")
     body = "".join(parts)
     return f'<div class="truss-lab truss-lab-profile">{STYLE}{body}</div>'
 

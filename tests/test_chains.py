@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("truss_chains")
 
 import truss_lab  # noqa: E402
+from conftest import sigint_default_in_child  # noqa: E402
 from truss_lab.chains import load_chain  # noqa: E402
 
 CHAIN = """
@@ -95,7 +96,7 @@ def chain(chain_file):
     c.close()
 
 
-def _run_local(chain_file, **kwargs):
+def _run_local(chain_file, entry="Entry", **kwargs):
     import truss_chains as chains
     from truss_chains import framework
 
@@ -108,7 +109,8 @@ def _run_local(chain_file, **kwargs):
     try:
         spec.loader.exec_module(module)
         with chains.run_local():
-            return asyncio.run(module.Entry().run_remote(**kwargs))
+            answer = getattr(module, entry)().run_remote(**kwargs)
+            return asyncio.run(answer) if asyncio.iscoroutine(answer) else answer
     finally:
         sys.path.remove(str(chain_file.parent))
         sys.modules.pop("marks", None)
@@ -570,7 +572,8 @@ def test_truss_lab_serve_of_a_chain_answers_and_reloads_on_save(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "truss_lab.cli", "serve", str(path), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=sigint_default_in_child)
     url = f"http://127.0.0.1:{port}/v1/models/model:predict"
 
     def answer():
@@ -596,3 +599,40 @@ def test_truss_lab_serve_of_a_chain_answers_and_reloads_on_save(tmp_path):
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "serving the chain Entry" in out and "Upper swapped" in out, out
+
+
+ERRORS_CHAIN = """
+import truss_chains as chains
+
+
+class Lookup(chains.ChainletBase):
+    def run_remote(self, key: str) -> str:
+        return {"a": "alpha"}[key]
+
+
+@chains.mark_entrypoint
+class Ask(chains.ChainletBase):
+    def __init__(self, lookup: Lookup = chains.depends(Lookup)):
+        self._lookup = lookup
+
+    def run_remote(self, key: str) -> str:
+        try:
+            return self._lookup.run_remote(key)
+        except KeyError as exc:  # the remote error arrives as its own class, as deployed
+            return f"missing: {type(exc).__name__}"
+"""
+
+
+def test_a_chainlets_exception_reaches_its_caller_as_its_own_class(tmp_path):
+    """The stub re-raises a chainlet's KeyError as KeyError (its `error` body is the RemoteErrorDetail
+    dict, sent as JSON as the Truss server sends an HTTPException's detail), so `except KeyError:`
+    around a chainlet call works here as in run_local() and deployed."""
+    path = tmp_path / "ask_chain.py"
+    path.write_text(textwrap.dedent(ERRORS_CHAIN))
+    local = _run_local(path, entry="Ask", key="z")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        chain = load_chain(path)
+    with chain:
+        assert chain.run(key="a") == "alpha"
+        assert chain.run(key="z") == local == "missing: KeyError"

@@ -52,6 +52,10 @@ POSTPROCESS_STREAM = "postprocess"  # what open_stream leads with for a postproc
 logger = logging.getLogger("truss_lab")
 
 
+STREAMABLE = (bytes, memoryview, str)  # what the Truss server's StreamingResponse sends; anything else cuts the stream
+_UNSENDABLE = "unsendable chunk: "
+
+
 class OutputWarning(UserWarning):
     """The output could not be sent by a Truss server as JSON (the call still succeeds)."""
 
@@ -309,6 +313,8 @@ class Runner:
                     for chunk in chunks if watch is None else lockguard.iterate(watch, chunks):
                         if t.first_chunk is None:
                             t.first_chunk = perf_counter()
+                        if not isinstance(chunk, STREAMABLE):
+                            self._check_chunk(chunk, t, method, count)
                         count += 1
                         yield chunk
             if not streamed:
@@ -322,6 +328,8 @@ class Runner:
                             for chunk in self._iterate(y):
                                 if t.first_chunk is None:
                                     t.first_chunk = perf_counter()
+                                if not isinstance(chunk, STREAMABLE):
+                                    self._check_chunk(chunk, t, "postprocess", count)
                                 count += 1
                                 yield chunk
                             t.post_end = perf_counter()  # its work happened while it was iterated
@@ -542,6 +550,18 @@ class Runner:
         err = STAGE_ERRORS[stage].from_exception(exc, self.roots, trace=t, what=what)
         t.error, t.error_stage, t.location = describe(exc), stage, err.location
         return err
+
+    def _check_chunk(self, chunk: Any, t: Trace, stage: str, index: int) -> None:
+        """A chunk the Truss server cannot stream: warn, once per request, naming it."""
+        if any(w.startswith(_UNSENDABLE) for w in t.warnings):
+            return
+        message = (
+            f"{_UNSENDABLE}{self.bundle.model_name}: {stage} yielded chunk {index + 1} of type {type(chunk).__name__}: "
+            f"streamed over HTTP, the Truss server sends only bytes, memoryview and str chunks and cuts the stream "
+            f"there (joined for Accept: application/json it sends str(chunk)); encode it, e.g. json.dumps(chunk) + '\\n'"
+        )
+        t.warnings.append(message)
+        warnings.warn(message, OutputWarning, stacklevel=4)
 
     def _check_output(self, output: Any, t: Trace) -> None:
         bad = truss_json_check(output)

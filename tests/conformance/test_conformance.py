@@ -37,6 +37,7 @@ class Req:
     method: str = "POST"
     headers: dict[str, str] = field(default_factory=dict)
     content: bytes | None = None
+    error_value: bool = False  # an error answer's `error` value is compared too (an HTTPException's detail)
 
 
 @dataclass
@@ -127,6 +128,21 @@ class Model:
         async def gen():
             for i in range(x):
                 yield f"tok{i} "
+        return gen()
+"""),
+    # every chunk type: bytes, memoryview and str are streamed; any other cuts the stream (the client sees
+    # an incomplete body), and joined for `Accept: application/json` each is str(chunk)
+    Case("chunk-types", [Req(kind, headers=accept) for kind in ("bytes", "bytearray", "memoryview", "str", "dict", "int", "none", "numpy")
+                         for accept in ({}, {"accept": "application/json"}) if not (kind == "memoryview" and accept)], model="""
+import numpy as np
+CHUNKS = {"bytes": b"bc", "bytearray": bytearray(b"bc"), "memoryview": memoryview(b"bc"), "str": "bc", "dict": {"b": "c"},
+          "int": 7, "none": None, "numpy": np.float32(1.5)}
+class Model:
+    def predict(self, kind):
+        def gen():
+            yield b"a"
+            yield CHUNKS[kind]
+            yield "d"
         return gen()
 """),
     Case("bytes-chunks", [Req(1), Req(1, headers={"accept": "application/json"})], model="""
@@ -268,15 +284,18 @@ class Model:
     def postprocess(self, y):
         return y
 """),
-    Case("http-exception", [Req("predict"), Req("pre")], model="""
+    # ("number" last: the Truss server closes the connection after its unhandled-exception 500)
+    Case("http-exception", [Req(kind, error_value=True) for kind in ("pre", "dict", "list", "none", "nested", "number")], model="""
 from fastapi import HTTPException
+DETAILS = {"dict": {"field": "bad", "why": ["too", "long"]}, "list": [1, "two"], "number": 3, "none": None,
+           "nested": {"error": {"reason": "quota", "retry_after": 2.5}}}
 class Model:
     def preprocess(self, x):
         if x == "pre":
             raise HTTPException(status_code=401, detail="who are you")
         return x
     def predict(self, x):
-        raise HTTPException(status_code=422, detail={"field": "bad"})
+        raise HTTPException(status_code=422, detail=DETAILS[x])
 """),
     # ---- OpenAI-compatible routes
     Case("openai-routes", [
@@ -509,9 +528,12 @@ class Answer:
     body: bytes
     streamed: bool
     error_headers: dict[str, str]
+    complete: bool = True  # False: the server cut the body (the client saw an incomplete chunked body)
 
-    def comparable(self) -> dict:
-        out = {"status": self.status, "error_headers": self.error_headers}
+    def comparable(self, error_value: bool = False) -> dict:
+        out = {"status": self.status, "error_headers": self.error_headers, "complete": self.complete}
+        if self.status >= 400 and error_value:
+            out["error"] = json.loads(self.body)["error"]
         if self.status < 400:
             out["content_type"] = self.content_type
             out["streamed"] = self.streamed
@@ -538,10 +560,15 @@ def send(client: httpx.Client, req: Req) -> Answer:
     if req.method == "POST":
         kwargs["content"] = req.content if req.content is not None else json.dumps(req.json).encode()
     with client.stream(req.method, req.path, **kwargs) as r:
-        body = r.read()
+        body, complete = b"", True
+        try:
+            for part in r.iter_bytes():
+                body += part
+        except httpx.RemoteProtocolError:  # the server cut the stream (a chunk it cannot send)
+            complete = False
         streamed = "content-length" not in r.headers and r.headers.get("transfer-encoding") == "chunked"
         errs = {k.lower(): v for k, v in r.headers.items() if k.lower().startswith("x-baseten-error")}
-        return Answer(r.status_code, r.headers.get("content-type", "").split(";")[0], body, streamed, errs)
+        return Answer(r.status_code, r.headers.get("content-type", "").split(";")[0], body, streamed, errs, complete)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -567,19 +594,30 @@ def test_same_answers_as_the_truss_server(case: Case, truss_env, tmp_path):
         with httpx.Client(base_url=server.url, timeout=60) as client:
             got = [send(client, r) for r in case.requests]
         for req, want, have in zip(case.requests, expected, got):
-            w, h = want.comparable(), have.comparable()
+            w, h = want.comparable(req.error_value), have.comparable(req.error_value)
             assert _same(w, h), f"{req}:\n  Truss:     {w}\n  truss_lab: {h}"
             plain = req.method == "POST" and req.path == PREDICT and req.content is None and not req.headers
             if plain and w["status"] == 200 and (want.streamed or w["content_type"] == "application/json") \
                     and not truss_lab.serialization.is_response(tr.run(req.json).output):  # a Response is sent as it is
                 in_process = _chunks_until_error(tr, req.json) if want.streamed else [tr.predict(req.json).output]
                 if want.streamed:
-                    assert b"".join(c if isinstance(c, bytes) else str(c).encode() for c in in_process) == want.body
+                    assert _as_streamed(in_process) == (want.body, want.complete)
                 else:
                     assert _same(json.loads(truss_lab.serialization.truss_json(in_process[0])), w["body"])
         assert tr.lock_available == tr.concurrency
     finally:
         tr.close()
+
+
+def _as_streamed(chunks: list) -> tuple[bytes, bool]:
+    """What a client reads of these chunks from the Truss server (starlette's StreamingResponse sends bytes
+    and memoryview as they are and str as UTF-8, and fails on anything else): (body, complete)."""
+    body = b""
+    for c in chunks:
+        if not isinstance(c, (bytes, memoryview, str)):
+            return body, False
+        body += c.encode() if isinstance(c, str) else bytes(c)
+    return body, True
 
 
 def _chunks_until_error(tr, x) -> list:

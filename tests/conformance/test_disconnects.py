@@ -197,3 +197,58 @@ def test_websocket_ping_settings_are_honoured_as_on_the_truss_server(transport, 
         ours = _silent_peer(tr.serve().url)
     assert (pings > 0, dropped) == (ours[0] > 0, ours[1]), f"Truss: {(pings, dropped)}, truss_lab: {ours}"
     assert (pings > 0 and dropped) == (transport == "ping")  # pinged every 0.3 s, dropped when it never answered
+
+
+CANCELLED = """
+import asyncio, logging
+import fastapi
+
+class Model:
+    async def predict(self, inputs, request: fastapi.Request):
+        await asyncio.sleep(0.5)
+        if await request.is_disconnected():
+            logging.warning("Cancelled (before gen).")
+            return
+        for i in range(5):
+            await asyncio.sleep(1.0)
+            logging.warning("chunk %d", i)
+            yield str(i)
+            if await request.is_disconnected():
+                logging.warning("Cancelled (during gen).")
+                return
+"""
+
+
+def _leave_after_a_second(url: str) -> None:
+    with pytest.raises(httpx.ReadTimeout):  # no chunk within 1 s: the client hangs up
+        with httpx.Client(timeout=httpx.Timeout(1.0, connect=5.0)) as client:
+            client.post(url + PREDICT, json={}).raise_for_status()
+
+
+def test_a_cancelled_async_stream_sees_its_client_leave_where_the_truss_server_does(truss_env, tmp_path, caplog):
+    """Truss's own test_async_streaming_with_cancellation, its first check moved to 0.5 s so the
+    answer never depends on a race with the client's 1 s timeout: the generator checks once before
+    its first chunk (the client is still there) and once after it - on the Truss server, whose
+    producer runs on without its client, the second check sees the disconnect. Here the stream is
+    resumed once after the client left, so the model says the same, and then closed."""
+    import logging
+
+    root = write_truss(tmp_path / "cancelled", CANCELLED)
+    with truss_env.start(root, apps=tmp_path / "apps") as oracle:
+        _leave_after_a_second(oracle.url)
+        deadline = time.monotonic() + 20
+        while "Cancelled" not in oracle.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        truss_log = oracle.output()
+    assert "Cancelled (during gen)." in truss_log and "Cancelled (before gen)." not in truss_log
+    caplog.set_level(logging.WARNING)
+    with truss_lab.load(root) as tr:
+        _leave_after_a_second(tr.serve().url)
+        deadline = time.monotonic() + 20
+        while "Cancelled" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "Cancelled (during gen)." in caplog.text and "Cancelled (before gen)." not in caplog.text
+        deadline = time.monotonic() + 20
+        while tr.lock_available != tr.concurrency and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tr.lock_available == tr.concurrency  # closed, the lock given back

@@ -35,10 +35,14 @@ def _model_lines(url: str) -> list[str]:
         return r.text, [line for line in r.text.splitlines() if line.startswith("conformance_hits_total")]
 
 
+def _families(text: str) -> set[str]:
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+
 def test_metrics_the_model_registers_are_exported_as_on_the_truss_server(truss_env, tmp_path):
     root = write_truss(tmp_path / "metrics", MODEL)
     with truss_env.start(root, apps=tmp_path / "apps") as oracle:
-        _, expected = _model_lines(oracle.url)
+        expected_text, expected = _model_lines(oracle.url)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tr = truss_lab.load(root)
@@ -46,6 +50,9 @@ def test_metrics_the_model_registers_are_exported_as_on_the_truss_server(truss_e
         url = tr.serve().url
         text, got = _model_lines(url)
         assert got == expected == ["conformance_hits_total 2.0"]
+        # none of the collectors the Truss server unregisters, no *_created samples (it disables them)
+        assert not [f for f in _families(text) if f.startswith(("process_", "python_gc_", "python_info"))] and "_created" not in text
+        assert "_created" not in text
         assert 'truss_lab_requests_total{method="predict",model="metrics",status="ok"} 2.0' in text
         assert 'truss_lab_stage_seconds_count{model="metrics",stage="predict"} 2.0' in text
         # a method swap keeps the model's counter (and its count); a second registration does not fail the reload
@@ -91,3 +98,39 @@ def test_routes_while_the_model_loads_answer_as_on_the_truss_server(truss_env, t
     with Server(LiveBackend(name="slow")).start() as loading:  # `truss-lab serve` before its load() has finished
         got = statuses(loading.url)
     assert got == expected and expected[:5] == [503] * 5 and expected[5] == 200
+
+
+def test_truss_lab_serve_exports_exactly_the_models_metrics_as_the_truss_server_does(truss_env, tmp_path):
+    """Truss's own test asserts /metrics lists exactly the model's metrics. `truss-lab serve` runs one
+    truss in its own process, as the Truss server does: the same families, plus truss_lab's two
+    (README: deliberate differences)."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import free_port
+
+    root = write_truss(tmp_path / "metrics", MODEL)
+    with truss_env.start(root, apps=tmp_path / "apps") as oracle:
+        expected_text, _ = _model_lines(oracle.url)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "truss_lab.cli", "serve", str(root), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/v1/models/model", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)  # polling the server with a deadline
+        text, _ = _model_lines(url)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    ours = {f for f in _families(text) if f.startswith("truss_lab_")}
+    assert {f.removesuffix("_total") for f in ours} == {"truss_lab_requests", "truss_lab_stage_seconds"}
+    assert {f.startswith("conformance_hits") for f in _families(expected_text)} == {True}
+    assert _families(text) - ours == _families(expected_text)

@@ -18,7 +18,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import truss_lab
-from conftest import free_port, write_truss
+from conftest import free_port, sigint_default_in_child, write_truss
 
 PREDICT = "/v1/models/model:predict"
 
@@ -106,7 +106,7 @@ def test_streaming_predict_streams(served):
                 yield "first,"
                 if not self.gate.wait(20):
                     raise TimeoutError("the client never got the first chunk")
-                yield {"then": x}
+                yield memoryview(f"then {x}".encode())
         """
     )
     with client.stream("POST", PREDICT, json=7) as response:
@@ -114,8 +114,22 @@ def test_streaming_predict_streams(served):
         assert next(chunks) == b"first,"  # arrives while predict still holds the lock
         assert tr.lock_available == 0
         tr.model.gate.set()
-        assert b"".join(chunks) == b'{"then": 7}\n'
+        assert b"".join(chunks) == b"then 7"  # a memoryview is sent as its bytes, as the Truss server sends it
     assert tr.traces[-1].chunks == 2 and tr.lock_available == 1
+
+
+def test_a_chunk_the_truss_server_cannot_stream_cuts_the_stream_and_says_which(served):
+    import httpx
+
+    tr, client = served("class Model:\n    def predict(self, x):\n        yield 'a,'\n        yield {'then': x}\n        yield 'c'\n")
+    body = b""
+    with pytest.raises(httpx.RemoteProtocolError):  # the cut body, as the Truss server sends it (tests/conformance)
+        with client.stream("POST", PREDICT, json=7) as response:
+            for part in response.iter_raw():
+                body += part
+    assert body == b"a,"
+    (warning,) = [w for w in tr.traces[-1].warnings if "chunk 2 of type dict" in w]
+    assert "cuts the stream" in warning and tr.lock_available == 1
 
 
 def test_hot_reload_while_serving(served):
@@ -147,6 +161,7 @@ def test_cli_serve_is_live_at_once_and_ready_after_load(make_truss):
     proc = subprocess.Popen(
         [sys.executable, "-m", "truss_lab.cli", "serve", str(root), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=sigint_default_in_child,
     )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -130,8 +131,9 @@ class LiveBackend:
 # ---------------------------------------------------------------------------------------- routes
 
 
-def error_body(status: int, stage: str, message: str, model: str, location: str | None = None, code: str = CODE_DOWNSTREAM):
-    """An error answer: the Truss server's status and headers; the body adds the stage and file:line."""
+def error_body(status: int, stage: str, message: Any, model: str, location: str | None = None, code: str = CODE_DOWNSTREAM):
+    """An error answer: the Truss server's status and headers; the body adds the stage and file:line.
+    `message` is the Truss server's `error` value: a string, or an HTTPException's detail as it is."""
     body = {"error": message, "stage": stage, "model": model}
     if location:
         body["location"] = location
@@ -265,7 +267,10 @@ async def predict_response(request, backend: Backend, max_body: int, method: str
             except ModelError as error:  # failed while gathering: Truss's unhandled-exception answer (code 500)
                 return error_body(500, error.stage, str(error), backend.name, error.location, code=CODE_UNEXPECTED)
             return _serialize(join_chunks(chunks), binary, backend)
-        return StreamingResponse(_encode_stream(answer.chunks, answer.read_timeout), media_type="application/octet-stream")
+        # the model's stream starts producing before the response starts, as the Truss server's background
+        # task does: what the model sees of its client (is_disconnected()) happens at the same points
+        first = asyncio.get_running_loop().run_in_executor(None, next, answer.chunks, _END)
+        return StreamingResponse(_encode_stream(answer.chunks, answer.read_timeout, first), media_type="application/octet-stream")
     output = answer.output
     if is_response(output):
         if output.status_code >= 300:
@@ -284,8 +289,12 @@ def _error_answer(error: ModelError, backend: Backend):
     cause = error.__cause__
     if error.stage == "input":
         return error_body(400, "input", str(cause or error), backend.name, code=CODE_CLIENT)
-    if is_http_exception(cause):  # passed through with its status, as the Truss server does
-        return error_body(cause.status_code, error.stage, str(cause.detail), backend.name, error.location)
+    if is_http_exception(cause):  # passed through with its status and detail (a dict stays JSON), as the Truss server does
+        try:
+            "user_stack_trace" in cause.detail  # the Truss server asks this of every detail (a chain's error)...
+        except TypeError as exc:  # ...and answers an unhandled-exception 500 where a number cannot say
+            return error_body(500, error.stage, f"Unhandled exception: TypeError: {exc}", backend.name, error.location, code=CODE_UNEXPECTED)
+        return error_body(cause.status_code, error.stage, cause.detail, backend.name, error.location)
     return error_body(500, error.stage, str(error), backend.name, error.location)
 
 
@@ -311,8 +320,9 @@ def _serialize(output: Any, binary: bool, backend: Backend):
 _END = object()
 
 
-async def _encode_stream(chunks: Iterator[Any], read_timeout: float | None = None) -> AsyncIterator[bytes]:
-    """Chunks as the Truss server sends them: str as UTF-8, bytes as is, anything else as a JSON line.
+async def _encode_stream(chunks: Iterator[Any], read_timeout: float | None = None, first: Any = None) -> AsyncIterator[bytes]:
+    """Chunks as the Truss server sends them: str as UTF-8, bytes and memoryview as they are; any other
+    chunk cuts the stream there (logged in one line), as on the Truss server.
 
     An error mid-stream ends the stream (the Truss server logs it and closes the body normally). A
     gap between chunks longer than `read_timeout` cuts the connection, as the Truss server's
@@ -321,35 +331,60 @@ async def _encode_stream(chunks: Iterator[Any], read_timeout: float | None = Non
     """
     loop = asyncio.get_running_loop()
     pending = None
+    left = False  # the client went away mid-stream
     try:
         while True:
-            pending = loop.run_in_executor(None, next, chunks, _END)
+            pending, first = first if first is not None else loop.run_in_executor(None, next, chunks, _END), None
             chunk = await asyncio.wait_for(asyncio.shield(pending), read_timeout)
             pending = None
             if chunk is _END:
                 return
-            if isinstance(chunk, bytes):
+            if isinstance(chunk, (bytes, memoryview)):
                 yield chunk
             elif isinstance(chunk, str):
                 yield chunk.encode()
-            else:
-                yield (json.dumps(chunk) + "\n").encode()
+            else:  # the Truss server's StreamingResponse fails on it: the client gets a cut body (the trace has
+                raise _StreamCut  # the runner's warning naming the chunk)
     except ModelError:
         return
     except asyncio.TimeoutError:
         logger.warning("stream cut: no chunk for %g s (runtime.streaming_read_timeout)", read_timeout)
+        raise _StreamCut from None
+    except (asyncio.CancelledError, GeneratorExit):
+        left = True
         raise
     finally:
         close = getattr(chunks, "close", None)
         if close is not None:
-            if pending is not None and not pending.done():  # a pull still running: close when it returns
-                pending.add_done_callback(lambda _: threading.Thread(target=_close_quietly, args=(close,), daemon=True).start())
+            stop = functools.partial(_stop_stream, chunks, close, left)
+            if pending is not None and not pending.done():  # a pull still running: stop when it returns
+                pending.add_done_callback(lambda _: threading.Thread(target=stop, daemon=True).start())
             else:
-                await loop.run_in_executor(None, _close_quietly, close)
+                await loop.run_in_executor(None, stop)
 
 
-def _close_quietly(close: Callable[[], Any]) -> None:
+class _StreamCut(Exception):
+    """Ends a streamed body without its last chunk (the client sees an incomplete body), as the Truss
+    server's does on a chunk it cannot send or a read timeout. Said in one line, never as uvicorn's
+    "Exception in ASGI application" traceback."""
+
+
+class _QuietCuts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], _StreamCut))
+
+
+logging.getLogger("uvicorn.error").addFilter(_QuietCuts())
+
+
+def _stop_stream(chunks: Iterator[Any], close: Callable[[], Any], left: bool) -> None:
+    """Close a stream this server no longer reads. If its client left, it is resumed once first: the
+    code after its `yield` runs and sees `await request.is_disconnected()` turn true, as it would on
+    the Truss server (whose producer runs on without its client); then it is closed, freeing the lock
+    (a deliberate difference, README: the Truss server pulls it to the end)."""
     try:
+        if left:
+            next(chunks, _END)
         close()
     except (ValueError, ModelError):  # still running elsewhere, or failed while closing: its trace says so
         pass

@@ -149,9 +149,11 @@ async def _close(ws, code: int, reason: str | None = None) -> None:
 
 
 class MetricsApp:
-    """Prometheus's ASGI app on the process's default registry (what the model registers with
-    prometheus_client shows up), with truss_lab's own figures for every model served in this process.
-    Made on the first scrape, in the process that serves (a Ray replica pickles the app before)."""
+    """/metrics as the Truss server serves it: what is registered with prometheus_client's default
+    registry (the model's own metrics), without the process, platform and gc collectors the Truss
+    server unregisters and without the `_created` samples it disables - plus truss_lab's request
+    counts and stage latencies (a deliberate addition, README). Made on the first scrape, in the
+    process that serves (a Ray replica pickles the app before)."""
 
     def __init__(self, backend):
         self.backend = backend
@@ -162,19 +164,42 @@ class MetricsApp:
 
     async def __call__(self, scope, receive, send):
         if self._app is None:
-            from prometheus_client import REGISTRY, make_asgi_app
+            from prometheus_client import CollectorRegistry, make_asgi_app
 
-            global _COLLECTOR
+            global _COLLECTOR, _EXPORTED
             with _COLLECTOR_LOCK:
                 if _COLLECTOR is None:
                     _COLLECTOR = TraceMetrics()
-                    REGISTRY.register(_COLLECTOR)
+                    _EXPORTED = CollectorRegistry(auto_describe=False)
+                    _EXPORTED.register(_AsTrussExports())
+                    _EXPORTED.register(_COLLECTOR)
             _COLLECTOR.add(self.backend)
-            self._app = make_asgi_app(REGISTRY)
+            self._app = make_asgi_app(_EXPORTED)
         await self._app(scope, receive, send)
 
 
+class _AsTrussExports:
+    """The default registry as the Truss server exports it (its create_application unregisters
+    PROCESS_COLLECTOR, PLATFORM_COLLECTOR and GC_COLLECTOR and calls disable_created_metrics()):
+    filtered here, so this process's own registry is left as the user's code set it up."""
+
+    _CREATED = ("counter", "histogram", "summary", "gaugehistogram")
+
+    def collect(self):
+        from prometheus_client import REGISTRY, gc_collector, platform_collector, process_collector
+
+        defaults = {id(process_collector.PROCESS_COLLECTOR), id(platform_collector.PLATFORM_COLLECTOR), id(gc_collector.GC_COLLECTOR)}
+        for collector in list(REGISTRY._collector_to_names):
+            if id(collector) in defaults:
+                continue
+            for metric in collector.collect():
+                if metric.type in self._CREATED:
+                    metric.samples = [s for s in metric.samples if s.name != f"{metric.name}_created"]
+                yield metric
+
+
 _COLLECTOR: "TraceMetrics | None" = None
+_EXPORTED: Any = None
 _COLLECTOR_LOCK = threading.Lock()
 
 

@@ -8,6 +8,7 @@ A `Runner` (runner.py: stages, lock, traces) plus what a developer needs around 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from . import carry, collectors, loader, names, origins, wrapper
+from . import guard as lockguard
 from .bundle import Bundle, read_bundle, resolve_secrets
 from .errors import TrussLabError, describe
 from .reload import Reloader, Snapshot
@@ -329,6 +331,7 @@ class LiveModel(Runner):
 
             profiler = Profiler()
         bar = _progress_bar(n, f"{self.name} ×{concurrency}", progress)
+        stall0, wall0 = lockguard.cpu_stall_ms(), time.perf_counter()
         try:
             with ThreadPoolExecutor(max_workers=min(concurrency, n), thread_name_prefix="truss-lab-bench") as pool:
                 futures = [pool.submit(self.run, inputs[i % len(inputs)], profiler=profiler) for i in range(n)]
@@ -348,7 +351,10 @@ class LiveModel(Runner):
                     raise
         finally:
             bar.close()
-        report = BenchReport.from_traces(traces, self._lock_size, concurrency=concurrency, label=label or self.name)
+        stall1, wall_ms = lockguard.cpu_stall_ms(), (time.perf_counter() - wall0) * 1000.0
+        stall = (stall1 - stall0) / wall_ms if stall0 is not None and stall1 is not None and wall_ms > 0 else math.nan
+        report = BenchReport.from_traces(traces, self._lock_size, concurrency=concurrency, label=label or self.name,
+                                         cpu_stall_share=stall)
         if profiler is not None:
             from .profile import Profile
 

@@ -194,6 +194,10 @@ class StageStats:
         return cls(sum(s) / len(s), percentile(s, 50), percentile(s, 95), percentile(s, 99), s[-1])
 
 
+SHORT_PREDICT_MS = 1.0  # a mean predict below this is not split into compute and idle (the clocks' own cost decides it)
+BUSY_STALL_SHARE = 0.5  # CPU stall over a bench's wall time above this: idle cannot be told from waiting for a CPU
+
+
 @dataclass
 class Report:
     """Aggregate of traces: latency per stage, lock use, throughput and its bound.
@@ -219,6 +223,7 @@ class Report:
     compute_bound: float = math.nan  # lock_size / mean predict *compute* seconds: the bound if predict only computed
     idle_measured: int = 0  # requests whose predict compute/idle split was measured
     gpu_in_use: bool = False  # a GPU was in use: idle may be waiting for the GPU
+    cpu_stall_share: float = math.nan  # bench: share of its wall time the machine's runnable tasks waited for a CPU (Linux PSI)
     reloads: list[Any] = field(default_factory=list, repr=False)  # ReloadEvents in its time (instant events in exports)
 
     def to_chrome_trace(self, path: Any = None, profile: Any = None) -> dict:
@@ -241,13 +246,30 @@ class Report:
         return "waiting (GPU in use?)" if self.gpu_in_use else "idle"
 
     def idle_sentence(self) -> str:
-        """"lock held 100% · 82% of it idle — predict waits while holding the lock" (the timeline's caption lead)."""
+        """"lock held 100% · 82% of it idle — predict waits while holding the lock" (the timeline's caption
+        lead), or why the idle share says nothing this time."""
         if self.idle_measured == 0 or math.isnan(self.lock_idle_share):
             return f"lock held {self.lock_utilization:.0%} · idle share not measured (async or streaming predict)"
+        unclear = self.idle_unclear()
+        if unclear:
+            return f"lock held {self.lock_utilization:.0%} · idle share not told: {unclear}"
         text = f"lock held {self.lock_utilization:.0%} · {self.lock_idle_share:.0%} of it {self.idle_label}"
         if self.lock_idle_share >= 0.5 and not self.gpu_in_use:
             text += " — predict waits while holding the lock"
         return text
+
+    def idle_unclear(self) -> str | None:
+        """Why the compute/idle split cannot be trusted here, or None: predicts too short for the thread
+        CPU clock and the per-request bookkeeping (their "idle" is noise), or a machine busier than the
+        model (its threads, a framework's pool among them, waited for a CPU: that is not idling)."""
+        measured = [t for t in self.traces if t.method == "predict" and t.predict_compute_ms is not None and t.lock_acquired]
+        if measured:
+            mean = sum(t.predict_ms for t in measured) / len(measured)
+            if mean < SHORT_PREDICT_MS:
+                return f"predict is too short to split into compute and idle ({mean:.2f} ms per request)"
+        if self.cpu_stall_share >= BUSY_STALL_SHARE:
+            return f"the machine was busier than the model (runnable tasks waited for a CPU {self.cpu_stall_share:.0%} of the time)"
+        return None
 
     @property
     def ok(self) -> int:

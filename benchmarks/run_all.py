@@ -17,7 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-MODULES = ["bench_core", "bench_reload", "bench_magics", "bench_lock", "bench_guard", "bench_serve", "bench_profile", "bench_chain"]
+MODULES = ["bench_core", "bench_reload", "bench_worker", "bench_magics", "bench_lock", "bench_guard", "bench_serve", "bench_profile", "bench_chain"]
 
 
 def main(argv=None) -> None:

@@ -145,3 +145,16 @@ def truss_env():
     from truss_lab.serving.truss_server import ServerEnv
 
     return ServerEnv.ensure()
+
+
+@pytest.fixture(autouse=True)
+def _one_truss_per_test():
+    """A test that left the truss it loaded in this process (a failure before its close()) would send
+    every later test's truss to a worker: the kernel is let go of after each test that took it."""
+    from truss_lab import loader
+
+    before = loader.resident()
+    yield
+    after = loader.resident()
+    if after is not None and after is not before and getattr(after, "owner", None) is not None:
+        after.owner.close()

@@ -17,6 +17,7 @@ def test_benchmarks_run_quick(capsys, monkeypatch):
     assert "method swap:" in out and "save -> live:" in out and "save -> examples diff:" in out
     assert "%load_ext truss_lab:" in out and "heavy imports: none" in out
     assert "profiling examples/digits:" in out and "memory over 5 re-loads" in out
+    assert "the worker adds" in out and "a worker ready" in out and "save -> live in a worker" in out
     for name in list(sys.modules):
         if name.startswith("bench_") or name == "run_all":
             del sys.modules[name]

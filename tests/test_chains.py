@@ -192,7 +192,7 @@ def test_the_magics_and_the_panel_on_a_chain(tmp_path):
         assert [label for label, _ in panel.examples.options][1:] == ["short", "long"]
         panel.examples.value = "short"
         panel.run_button.click()
-        assert panel._idle.wait(60) and panel.runs[-1].result.output.root == {"upper": "AB", "count": "2", "spelled": "A.B."}
+        assert panel._idle.wait(60) and panel.runs[-1].result.output == {"upper": "AB", "count": "2", "spelled": "A.B."}  # as sent
         assert len(chain.trees()) == 3  # the panel's run is a request tree too
     finally:
         ip.user_ns.pop("wc").close()
@@ -246,8 +246,8 @@ def fresh_chain(tmp_path):
 
 
 def _state(chain):
-    """Per chainlet: (its serving version, the chainlet object its load() built)."""
-    return {name: (live.version, live.model._chainlet) for name, live in chain.chainlets.items()}
+    """Per chainlet: (its serving version, its worker process, how many reloads it has had)."""
+    return {name: (live.version, live.pid, live.reload_count) for name, live in chain.chainlets.items()}
 
 
 def test_a_save_that_changes_one_chainlet_reloads_it_alone(fresh_chain):
@@ -261,8 +261,9 @@ def test_a_save_that_changes_one_chainlet_reloads_it_alone(fresh_chain):
     assert chain.run(text="ab", n=1) == {"upper": "AB", "count": "20", "spelled": "A.B."}
     after = _state(chain)
     for name in ("Upper", "Spell", "Entry"):
-        assert after[name] == before[name]  # untouched: same version, same instance
-    assert after["Count"][0] == before["Count"][0] + 1 and after["Count"][1] is before["Count"][1]  # swapped, state kept
+        assert after[name] == before[name]  # untouched: same version, same process, never reloaded
+    assert after["Count"][:2] == (before["Count"][0] + 1, before["Count"][1])  # swapped in its own process
+    assert chain.chainlets["Count"].reload_history[-1].kind == "methods"  # its instance kept (the swap rule)
 
 
 def test_a_chainlet_whose_init_changed_is_rebuilt_and_a_helper_reloads_its_users_only(fresh_chain):
@@ -274,7 +275,7 @@ def test_a_chainlet_whose_init_changed_is_rebuilt_and_a_helper_reloads_its_users
     event = chain.reload()
     assert event.kind == "full" and event.changed == ["Entry"], event
     assert any("Entry.__init__" in c for c in event.chainlets["Entry"].changed), event.chainlets["Entry"]
-    assert chain.chainlets["Entry"].model._chainlet is not before["Entry"][1] and chain.chainlets["Entry"].model._chainlet.built == 2
+    assert chain.chainlets["Entry"].reload_history[-1].kind == "full" and chain.chainlets["Entry"].pid == before["Entry"][1]
     (path.parent / "marks.py").write_text(MARKS.replace('"."', '"!"'))  # only Spell uses it
     event = chain.reload()
     assert event.changed == ["Spell"] and event.kind == "methods", event
@@ -303,14 +304,14 @@ def test_the_watcher_reloads_a_saved_chain_and_a_broken_save_keeps_the_old_code(
     assert event.kind == "failed" and "word_chain.py:" in (event.location or ""), event
     assert chain.run(text="a")["upper"] == "A?"  # the old code keeps serving
     n = chain.reload_count
-    count = chain.chainlets["Count"].model._chainlet
+    count = _state(chain)["Count"]
     renamed = good.replace("return text.upper()", "return text.upper() + '?'").replace("Spell", "Spelling")
     path.write_text(renamed)  # a renamed chainlet: one added, one gone, its caller rebuilt, the others untouched
     event = chain.wait_for_reload(n, timeout=60)
     assert event.ok and event.removed == ["Spell"], event
     assert event.chainlets["Spelling"].changed == ["added"] and event.chainlets["Entry"].kind == "full", event
     assert sorted(event.untouched) == ["Count", "Upper"] and "Spelling added" in str(event) and "Spell removed" in str(event)
-    assert list(chain.chainlets) == ["Upper", "Count", "Spelling", "Entry"] and chain.chainlets["Count"].model._chainlet is count
+    assert list(chain.chainlets) == ["Upper", "Count", "Spelling", "Entry"] and _state(chain)["Count"] == count
     assert chain.run(text="a") == {"upper": "A?", "count": "4", "spelled": "A.?."}
     assert [c.chainlet for c in chain.trees()[-1].calls] == ["Upper", "Count", "Spelling"]
 
@@ -540,23 +541,28 @@ BONUS = 0
 
 
 def test_a_rebuilt_chainlets_old_stubs_close_their_clients(fresh_chain):
+    """The aiohttp session a chainlet's async stub opened keeps a connection to the chainlet it calls;
+    a full reload retires the instance and closes its stubs' clients (no connection, no "Unclosed
+    client session" left behind); a method swap keeps the instance and its session."""
+    psutil = pytest.importorskip("psutil")
     chain, path = fresh_chain, fresh_chain.source
     chain.run(text="a")
-    old = chain.entry.model._chainlet
-    session = old._count._cached_async_client[0]  # the aiohttp session its async stub opened
-    assert not session.closed
+    port = int(chain.urls["Count"]["predict_url"].split(":")[2].split("/")[0])
+
+    def to_count() -> int:
+        return sum(1 for c in psutil.Process(chain.entry.pid).net_connections(kind="tcp")
+                   if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+    assert to_count() == 1  # kept alive by the session
     path.write_text(path.read_text().replace("        self._upper, self._count, self._spell = upper, count, spell",
                                              "        self._upper, self._count, self._spell = upper, count, spell\n        self.z = 1"))
     assert chain.reload().chainlets["Entry"].kind == "full"
-    assert session.closed  # once the old version's last request ended: no "Unclosed client session" later
     chain.run(text="b")
-    new = chain.entry.model._chainlet
-    assert new is not old and not new._count._cached_async_client[0].closed
+    assert to_count() == 1  # the new session's; the old one was closed with its instance
     path.write_text(path.read_text().replace('"count": str(counted)', '"count": str(counted) + "!"'))
     event = chain.reload()
-    assert event.chainlets["Entry"].kind == "methods", event  # its old instance is retired too...
-    assert chain.entry.model._chainlet is new and not new._count._cached_async_client[0].closed  # ...sharing the chainlet
-    assert chain.run(text="c")["count"] == "2!"
+    assert event.chainlets["Entry"].kind == "methods", event
+    assert chain.run(text="c")["count"] == "2!" and to_count() == 1  # the same instance and session
 
 
 def test_truss_lab_serve_of_a_chain_answers_and_reloads_on_save(tmp_path):

@@ -29,7 +29,7 @@ def train_module():
 
 @pytest.fixture(scope="module")
 def digits():
-    with truss_lab.load(DIGITS) as tr:
+    with truss_lab.load(DIGITS, process="worker") as tr:  # in a worker: this module's other tests load into this process
         yield tr
 
 
@@ -111,7 +111,7 @@ def test_resnet_pipeline_shapes_with_untrained_weights():
         assert len(labels) == 1000 and labels[0] == "tench" and labels[-1] == "toilet tissue"
         assert len(out) == 5 and set(out) <= set(labels)
         with pytest.warns(UserWarning, match="UNTRAINED weights"):
-            again = truss_lab.load(RESNET)  # seeded: the same untrained network every load
+            again = truss_lab.load(RESNET, process="worker")  # seeded: the same untrained network every load
         with again:
             assert again.predict(again.example("sample")).output == tr.predict(tr.example("sample")).output
 

@@ -284,7 +284,7 @@ def test_a_request_in_flight_keeps_its_versions_helper_modules(make_truss):
     root = make_truss(model, files={"model/helper.py": "K = 'v1'\n"})
     with truss_lab.load(root) as tr:
         m1 = tr.serving.module
-        v1 = weakref.ref(tr.serving.code.modules["model.model"])
+        v1 = weakref.ref(m1)
         box = {}
         worker = threading.Thread(target=lambda: box.update(result=tr.run(None)))
         worker.start()
@@ -295,7 +295,8 @@ def test_a_request_in_flight_keeps_its_versions_helper_modules(make_truss):
         m1.GATE.set()
         worker.join(30)
         assert box["result"].ok, box["result"].error
-        # it imported helper only after the save, and got its own version's helper (the file as it was)
+        # it imported helper only after the save, and got its own version's helper (the file as it was):
+        # the reload waited for it (the gate), and the import read the version's own sources
         assert box["result"].output == "v1"
         del m1, box
         gc.collect()

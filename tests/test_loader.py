@@ -18,12 +18,13 @@ def test_two_trusses_with_same_file_names_load_side_by_side(make_truss):
         name="b",
         files={"model/helpers.py": "def tag(x):\n    return 'B:' + x\n"},
     )
-    with truss_lab.load(a) as ta, truss_lab.load(b) as tb:
+    with truss_lab.load(a) as ta, truss_lab.load(b) as tb:  # one truss per process: b in a worker
+        assert (ta.process, tb.process) == ("kernel", "worker") and ta.pid == os.getpid() != tb.pid
         assert ta.predict("x").output == "A:x"
         assert tb.predict("x").output == "B:x"
-        assert ta.serving.module is not tb.serving.module
+        assert sys.modules["model.helpers"].__file__ == str(a / "model" / "helpers.py")  # the kernel's truss, by its real name
         assert ta.predict("y").output == "A:y"  # b's import did not replace a's helpers
-        assert "model" not in sys.modules or not getattr(sys.modules["model"], "__file__", "").startswith(str(a))
+    assert "model.helpers" not in sys.modules and "model.model" not in sys.modules  # closed: its modules left
 
 
 def test_packages_dir_importable(make_truss):

@@ -13,6 +13,7 @@ import warnings
 import pytest
 
 import truss_lab
+from truss_lab import cpu
 from truss_lab import guard as lockguard
 from truss_lab.devtools.localhttp import LocalServer
 from truss_lab.display.style import STAGE_COLOURS
@@ -561,8 +562,10 @@ def test_a_machine_busier_than_the_model_is_said_instead_of_idle(live):
 
     tr = live("import time\nclass Model:\n    def predict(self, x):\n        time.sleep(0.002)\n        return x\n")
     report = tr.bench([1], n=4, concurrency=1, progress=False)
-    assert math.isnan(report.cpu_stall_share) == (lockguard.cpu_stall_ms() is None)  # measured where Linux says (PSI)
-    busy = dataclasses.replace(report, cpu_stall_share=0.9)
+    assert math.isnan(report.others_cpu_share) == (cpu.machine_cpu_s() is None)  # measured where Linux says
+    busy = dataclasses.replace(report, others_cpu_share=0.9, model_cpu_share=0.05)
     assert "the machine was busier than the model" in busy.idle_sentence() and "predict waits" not in busy.idle_sentence()
-    calm = dataclasses.replace(report, cpu_stall_share=0.0)
+    calm = dataclasses.replace(report, others_cpu_share=0.0)
     assert "of it idle" in calm.idle_sentence()  # a sleeping predict: idle, and said
+    mine = dataclasses.replace(report, others_cpu_share=0.6, model_cpu_share=0.9)  # the model itself kept the CPUs busy
+    assert "of it idle" in mine.idle_sentence()

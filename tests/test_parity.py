@@ -39,7 +39,7 @@ def test_request_only_predict_gets_no_parsed_input(live):
         """
     )
     assert tr.predict({"ignored": True}).output == "nobody"
-    from truss_lab.wrapper import local_request
+    from truss_lab.request import local_request
 
     assert tr.predict(None, request=local_request(None, headers={"x-user": "ann"})).output == "ann"
 
@@ -156,7 +156,7 @@ def test_two_trusses_with_the_same_packages_module_stay_apart(live):
 def test_two_live_models_of_one_folder_reload_independently(make_truss):
     root = make_truss("from model.helper import K\nclass Model:\n    def predict(self, x):\n        return K\n",
                       files={"model/helper.py": "K = 1\n"})
-    with truss_lab.load(root) as one, truss_lab.load(root) as two:
+    with truss_lab.load(root) as one, truss_lab.load(root, process="worker") as two:  # a second copy: its own process
         (root / "model" / "helper.py").write_text("K = 2\n")
         assert one.reload().ok and one.predict(None).output == 2
         assert two.predict(None).output == 1  # its modules are its own: nothing of it was dropped
@@ -182,7 +182,5 @@ def test_from_model_import_follows_the_version_after_a_reload(make_truss):
         assert tr.predict(None).output == "v1"
         (root / "model" / "helper.py").write_text("K = 'v2'\n")
         assert tr.reload().ok and tr.predict(None).output == "v2"
-        from truss_lab.names import NameProxy
-
-        assert isinstance(sys.modules["model"], NameProxy)  # a name, resolved per truss and version: never one truss's module
-    assert "model" not in sys.modules  # and gone with the last truss that provides it
+        assert sys.modules["model.helper"].K == "v2"  # the real module, by its real name, as in Truss's image
+    assert "model" not in sys.modules and "model.helper" not in sys.modules  # and gone with the truss

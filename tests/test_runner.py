@@ -202,6 +202,7 @@ def test_lock_bounds_predict_but_not_other_stages(live):
         report = tr.report()
         assert report.max_lock_holders == size and report.count == 40
         assert tr.lock_available == size
+        tr.close()  # one truss per process: the next one is loaded here too
 
 
 def test_config_lock_size_and_override(live):

@@ -16,7 +16,7 @@ import yaml
 
 import truss_lab
 from conftest import ROOT, write_truss
-from truss_lab import guard
+from truss_lab import cpu, guard
 from truss_lab.display import render
 from truss_lab.examples import ExampleOutcome
 
@@ -258,14 +258,14 @@ def test_on_a_busy_machine_computing_is_not_called_idle(tmp_path):
 def test_a_predict_that_really_waits_is_still_called_idle(tmp_path):
     root = write_truss(tmp_path / "waits", "import threading\nclass Model:\n    def predict(self, x):\n"
                                            "        threading.Event().wait(0.15)\n        return x\n")
-    stall0 = guard.cpu_stall_ms()
+    stall0 = cpu.cpu_stall_ms()
     with truss_lab.load(root) as tr, warnings.catch_warnings():
         warnings.simplefilter("ignore", guard.LockMisuseWarning)
         t = tr.run(1).trace
     if t.findings:
         assert [f.kind for f in t.findings] == ["idle"] and t.predict_idle_ms >= 100
     else:  # only a machine busy for most of that wait may hide it (CI shares its machine)
-        assert stall0 is not None and guard.cpu_stall_ms() - stall0 > 0.5 * t.predict_ms, "no idle finding on a quiet machine"
+        assert stall0 is not None and cpu.cpu_stall_ms() - stall0 > 0.5 * t.predict_ms, "no idle finding on a quiet machine"
 
 
 # ------------------------------------------------------------------ issue 24 in the notebook

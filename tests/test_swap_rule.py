@@ -133,11 +133,15 @@ def test_a_package_module_gets_the_same_rule(tmp_path):
 
 
 def test_the_rules_are_one_table():
-    assert [outcome for _, outcome, _ in carry.RULES] == ["new", "carry", "new", "full", "full"]
+    assert [outcome for _, outcome, _ in carry.RULES] == ["new", "new", "carry", "full", "full"]
     v = carry.Value("X", "m", code=False, dunder=False, same_statement=False, state=None)
     assert carry.decide(v)[0] == "full"
     assert carry.decide(carry.Value("X", "m", code=False, dunder=False, same_statement=True, state=True))[0] == "carry"
     assert carry.decide(carry.Value("f", "m", code=True, dunder=False, same_statement=False, state=True))[0] == "new"
+    # what the import built (untouched since), the new import builds again, even from the same statement
+    assert carry.decide(carry.Value("REGISTRY", "m", code=False, dunder=False, same_statement=True, state=False))[0] == "new"
+    assert carry.decide(carry.Value("C._abc_impl", "m", code=False, dunder=False, same_statement=True, state=True,
+                                    machinery=True))[0] == "new"
 
 
 def test_fingerprints_see_changes_in_place():

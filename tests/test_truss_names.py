@@ -1,4 +1,5 @@
-"""Issue 23: model code under its Truss module names; isolation between trusses; versions released."""
+"""Model code under its Truss module names (issue 23), one truss per process (issue 31): a second truss
+runs in a worker process of its own; versions released."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import pickle
 import subprocess
 import sys
 import threading
+import types
 import weakref
 
 import pytest
 
 import truss_lab
 from conftest import write_truss
-from truss_lab.names import NameProxy
 
 TRANSFORMERS = """
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -140,9 +141,10 @@ def _twin(tmp_path, name):
                                                      "packages/utils.py": f"WHO = {name!r} + '-utils'\n"})
 
 
-def test_two_trusses_with_the_same_names_never_see_each_others_modules(tmp_path):
+def test_a_second_truss_runs_in_a_worker_and_never_sees_the_kernels_modules(tmp_path):
     a_root, b_root = _twin(tmp_path, "a"), _twin(tmp_path, "b")
     with truss_lab.load(a_root) as a, truss_lab.load(b_root) as b:
+        assert (a.process, b.process) == ("kernel", "worker") and a.pid != b.pid
         results = {}
 
         def hammer(tr, key):
@@ -155,13 +157,10 @@ def test_two_trusses_with_the_same_names_never_see_each_others_modules(tmp_path)
             t.join(60)
         assert set(map(tuple, results["a"])) == {("a", "a-utils", "a")}
         assert set(map(tuple, results["b"])) == {("b", "b-utils", "b")}
-        # outside any model's code: the truss loaded last, or the one named by tr.active()
-        assert importlib.import_module("model.helper").WHO == "b"
-        with a.active():
-            assert importlib.import_module("model.helper").WHO == "a"
-            assert sys.modules["utils"].WHO == "a-utils"
-        assert sys.modules["model.helper"].WHO == "b"
-    assert "model" not in sys.modules and "utils" not in sys.modules  # gone with the trusses
+        # the kernel holds a's code under its real names, as Truss's image would: real modules, no stand-ins
+        assert importlib.import_module("model.helper").WHO == "a" and sys.modules["utils"].WHO == "a-utils"
+        assert type(sys.modules["model.helper"]) is types.ModuleType
+    assert "model.helper" not in sys.modules and "utils" not in sys.modules  # gone with the truss
 
 
 def test_a_truss_without_a_module_does_not_get_anothers(tmp_path):
@@ -173,12 +172,20 @@ def test_a_truss_without_a_module_does_not_get_anothers(tmp_path):
         assert not result.ok and "No module named 'utils'" in str(result.error)
 
 
-def test_two_live_models_of_one_folder_keep_their_own_state(tmp_path):
+def test_loading_the_folder_the_kernel_holds_again_replaces_it_and_a_worker_keeps_its_own_state(tmp_path):
     root = write_truss(tmp_path / "twice", "import model.registry as registry\nclass Model:\n    def load(self):\n"
                        "        registry.COUNT.append(1)\n    def predict(self, x):\n        return len(registry.COUNT)\n",
                        files={"model/registry.py": "COUNT = []\n"})
-    with truss_lab.load(root) as one, truss_lab.load(root) as two:
+    one = truss_lab.load(root)
+    with truss_lab.load(root, process="worker") as two:
         assert one.predict(None).output == 1 and two.predict(None).output == 1
+    again = truss_lab.load(root)  # re-running the cell that loaded it: the new one replaces it
+    try:
+        assert again.predict(None).output == 1 and again.process == "kernel"
+        with pytest.raises(truss_lab.TrussLabError, match="closed"):
+            one.predict(None)
+    finally:
+        again.close()
 
 
 # ------------------------------------------------------------------ versions released
@@ -206,10 +213,8 @@ def test_five_reloads_of_a_truss_with_a_200_mb_global_keep_one_copy(tmp_path):
     tr = truss_lab.load(root)
     gc.collect()
     one = me.memory_info().rss
-    for _ in range(5):  # as re-running `%truss load` does: the new model, then the old one closed
-        new = truss_lab.load(root)
-        tr.close()
-        tr = new
+    for _ in range(5):  # as re-running `%truss load` does: the truss the kernel holds is replaced
+        tr = truss_lab.load(root)
         gc.collect()
     after = me.memory_info().rss
     tr.close()
@@ -247,9 +252,10 @@ def test_one_logger_per_module_name_whatever_the_reloads(tmp_path):
             (root / "model" / "model.py").write_text((root / "model" / "model.py").read_text() + f"\n# {i}\nX{i} = {i}\n")
             assert tr.reload().ok
         assert tr.predict(None).output == "model.model"
+        assert len(logging.getLogger("model.model").handlers) == 1  # each import's handler replaced the one before
     added = set(logging.Logger.manager.loggerDict) - before
     assert added <= {"model", "model.model"}, added
-    assert len(logging.getLogger("model.model").handlers) == 1
+    assert logging.getLogger("model.model").handlers == []  # closed: the handlers its code added went with it
 
 
 def test_errors_and_tracebacks_say_the_truss_names(tmp_path):
@@ -266,9 +272,9 @@ def test_a_notebook_pickle_of_model_objects_needs_no_active_model(tmp_path):
                        files={"model/helper.py": "class Item:\n    def __init__(self, n):\n        self.n = n\n"})
     with truss_lab.load(root) as tr:
         item = tr.predict(3).output
-        again = pickle.loads(pickle.dumps(item))  # in a notebook cell: the truss loaded last
+        again = pickle.loads(pickle.dumps(item))  # in a notebook cell: the truss the kernel holds
         assert type(again) is type(item) and again.n == 3
-        assert isinstance(sys.modules["model.helper"], NameProxy)
+        assert type(sys.modules["model.helper"]) is types.ModuleType
 
 
 def test_cloudpickle_pickles_model_code_by_reference(tmp_path):

@@ -23,9 +23,11 @@ from .errors import (
 from .guard import Finding, LockMisuseWarning
 from .live import LiveModel, load
 from .reload import ReloadEvent
-from .runner import OutputWarning, Result
 from .scaffold import init
-from .trace import BenchReport, Report, Trace
+from .trace import BenchReport, OutputWarning, Report, Result, Trace
+from .worker import WorkerDied, WorkerModel
+
+LiveModel.register(WorkerModel)  # a truss in a worker process has the LiveModel API (worker.py)
 
 __version__ = "0.1.0"
 
@@ -106,6 +108,8 @@ __all__ = [
     "Timeline",
     "Trace",
     "TrussLabError",
+    "WorkerDied",
+    "WorkerModel",
     "check",
     "compare",
     "init",

@@ -8,7 +8,11 @@ For every module-level value of every module of the truss (`model.py`, helpers u
   followed through), are unchanged between the versions;
 * **state**: the value is run-time state - rebound, set, or changed in place since import (by
   `load()`, a request, a thread they started). `None` when that cannot be told (an object too big or
-  too opaque to fingerprint).
+  too opaque to fingerprint). What import itself built (a registry its decorators filled, a constant
+  made from a truss class, an Enum's members, a label file read at import) is not state: the new
+  import builds it again, from the new code and files;
+* **made by machinery**: a class attribute no statement of the class body assigns that was there
+  right after import (`_abc_impl`, an Enum's `_member_map_`): the new class's own, always.
 
 The rules, first match wins (like IPython autoreload's update table):
 """
@@ -21,6 +25,8 @@ import hashlib
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from .statements import FileKeys, Statements, parsed
 
 NEW, CARRY, FULL = "new", "carry", "full"
 
@@ -35,12 +41,13 @@ class Value:
     dunder: bool
     same_statement: bool
     state: bool | None
+    machinery: bool = False
 
 
 RULES: list[tuple[Callable[[Value], bool], str, str]] = [
-    (lambda v: v.code or v.dunder, NEW, "functions, classes, imports and dunders come from the new code"),
-    (lambda v: v.same_statement, CARRY, "the same statement from the same inputs: keep what the model has (built by load() or not)"),
-    (lambda v: v.state is False, NEW, "untouched since import and its statement or inputs changed: the new value"),
+    (lambda v: v.code or v.dunder or v.machinery, NEW, "functions, classes, imports, dunders and class machinery come from the new code"),
+    (lambda v: v.state is False, NEW, "untouched since import: what the import built, the new import builds again"),
+    (lambda v: v.same_statement, CARRY, "run-time state from the same statement and inputs: keep what the model has"),
     (lambda v: v.state is None, FULL, "its code changed; cannot tell whether load() or a request changed it"),
     (lambda v: True, FULL, "run-time state whose code changed"),
 ]
@@ -213,106 +220,6 @@ def _is_data(value: Any) -> bool:
 # ------------------------------------------------------------------------------ statements and their inputs
 
 
-class Statements:
-    """For one module's source: per name, a key that changes when the statements assigning it, or
-    anything they depend on, change. Dependencies are followed through the module's own functions,
-    classes and values, and into the truss modules it imports from (whole files: `file_key`)."""
-
-    def __init__(self, source: bytes, module: str, package: str, file_key: Callable[[str], str | None]):
-        self.module, self.package, self.file_key = module, package, file_key
-        self.tree = _parse(source)
-        self.code: set[str] = set()
-        self.defs: dict[str, list[ast.AST]] = {}  # name -> statements binding it (module level)
-        self.imports: dict[str, str] = {}  # name -> what it is imported from ("truss:model.helper" / "ext:numpy")
-        self.class_attrs: dict[str, list[ast.AST]] = {}  # "Cls.attr" -> statements in the class body
-        for stmt in self.tree.body:
-            self._collect(stmt)
-        self._keys: dict[str, str] = {}
-
-    def _collect(self, stmt: ast.stmt) -> None:
-        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            self.code.add(stmt.name)
-            self.defs.setdefault(stmt.name, []).append(stmt)
-            if isinstance(stmt, ast.ClassDef):
-                for inner in stmt.body:
-                    for target in _targets(inner):
-                        self.class_attrs.setdefault(f"{stmt.name}.{target}", []).append(inner)
-            return
-        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
-            for alias in stmt.names:
-                bound = (alias.asname or alias.name).partition(".")[0] if isinstance(stmt, ast.Import) else (alias.asname or alias.name)
-                self.code.add(bound)
-                self.imports[bound] = self._origin(stmt, alias)
-            return
-        if isinstance(stmt, (ast.If, ast.Try, ast.With, ast.For, ast.While)):  # names bound inside: the whole block
-            for node in ast.walk(stmt):
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    self.code.add(node.name)
-                elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                    for alias in node.names:
-                        bound = (alias.asname or alias.name).partition(".")[0] if isinstance(node, ast.Import) else (alias.asname or alias.name)
-                        self.code.add(bound)
-                        self.imports[bound] = self._origin(node, alias)
-            for target in {t for node in ast.walk(stmt) if isinstance(node, ast.stmt) for t in _targets(node)}:
-                self.defs.setdefault(target, []).append(stmt)
-            return
-        for target in _targets(stmt):
-            self.defs.setdefault(target, []).append(stmt)
-
-    def _origin(self, stmt: ast.Import | ast.ImportFrom, alias: ast.alias) -> str:
-        if isinstance(stmt, ast.Import):
-            dotted = alias.name  # `import model.helper` binds `model`, but what it reads is model.helper
-        else:
-            base = _from_module(stmt, self.package)
-            dotted = f"{base}.{alias.name}" if self.file_key(f"{base}.{alias.name}") is not None else base
-        key = self.file_key(dotted)
-        return f"truss:{key}" if key is not None else f"ext:{dotted}"
-
-    def key(self, name: str) -> str:
-        """The key of a module-level name (or "Cls.attr"): its statements and, followed through, their inputs."""
-        if name not in self._keys:
-            self._keys[name] = "..."  # a cycle: what is inside it is counted where it starts
-            h = hashlib.sha1()
-            if name in self.imports:
-                h.update(self.imports[name].encode())
-            statements = self.class_attrs.get(name) if "." in name else self.defs.get(name)
-            for stmt in statements or ():
-                h.update(ast.dump(stmt).encode())
-                for used in sorted(_names_used(stmt) - {name}):
-                    if used in self.defs or used in self.imports:
-                        h.update(f"{used}={self.key(used)}".encode())
-            if "." in name:  # a class attribute also depends on the class's other attributes it reads
-                cls = name.partition(".")[0]
-                for stmt in statements or ():
-                    for used in sorted(_names_used(stmt)):
-                        if f"{cls}.{used}" in self.class_attrs and f"{cls}.{used}" != name:
-                            h.update(f"{cls}.{used}={self.key(f'{cls}.{used}')}".encode())
-            self._keys[name] = h.hexdigest()
-        return self._keys[name]
-
-
-@functools.lru_cache(maxsize=32)
-def _parse(source: bytes) -> ast.Module:
-    """Parsed once per distinct source (the old version's were parsed when it was new); a few kept."""
-    return ast.parse(source)
-
-
-def _targets(stmt: ast.AST) -> list[str]:
-    if isinstance(stmt, ast.Assign):
-        targets = stmt.targets
-    elif isinstance(stmt, (ast.AnnAssign, ast.AugAssign)):
-        targets = [stmt.target]
-    elif isinstance(stmt, (ast.For, ast.With)):
-        targets = [stmt.target] if isinstance(stmt, ast.For) else [i.optional_vars for i in stmt.items if i.optional_vars]
-    else:
-        return []
-    return [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
-
-
-def _names_used(node: ast.AST) -> set[str]:
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-
-
 # ------------------------------------------------------------------------------ the plan
 
 
@@ -359,6 +266,7 @@ def _plan_class(old_cls: type, new_cls: type, cls_name: str, module: str, old_st
             qual, module, code=False, dunder=False,
             same_statement=old_statements.key(qual) == new_statements.key(qual),
             state=old_state.state(qual, value),
+            machinery=qual in old_state.values and not (old_statements.assigns(qual) or new_statements.assigns(qual)),
         ))
         if outcome == CARRY:
             try:
@@ -371,51 +279,6 @@ def _plan_class(old_cls: type, new_cls: type, cls_name: str, module: str, old_st
 
 
 # ------------------------------------------------------------------------------ a whole version
-
-
-class FileKeys:
-    """Per truss module of one version: a digest of its source and, followed through, of the truss
-    modules it imports (what a value read from it depends on)."""
-
-    def __init__(self, source_of: Callable[[str], bytes | None], package_of: Callable[[str], str]):
-        self.source_of, self.package_of = source_of, package_of
-        self._keys: dict[str, str | None] = {}
-
-    def key(self, dotted: str) -> str | None:
-        if dotted in self._keys:
-            return self._keys[dotted]
-        source = self.source_of(dotted)
-        if source is None:
-            self._keys[dotted] = None
-            return None
-        self._keys[dotted] = hashlib.sha1(source).hexdigest()  # while its imports are followed (cycles)
-        h = hashlib.sha1(ast.dump(_parse(source)).encode())
-        for node in ast.walk(_parse(source)):
-            for target in _imported(node, self.package_of(dotted)):
-                inner = self.key(target)
-                if inner is not None and target != dotted:
-                    h.update(f"{target}={inner}".encode())
-        self._keys[dotted] = h.hexdigest()
-        return self._keys[dotted]
-
-
-def _imported(node: ast.AST, package: str) -> list[str]:
-    if isinstance(node, ast.Import):
-        return [a.name for a in node.names]
-    if isinstance(node, ast.ImportFrom):
-        base = _from_module(node, package)
-        return [base] + [f"{base}.{a.name}" for a in node.names if a.name != "*"]
-    return []
-
-
-def _from_module(node: ast.ImportFrom, package: str) -> str:
-    """The absolute module a `from ... import` reads from (`from ..x import y` in package `a.b` -> `a.x`)."""
-    base = node.module or ""
-    if not node.level:
-        return base
-    parts = package.split(".") if package else []
-    parts = parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts
-    return ".".join(p for p in (*parts, base) if p)
 
 
 def carry_version(old: Any, new: Any) -> tuple[list[str], list[str]]:
@@ -492,7 +355,7 @@ def reclass_held(instance: Any, old: Any, new: Any) -> Callable[[], list[str]]:
                     visit(value, f"{path}.{name}", depth + 1)
 
     visit(instance, "self", 0)
-    moves = [m for m in moves if m[2] != "self"]  # the model itself moves by share_state
+    moves = [m for m in moves if m[2] != "self"]  # the model itself: swap.py swaps its class
     if full:
         raise NeedsFullReload(full)
 
@@ -547,7 +410,7 @@ def _resolve(module: Any, qualname: str) -> Any:
 def _builders(source: bytes, qualname: str) -> dict[str, str]:
     """What builds an instance's state in class `qualname` of `source`: its state-building methods,
     its fields (annotated class-level names: dataclasses, pydantic), its bases and decorators."""
-    body: list[ast.stmt] = _parse(source).body
+    body: list[ast.stmt] = parsed(source).body
     node: ast.ClassDef | None = None
     for part in qualname.split("."):
         node = next((s for s in body if isinstance(s, ast.ClassDef) and s.name == part), None)

@@ -34,6 +34,7 @@ class ModelError(TrussLabError):
     """The model's own code raised; `stage` says where, `location` is 'file:line' in the user's code."""
 
     stage = "model"
+    remote_traceback: str | None = None  # raised in a worker process: its traceback of the model's frames
 
     def __init__(self, message: str, *, location: str | None = None, trace=None, roots: list[Path] | None = None):
         super().__init__(message)
@@ -53,7 +54,7 @@ class ModelError(TrussLabError):
         """The original exception's traceback, filtered to the user's own files (None if there is none)."""
         cause = self.__cause__
         if cause is None or cause.__traceback__ is None or not self.roots:
-            return None
+            return self.remote_traceback
         return user_traceback(cause, self.roots)
 
 

@@ -288,7 +288,6 @@ def otel(report: Any, path: str | os.PathLike | None = None, exporter: Any = Non
     with its `start: <stage>` / `done: <stage>` events and `duration_sec` (call-predict starts when the
     lock is requested, its `start: predict` event when the lock is held, as on Truss). Written to
     `path` as the server's NDJSON, or handed to `exporter` (any SpanExporter). Returns the span count."""
-    from opentelemetry import trace as otel_trace
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor

@@ -40,6 +40,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Awaitable
 
+from .cpu import cpu_stall_ms
+
 IDLE_MIN_MS = 20.0  # below this, an idle predict is not worth a warning
 IDLE_CPU_SHARE = 0.2  # predict thread CPU / wall below this ...
 IDLE_PROCESS_SHARE = 0.5  # ... and the whole process's CPU / wall below this: "idle"
@@ -316,28 +318,6 @@ def begin(contention: bool = True) -> Watch:
     return Watch(time.perf_counter(), time.process_time(), stall0=cpu_stall_ms() if contention else None)
 
 
-_PRESSURE = "/proc/pressure/cpu"
-_pressure_ok = os.path.exists(_PRESSURE)
-
-
-def cpu_stall_ms() -> float | None:
-    """The machine's cumulative CPU stall (Linux PSI, `some total`: time at least one runnable task
-    waited for a CPU), in ms; on a kernel without PSI, the 1-minute load average above the CPU count,
-    as a stand-in that is either 0 or 'busy'. None where neither is known."""
-    global _pressure_ok
-    if _pressure_ok:
-        try:
-            fd = os.open(_PRESSURE, os.O_RDONLY)  # not open(): that is the guard's own stand-in
-            try:
-                line = os.read(fd, 128).split(b"\n", 1)[0]
-            finally:
-                os.close(fd)
-            return int(line.rsplit(b"total=", 1)[1]) / 1000.0
-        except (OSError, ValueError, IndexError):
-            _pressure_ok = False
-    return None
-
-
 def enter(watch: Watch) -> Any:
     """Make `watch` current in this thread (or task); returns the token for `leave`."""
     return _CURRENT.set(watch)
@@ -345,40 +325,6 @@ def enter(watch: Watch) -> Any:
 
 def leave(token: Any) -> None:
     _CURRENT.reset(token)
-
-
-class _RunQueueFile(threading.local):
-    fd: int | None = None
-    failed = False
-
-    def __del__(self) -> None:  # the thread ended: its file goes too
-        if self.fd is not None:
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
-
-
-_RUN_QUEUE = _RunQueueFile()
-
-
-def run_queue_ns() -> int | None:
-    """How long this thread has been runnable but not running, in ns (Linux: the second field of
-    /proc/thread-self/schedstat), or None where the kernel does not say. One pread of a file kept open
-    per thread: about a microsecond."""
-    rq = _RUN_QUEUE
-    if rq.fd is None:
-        if rq.failed:
-            return None
-        try:
-            rq.fd = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY)
-        except (OSError, AttributeError):
-            rq.failed = True
-            return None
-    try:
-        return int(os.pread(rq.fd, 64, 0).split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def end(watch: Watch, held_ms: float, cpu_ms: float | None = None, cpu_wait_ms: float | None = None) -> list[Finding]:

@@ -7,29 +7,43 @@ A `Runner` (runner.py: stages, lock, traces) plus what a developer needs around 
 
 from __future__ import annotations
 
+import abc
 import contextlib
-import math
+import os
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from . import carry, collectors, loader, names, origins, wrapper
-from . import guard as lockguard
+from . import batch, cpu, loader, origins, owned, wrapper
 from .bundle import Bundle, read_bundle, resolve_secrets
 from .errors import TrussLabError, describe
-from .reload import Reloader, Snapshot
-from .runner import DEFAULT_TRACE_CAPACITY, Result, Runner
-from .trace import BenchReport, Trace
+from .reload import Reloader
+from .snapshot import Snapshot
+from .runner import DEFAULT_TRACE_CAPACITY, Runner
+from .trace import BenchReport, Result
 
 if TYPE_CHECKING:
     from .profile import Profile
     from .reload import ReloadEvent
 
 
-class LiveModel(Runner):
-    """A Truss loaded in this process. Thread-safe: call it from as many threads as you like."""
+@dataclass
+class Held:
+    """What one version of the code put into process-wide registries (owned.py): its import's
+    collectors and handlers, and its load()'s (which a method swap keeps with the model)."""
+
+    imported: owned.Owned = field(default_factory=owned.Owned)
+    loaded: owned.Owned = field(default_factory=owned.Owned)
+
+
+class LiveModel(Runner, metaclass=abc.ABCMeta):
+    """A Truss loaded in this process (one a process, as in Truss's image). Thread-safe: call it from
+    as many threads as you like. A truss in a worker process (worker.WorkerModel) has the same API and
+    counts as a LiveModel too (`isinstance`)."""
+
+    reload_drain_timeout = 60.0  # seconds a reload waits for the requests in flight (a stream: to its end)
 
     def __init__(
         self,
@@ -58,62 +72,59 @@ class LiveModel(Runner):
         self._examples_watch = None
         self.load_ms: float = 0.0
         self.roots = loader.user_roots(bundle)
-        self.space = loader.Space(bundle)  # this model's code versions and their Truss names (loader.py)
-        self.space.activity = self.activity  # threads, jobs and processes its code starts count as its activity
+        self.resident = loader.Resident(bundle)  # this process now holds the truss's code (loader.py)
+        self.resident.owner = self
+        self.resident.activity = self.activity  # threads, jobs and processes its code starts count as its activity
         origins.install()
-        collectors.install()
         self._start()
+
+    @property
+    def pid(self) -> int:
+        """The process the model runs in: this one."""
+        return os.getpid()
+
+    def _cpu_s(self) -> float | None:
+        """CPU seconds the model's process used so far."""
+        return cpu.process_cpu_s()
+
+    @property
+    def process(self) -> str:
+        return "kernel"
 
     # ------------------------------------------------------------------ loading
 
-    def _build(self, bundle: Bundle, version: int, sources: dict[str, bytes]) -> tuple[wrapper.Serving, float]:
-        """Import, construct and load() one version of the model; raise LoadError on any failure."""
-        code = self.space.new_version(bundle, version, sources)
-        undo_env = self.space.env.apply(bundle.environment_variables)  # before the import, as in the container
+    def _build(self, bundle: Bundle, version: int) -> tuple[wrapper.Serving, float]:
+        """Import the model's code (none of it in sys.modules yet), construct it and load() it; raise
+        LoadError on any failure, leaving nothing of it registered."""
+        undo_env = self.resident.env.apply(bundle.environment_variables)  # before the import, as in the container
+        held = Held()
         try:
-            with names.active(code):  # Truss names the wrapper itself looks up (annotations) are this version's
-                module = loader.import_model(code)
-                model_cls = wrapper.model_class(bundle, module)
-                methods = wrapper.ModelMethods.check(bundle, model_cls)  # before load(): it may take minutes
-                kwargs = wrapper.model_kwargs(bundle, resolve_secrets(bundle, self._secret_overrides), self.environment)
-                active = self.activity.begin()  # files __init__/load() write under data/ are the model's own
-                try:
+            with held.imported.recording():
+                module = self.resident.import_model()
+            model_cls = wrapper.model_class(bundle, module)
+            methods = wrapper.ModelMethods.check(bundle, model_cls)  # before load(): it may take minutes
+            kwargs = wrapper.model_kwargs(bundle, resolve_secrets(bundle, self._secret_overrides), self.environment)
+            active = self.activity.begin()  # files __init__/load() write under data/ are the model's own
+            try:
+                with held.loaded.recording():
                     instance = wrapper.build_instance(bundle, model_cls, kwargs)
                     load_ms = wrapper.run_load(bundle, instance, self._loop.run, methods, self.environment)
-                finally:
-                    self.activity.end(active)
+            finally:
+                self.activity.end(active)
         except BaseException:
-            collectors.give_back(code)
-            code.release()
+            held.imported.drop()
+            held.loaded.drop()
             undo_env()
             raise
-        return wrapper.Serving.bind(version, instance, module, model_cls, methods, code), load_ms
+        return wrapper.Serving.bind(version, instance, module, model_cls, methods, held), load_ms
 
-    def _rebind(self, bundle: Bundle, version: int, sources: dict[str, bytes]) -> wrapper.Serving:
-        """Import a new version of the code and bind it to the live instance's state (no load()).
+    def _apply(self, bundle: Bundle, full: bool, sources: dict[str, bytes], bump: bool = True) -> tuple[str, list[str]]:
+        """A reload to `sources` (the .py files as saved), alone at the gate (swap.py); (kind, why it
+        was full). `bump=False`: the same version (only line numbers moved)."""
+        from .swap import apply
 
-        Every module the serving version has imported is imported in the new one too, and the
-        run-time state of each is carried by carry.py's rules; carry.NeedsFullReload when state was
-        built by code that changed."""
-        old = self._serving.code
-        code = self.space.new_version(bundle, version, sources)
-        try:
-            with names.active(code):
-                module = loader.import_model(code, also=list(old.modules))
-                model_cls = wrapper.model_class(bundle, module)
-                methods = wrapper.ModelMethods.check(bundle, model_cls)
-                _, full = carry.carry_version(old, code)
-                if full:
-                    raise carry.NeedsFullReload(full)
-                move_held = carry.reclass_held(self._serving.instance, old, code)
-                instance = wrapper.share_state(self._serving.instance, model_cls, bundle)
-                move_held()  # objects load() built from truss classes answer with the new class (undone if one refuses)
-                collectors.settle(old, code)  # a carried metric keeps counting where it was registered
-        except BaseException:
-            collectors.give_back(code)
-            code.release()
-            raise
-        return wrapper.Serving.bind(version, instance, module, model_cls, methods, code)
+        with self._gate.alone(self.reload_drain_timeout):
+            return apply(self, bundle, full, sources, bump)
 
     def _switch(self, serving: wrapper.Serving, bundle: Bundle) -> None:
         """Make `serving` the code for every request that starts from now on (one reference swap)."""
@@ -124,18 +135,16 @@ class LiveModel(Runner):
         if self._concurrency_override is None and bundle.predict_concurrency != self._lock_size:
             self._set_lock_size(bundle.predict_concurrency)
         self._serving = serving
-        self.space.serve(serving.code)
         self._warner.reset()  # a new version warns again about a misuse it still has
 
     def _set_examples(self, bundle: Bundle) -> None:
         self.bundle.examples = bundle.examples
 
-    def _forget(self, s: wrapper.Serving) -> None:
-        if s.code is not None:
-            s.code.release()
+    def _retired(self, instance: Any) -> None:
+        """A full reload replaced `instance`: tell the on_retire callbacks (no request runs on it)."""
         for callback in list(self._on_retire):
             try:
-                callback(s.instance)
+                callback(instance)
             except Exception as exc:  # a cleanup hook must never break serving
                 warnings.warn(f"truss_lab on_retire callback {callback!r} raised {describe(exc)}", RuntimeWarning)
 
@@ -145,27 +154,23 @@ class LiveModel(Runner):
                 snapshot = Snapshot.take(self.bundle)  # before the import: a save during load() is a reload after it
             except SyntaxError:  # the import says where, as a LoadError
                 snapshot = None
-            self._serving, self.load_ms = self._build(self.bundle, 1, snapshot.sources if snapshot else {})
-            self.space.serve(self._serving.code)
+            self.resident.sources = snapshot.sources if snapshot is not None else {}
+            self._serving, self.load_ms = self._build(self.bundle, 1)
             self.reloader = Reloader(self, snapshot)
         except BaseException:
             self._loop.close()
-            self.space.close()
+            self.resident.release()
             raise
-
-    def active(self):
-        """`with tr.active():` Truss names used outside model code in the block (`joblib.load` of a
-        file naming `model.transformers.Scale`, `importlib.import_module("model.helper")`) resolve to
-        this model's serving code. Outside such a block they resolve to the truss loaded last."""
-        return names.active(self._serving.code)
 
     # ------------------------------------------------------------------ hot reload
 
     def reload(self, full: bool = False) -> "ReloadEvent":
         """Reload edited code now: swap changed methods, or rebuild and load() when needed (full=True forces it)."""
+        if self._loop.closed:
+            raise TrussLabError(f"{self.name}: closed (tr.close() was called, or the truss was loaded again); load it again")
         return self.reloader.reload(full=full)
 
-    def watch(self, examples: bool | list[str] = False) -> "_Watching":
+    def watch(self, examples: bool | list[str] = False) -> "batch.Watching":
         """Reload on every save, from a background thread. Also a context manager: `with tr.watch(): ...`.
 
         `examples=True` (or a list of example names): after every successful reload, run the examples
@@ -174,7 +179,7 @@ class LiveModel(Runner):
         self.reloader.watch()
         if examples:
             self.watch_examples(examples)
-        return _Watching(self)
+        return batch.Watching(self)
 
     def watch_examples(self, examples: bool | list[str] = True) -> None:
         """Start (or, with False, stop) re-running the examples after every reload; see watch()."""
@@ -285,31 +290,10 @@ class LiveModel(Runner):
 
         A model error in one input is kept in that Result; it does not stop the others.
         """
-        inputs = list(inputs)
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise TrussLabError(f"workers must be a positive integer, got {workers!r}")
-        if not inputs:
-            return []
-        with ThreadPoolExecutor(max_workers=min(workers, len(inputs)), thread_name_prefix="truss-lab-worker") as pool:
-            futures = [pool.submit(self.run, x) for x in inputs]
-            try:
-                return [f.result() for f in futures]
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+        return batch.predict_batch(self, inputs, workers)
 
-    def bench(
-        self,
-        inputs: Iterable[Any] | None = None,
-        n: int = 100,
-        concurrency: int = 8,
-        *,
-        progress: bool = True,
-        label: str = "",
-        on_result: Callable[[Result], None] | None = None,
-        profile: bool = False,
-    ) -> BenchReport:
+    def bench(self, inputs: Iterable[Any] | None = None, n: int = 100, concurrency: int = 8, *, progress: bool = True,
+              label: str = "", on_result: Callable[[Result], None] | None = None, profile: bool = False) -> BenchReport:
         """Send `n` requests (cycling over `inputs`, or the truss's examples) from `concurrency` workers.
 
         Shows a tqdm progress bar (a widget in Jupyter, text in a terminal) unless `progress=False`.
@@ -317,49 +301,7 @@ class LiveModel(Runner):
         `on_result(result)` is called (in this thread) as each request ends, e.g. to drive a progress widget.
         `profile=True`: every request is profiled (see profile()); the report's `.profile` has them all.
         """
-        inputs = list(self.examples.values()) if inputs is None else list(inputs)
-        if not inputs:
-            raise TrussLabError(f"{self.bundle.examples_path}: no inputs given and no examples to cycle over")
-        for name, value in (("n", n), ("concurrency", concurrency)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TrussLabError(f"{name} must be a positive integer, got {value!r}")
-        traces: list[Trace] = []
-        failed = 0
-        profiler = None
-        if profile:
-            from .profile import Profiler
-
-            profiler = Profiler()
-        bar = _progress_bar(n, f"{self.name} ×{concurrency}", progress)
-        stall0, wall0 = lockguard.cpu_stall_ms(), time.perf_counter()
-        try:
-            with ThreadPoolExecutor(max_workers=min(concurrency, n), thread_name_prefix="truss-lab-bench") as pool:
-                futures = [pool.submit(self.run, inputs[i % len(inputs)], profiler=profiler) for i in range(n)]
-                try:
-                    for future in as_completed(futures):
-                        result = future.result()
-                        traces.append(result.trace)
-                        if on_result is not None:
-                            on_result(result)
-                        if not result.ok:
-                            failed += 1
-                            bar.set_postfix(failed=failed, refresh=False)
-                        bar.update(1)
-                except BaseException:  # Ctrl-C in the notebook: drop what has not started
-                    for f in futures:
-                        f.cancel()
-                    raise
-        finally:
-            bar.close()
-        stall1, wall_ms = lockguard.cpu_stall_ms(), (time.perf_counter() - wall0) * 1000.0
-        stall = (stall1 - stall0) / wall_ms if stall0 is not None and stall1 is not None and wall_ms > 0 else math.nan
-        report = BenchReport.from_traces(traces, self._lock_size, concurrency=concurrency, label=label or self.name,
-                                         cpu_stall_share=stall)
-        if profiler is not None:
-            from .profile import Profile
-
-            report.profile = Profile(self.name, self.roots, profiler.sessions, traces, profiler.interval)
-        return report
+        return batch.bench(self, inputs, n, concurrency, progress=progress, label=label, on_result=on_result, profile=profile)
 
     def report(self, last: int | None = None):
         """A Report over the kept traces (or the last `last`), with the reloads in their time."""
@@ -391,7 +333,7 @@ class LiveModel(Runner):
             raise TrussLabError("profile() needs pyinstrument: pip install pyinstrument") from None
         framework = None
         if ops:
-            from .profile import framework_ops
+            from .profile_ops import framework_ops
 
             framework = framework_ops(logdir)
             if framework is None:
@@ -426,8 +368,8 @@ class LiveModel(Runner):
         return check(self, inputs, **kwargs)  # check() takes this LiveModel duck-typed: no import of live
 
     def on_retire(self, callback: Callable[[Any], None]) -> None:
-        """Call `callback(instance)` with a replaced version's model instance once its last request has
-        ended (after a reload; a method swap's old instance shares its state with the new one)."""
+        """Call `callback(instance)` with the model instance a full reload replaced (no request runs on
+        it any more). A method swap keeps the instance: its class changes in place."""
         self._on_retire.append(callback)
 
     def on_close(self, callback: Callable[[], None]) -> None:
@@ -442,21 +384,22 @@ class LiveModel(Runner):
             server.stop()
         self._servers.clear()
         self.unwatch()
-        self._loop.close()
         callbacks, self._on_close = self._on_close, []
-        for callback in callbacks:
+        for callback in callbacks:  # while the model's event loop still runs (a chainlet closes its clients on it)
             try:
                 callback()
             except Exception as exc:  # a front end's cleanup must never stop a close
                 warnings.warn(f"{self.name}: an on_close callback failed: {exc}", RuntimeWarning, stacklevel=2)
+        self._loop.close()
         self.reloader.clear_callbacks()
-        self.space.close()  # its Truss names resolve to other loaded trusses; its variables are put back
-        if self._serving is not None:
+        if self._serving is not None and self._serving.code is not None:
             s = self._serving
-            self.retire(s)  # its modules go once no request runs on them
+            s.code.imported.drop()
+            s.code.loaded.drop()
             closed = type(s.model_cls.__name__, (), {"__module__": s.model_cls.__module__})
             # nothing of the model's code stays reachable from a closed model: its globals can be collected
             self._serving = wrapper.Serving(s.version, None, None, closed, wrapper.ModelMethods({}), {}, None)
+        self.resident.release()  # its modules leave sys.modules, its variables are put back
 
     def __enter__(self) -> "LiveModel":
         return self
@@ -465,48 +408,41 @@ class LiveModel(Runner):
         self.close()
 
 
-class _Watching:
-    """What `LiveModel.watch()` returns: leaving a `with` block stops watching."""
-
-    def __init__(self, live: LiveModel):
-        self.live = live
-
-    def __enter__(self) -> LiveModel:
-        return self.live
-
-    def __exit__(self, *exc) -> None:
-        self.live.unwatch()
-
-    def __repr__(self) -> str:
-        return f"<watching {self.live.path} for changes>" if self.live.watching else "<not watching>"
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    """tqdm.auto's bar (notebook widget or terminal text), imported only when a bench runs."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="req", disable=not enabled, leave=True)
-
-
 def load(
     path: str,
     *,
+    process: str = "auto",
     concurrency: int | None = None,
     secrets: Mapping[str, str] | None = None,
     environment: Any = None,
     trace_capacity: int = DEFAULT_TRACE_CAPACITY,
     guard: bool = True,
-) -> LiveModel:
+) -> "LiveModel":
     """Load the Truss at `path`: read config.yaml, import model.py, build Model, run load() once.
 
+    `process`: where it runs - "kernel" (this process, which holds one truss, as Truss's image does:
+    `tr.model` is the live object, breakpoints work), "worker" (a child process of its own, behind the
+    same API: worker.py), or "auto": this process if it holds no truss yet, else a worker. Loading the
+    truss this process already holds replaces it (re-running the cell that loads it).
     `guard=False` turns off the lock-misuse guard (guard.py) for this model.
     """
+    if process not in ("auto", "kernel", "worker"):
+        raise TrussLabError(f"process must be 'auto', 'kernel' or 'worker', got {process!r}")
     bundle = read_bundle(path)
-    return LiveModel(
-        bundle,
-        concurrency=concurrency,
-        secrets=secrets,
-        environment=environment,
-        trace_capacity=trace_capacity,
-        guard=guard,
-    )
+    held = loader.resident()
+    if process != "worker" and held is not None:
+        if held.bundle.path.resolve() == bundle.path.resolve() and getattr(held, "owner", None) is not None:
+            held.owner.close()  # the cell that loaded it ran again: the new one replaces it
+        elif process == "kernel":
+            raise TrussLabError(f"{bundle.model_name}: this process already holds the truss {held.bundle.model_name!r} "
+                                f"({held.bundle.path}): one truss per process, as in Truss's image. Close it first, "
+                                f"or load this one with process='worker'")
+        else:
+            process = "worker"
+    options = {"concurrency": concurrency, "secrets": secrets, "environment": environment,
+               "trace_capacity": trace_capacity, "guard": guard}
+    if process == "worker":
+        from .worker import WorkerModel
+
+        return WorkerModel(bundle.path, **options)
+    return LiveModel(bundle, **options)

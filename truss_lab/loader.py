@@ -1,28 +1,41 @@
-"""Import a Truss's code as Truss's image does, one version at a time (wrapper.py builds the Model).
+"""Import a truss's code as Truss's image does: in this process, under its real names.
 
-A `Version` is one snapshot of the truss's code: its real modules, under their Truss names
-(`model.model` - or the file's stem when it is not named like its folder, as Truss names it -
-`model.<helper>`, and the names under `packages/`), compiled from the sources as they were when the
-version was made. A request that imports a helper only after a save still gets its own version's
-file. Every module's `__loader__` is its version's `names.VersionLoader`, which is how a Truss name
-used by that code (an `import`, a pickle, `importlib`) finds this version's module (names.py).
+Truss runs one truss per process, and so does truss_lab: the process that loads a truss (the kernel,
+or a worker process, worker.py) holds its code the way the image holds it -
 
-A `Space` is one LiveModel's versions and the Truss names they provide. Releasing a version drops
-its modules; nothing else (no `sys.modules` entry) holds them.
+* the truss root (the folder holding `model/`) first on `sys.path`, as the image's `/app` is, and
+  `packages/` appended, as the image appends `/packages`;
+* `model/model.py` loaded from its file as Truss's model wrapper loads it (`model.model`, or the
+  file's stem when it is not named like its folder), every other module by Python's own path-based
+  finder, under its real name in `sys.modules` (`model.helper`, `utils`).
+
+So everything that finds code by name - pickle from any thread, spawn / fork / forkserver / loky
+workers, `importlib.resources`, `pkgutil.get_data`, namespace packages, `importlib.reload`,
+`sys.path` tricks - behaves as deployed. The one addition: the loader of the truss's own `.py` files
+is a `SourceFileLoader` that compiles from the source on every import (a save within the same
+second never runs stale bytecode) and records each module's source and its values right after its
+body ran, which the swap rule (carry.py) compares.
+
+`Resident` is the truss this process holds; `Code` the truss's modules at one moment (what a reload
+replaces and, if the new import fails, puts back).
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.machinery
+import importlib.util
 import os
+import sys
 import threading
 import types
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from . import carry, names
+from . import carry
 from .bundle import Bundle
-from .errors import LoadError
+from .errors import LoadError, TrussLabError
 
 
 def model_package(bundle: Bundle) -> str:
@@ -34,226 +47,12 @@ def model_module_name(bundle: Bundle) -> str:
     """What Truss's model wrapper names model.py: `<folder>.<stem>` when the two are named alike
     (`model/model.py` -> `model.model`), else the stem alone (`model/my_model.py` -> `my_model`)."""
     stem = Path(bundle.model_class_filename).stem
-    return f"{model_package(bundle)}.{stem}" if bundle.model_dir.name == stem else stem
+    return f"{bundle.model_dir.name}.{stem}" if bundle.model_dir.name == stem else stem
 
 
-OWN_ROOTS: set[Path] = set()  # folders a truss's packages/ copies (a chain's root): never "installed" modules
-
-
-def packages_names(folder: Path) -> list[str]:
-    """Top-level names packages/ provides that an installed or standard-library module does not shadow
-    (packages/ is appended to sys.path in Truss's image, so those win there too)."""
-    import sys
-
-    own = {Path.cwd().resolve(), *OWN_ROOTS}  # the folder you work in holds your code, not installed libraries
-    others = [p for p in sys.path if p and p != str(folder) and Path(p).resolve() not in own]
-    found = []
-    for entry in sorted(folder.iterdir()):
-        if entry.suffix == ".py" and entry.stem.isidentifier():
-            name = entry.stem
-        elif entry.is_dir() and entry.name.isidentifier():
-            name = entry.name
-        else:
-            continue
-        if name in sys.builtin_module_names or name in sys.stdlib_module_names:
-            continue
-        try:
-            spec = importlib.machinery.PathFinder.find_spec(name, others)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is not None and spec.origin is not None:
-            continue  # an installed module of that name: it wins, as on Truss
-        if entry.is_dir() and not (entry / "__init__.py").is_file() and spec is not None:
-            continue  # two namespace portions: leave it to Python
-        found.append(name)
-    return found
-
-
-class Version:
-    """One version of a truss's code: its real modules by Truss name, imported on first use."""
-
-    def __init__(self, space: "Space", bundle: Bundle, number: int, sources: dict[str, bytes]):
-        self.space, self.bundle, self.number = space, bundle, number
-        self.sources = sources  # absolute path -> the bytes this version compiles
-        self.loader = names.VersionLoader(self)
-        self.package = model_package(bundle)
-        self.model_name = model_module_name(bundle)
-        self.packages = packages_names(bundle.packages_dir) if bundle.packages_dir.is_dir() else []
-        self.tops = frozenset({self.package.partition(".")[0], self.model_name.partition(".")[0], *self.packages})
-        self.modules: dict[str, types.ModuleType] = {}
-        self.compiled: dict[str, bytes] = {}  # module name -> the source it ran (carry.py compares them)
-        self.import_state: dict[str, carry.ImportState] = {}  # module name -> its values right after import
-        self.collectors: list = []  # Prometheus collectors its code registered (collectors.py)
-        self.replaced_collectors: list = []  # an older version's, whose names it took over
-        self._lock = threading.RLock()
-        self._importing: dict[str, tuple[int, threading.Event]] = {}  # module name -> (importing thread, done)
-
-    def __repr__(self) -> str:
-        return f"<truss_lab code {self.bundle.model_name!r} v{self.number}>"
-
-    # ------------------------------------------------------------------ names.Code
-
-    def sys_path(self) -> list[str]:
-        roots = [str(self.bundle.model_dir.parents[len(Path(self.bundle.model_module_dir).parts) - 1])]
-        if self.model_name.partition(".")[0] != self.package.partition(".")[0]:
-            roots.append(str(self.bundle.model_dir))  # model/my_model.py is `my_model`
-        if self.bundle.packages_dir.is_dir():
-            roots.append(str(self.bundle.packages_dir))
-        return roots
-
-    def module(self, name: str) -> types.ModuleType:
-        """The real module `name`, imported into this version now if it is not yet (its parent
-        package first, as Python imports it); ModuleNotFoundError if this version has none."""
-        parent, _, child = name.rpartition(".")
-        if parent and name not in self.modules:
-            self.module(parent)
-        me = threading.get_ident()
-        with self._lock:
-            found = self.modules.get(name)
-            importing = self._importing.get(name)
-            if found is not None and (importing is None or importing[0] == me):
-                return found  # imported, or being imported by this very thread (an import cycle)
-            if importing is None:
-                path, package_dir = self._locate(name)
-                module = self._new_module(name, path, package_dir)
-                done = threading.Event()
-                self._importing[name] = (me, done)
-                self.modules[name] = module
-        names.ensure_proxy(name)
-        if importing is not None:  # another thread is importing it: wait for its result
-            importing[1].wait()
-            with self._lock:
-                if name in self.modules:
-                    return self.modules[name]
-            raise ModuleNotFoundError(f"No module named {name!r} (its import failed in another thread)", name=name)
-        try:
-            self._exec(name, module, path)
-            if parent:
-                setattr(self.modules[parent], child, module)
-        except BaseException:
-            with self._lock:
-                self.modules.pop(name, None)
-            raise
-        finally:
-            with self._lock:
-                self._importing.pop(name, None)
-            done.set()
-        return module
-
-    def _locate(self, name: str) -> tuple[Path | None, Path | None]:
-        """(file, its folder if `name` is a package) in this version; (None, folder) for a namespace folder."""
-        bundle = self.bundle
-        if name == self.model_name:
-            return bundle.model_file, None
-        top, _, rest = name.partition(".")
-        if name == self.package or name.startswith(self.package + "."):
-            base = bundle.model_dir
-            rest = name[len(self.package) + 1:] if name != self.package else ""
-        elif top in self.packages:
-            base, rest = bundle.packages_dir / top, rest
-        else:
-            raise ModuleNotFoundError(f"No module named {name!r} in the truss {bundle.model_name!r}", name=name)
-        folder = base.joinpath(*rest.split(".")) if rest else base
-        if (folder / "__init__.py").is_file() or str(folder / "__init__.py") in self.sources:
-            return folder / "__init__.py", folder
-        as_file = folder.with_suffix(".py") if rest or base != bundle.model_dir else None
-        if as_file is not None and (str(as_file) in self.sources or as_file.is_file()):
-            return as_file, None
-        if folder.is_dir():
-            return None, folder
-        raise ModuleNotFoundError(f"No module named {name!r} in the truss {bundle.model_name!r}", name=name)
-
-    def _new_module(self, name: str, path: Path | None, package_dir: Path | None) -> types.ModuleType:
-        module = types.ModuleType(name)
-        is_package = package_dir is not None
-        spec = importlib.machinery.ModuleSpec(name, self.loader, origin=str(path) if path else None, is_package=is_package)
-        if is_package:
-            spec.submodule_search_locations = [str(package_dir)]
-            module.__path__ = [str(package_dir)]
-        spec.has_location = path is not None
-        module.__spec__, module.__loader__ = spec, self.loader
-        module.__package__ = name if is_package else name.rpartition(".")[0]
-        if path is not None:
-            module.__file__ = str(path)
-        return module
-
-    def _exec(self, name: str, module: types.ModuleType, path: Path | None) -> None:
-        if path is None:
-            return
-        source = self.sources.get(str(path))
-        if source is None:
-            source = path.read_bytes()  # a file the snapshot did not hold (outside model/ and packages/)
-        self.compiled[name] = source
-        code = compile(source, str(path), "exec", dont_inherit=True)
-        exec(code, module.__dict__)
-        self.import_state[name] = carry.ImportState.of(module)
-
-    def source_of(self, name: str) -> bytes | None:
-        """The source this version has for module `name` (None: not a module of the truss, or a folder)."""
-        try:
-            path, _ = self._locate(name)
-        except ModuleNotFoundError:
-            return None
-        if path is None:
-            return None
-        source = self.sources.get(str(path))
-        if source is None and path.is_file():
-            source = path.read_bytes()
-        return source
-
-    def package_of(self, name: str) -> str:
-        """The package a relative import in module `name` is relative to."""
-        module = self.modules.get(name)
-        if module is not None and module.__package__ is not None:
-            return module.__package__
-        return name.rpartition(".")[0]
-
-    def exec_module(self, module: types.ModuleType) -> None:
-        """`importlib.util.module_from_spec(spec)` + `spec.loader.exec_module(m)` on one of our specs."""
-        origin = getattr(module.__spec__, "origin", None)
-        if origin:
-            source = self.sources.get(origin) or Path(origin).read_bytes()
-            exec(compile(source, origin, "exec", dont_inherit=True), module.__dict__)
-
-    def release(self) -> None:
-        """Drop this version's modules: once nothing else holds them, their globals are collected."""
-        with self._lock:
-            self.modules.clear()
-            self.compiled.clear()
-            self.import_state.clear()
-            self.sources = {}
-
-
-class Space:
-    """One LiveModel's code: its versions, the one serving, and the Truss names they provide."""
-
-    def __init__(self, bundle: Bundle):
-        self.bundle = bundle
-        self.current: Version | None = None
-        self.env = EnvironmentVariables()
-        self.activity: Any = None  # the LiveModel's trace.ActivityLog (origins.py adds what its code starts)
-
-    def current_code(self) -> Version | None:
-        return self.current
-
-    def new_version(self, bundle: Bundle, number: int, sources: dict[str, bytes]) -> Version:
-        version = Version(self, bundle, number, sources)
-        names.register(self, version.tops, last=self.current is None)  # a first load is the truss loaded last
-        return version
-
-    def serve(self, version: Version) -> None:
-        """`version` now serves: Truss names used outside model code resolve to it when this truss
-        is the one loaded last."""
-        self.current = version
-        names.register(self, version.tops, last=False)
-
-    def close(self) -> None:
-        from . import collectors
-
-        collectors.forget(self)
-        names.unregister(self)
-        self.env.restore()
-        self.current = None
+def truss_root(bundle: Bundle) -> Path:
+    """The folder the image's `/app` is: the one holding the model folder."""
+    return bundle.model_dir.parents[len(Path(bundle.model_module_dir).parts) - 1]
 
 
 def user_roots(bundle: Bundle) -> list[Path]:
@@ -279,30 +78,227 @@ def refuse_non_python(bundle: Bundle) -> None:
         )
 
 
-def import_model(version: Version, also: list[str] = ()) -> types.ModuleType:
-    """Import `version`'s model.py (and the modules in `also`: those the version it replaces had
-    imported, so their state can be carried); a failure is a LoadError with file:line."""
-    bundle = version.bundle
-    refuse_non_python(bundle)
-    if not bundle.model_dir.is_dir():
-        raise LoadError(f"{bundle.model_dir}: model folder missing (config key 'model_module_dir')")
-    if not bundle.model_file.is_file():
-        raise LoadError(f"{bundle.model_file}: missing (config key 'model_class_filename')")
-    what = f"importing {bundle.model_class_filename}"
-    try:
-        with names.active(version):
-            module = version.module(version.model_name)
-            for name in also:
-                what = f"importing {name}"
-                try:
-                    version.module(name)
-                except ModuleNotFoundError as exc:
-                    if exc.name != name:
-                        raise
-    except (Exception, SystemExit) as exc:  # sys.exit() at the top of model.py is a load error too
-        version.release()
-        raise load_error(exc, bundle, what) from exc
-    return module
+# ------------------------------------------------------------------------------ what an import recorded
+
+
+@dataclass
+class Code:
+    """The truss's modules in this process at one moment, with what their imports recorded: what the
+    swap rule compares (carry.py reads `modules`, `compiled`, `import_state`, `source_of`, `package_of`)."""
+
+    modules: dict[str, types.ModuleType]
+    compiled: dict[str, bytes] = field(default_factory=dict)  # module name -> the source its body ran
+    import_state: dict[str, carry.ImportState] = field(default_factory=dict)  # module name -> values right after import
+
+    def source_of(self, name: str) -> bytes | None:
+        if name in self.compiled:
+            return self.compiled[name]
+        path = getattr(self.modules.get(name), "__file__", None)
+        return Path(path).read_bytes() if path and path.endswith(".py") and os.path.isfile(path) else None
+
+    def package_of(self, name: str) -> str:
+        module = self.modules.get(name)
+        if module is not None and getattr(module, "__package__", None) is not None:
+            return module.__package__
+        return name.rpartition(".")[0]
+
+
+class TrussLoader(importlib.machinery.SourceFileLoader):
+    """Python's source loader for the truss's own files, compiling from the source every time and
+    recording, once the body ran, the source and the module's values (carry.ImportState)."""
+
+    def __init__(self, fullname: str, path: str, resident: "Resident"):
+        super().__init__(fullname, path)
+        self.resident = resident
+
+    def get_code(self, fullname):
+        source = self.resident.sources.get(self.path)  # the version's own file, even imported after a save
+        if source is None:
+            source = self.get_data(self.path)
+        self._source = source
+        return compile(source, self.path, "exec", dont_inherit=True)
+
+    def exec_module(self, module):
+        super().exec_module(module)
+        self.resident._record(module.__name__, getattr(self, "_source", b""), module)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """First on sys.meta_path: Python's own PathFinder, with the truss's `.py` files given a
+    TrussLoader. Every other name (and namespace folders) is left to the import system as it is."""
+
+    def __init__(self, resident: "Resident"):
+        self.resident = resident
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in sys.builtin_module_names:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        origin = getattr(spec, "origin", None)
+        if spec is not None and origin is None and spec.submodule_search_locations is not None:
+            if any(self.resident.owns(str(p)) for p in spec.submodule_search_locations):
+                self.resident.known.add(name)  # a namespace package (model/ without __init__.py): one to evict
+            return None
+        if spec is None or type(spec.loader) is not importlib.machinery.SourceFileLoader or not self.resident.owns(origin):
+            return None
+        spec.loader = TrussLoader(name, origin, self.resident)
+        return spec
+
+    def invalidate_caches(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------ the truss this process holds
+
+_resident_lock = threading.Lock()
+_resident: "Resident | None" = None
+
+
+def resident() -> "Resident | None":
+    """The truss this process holds, if any."""
+    return _resident
+
+
+class Resident:
+    """The one truss whose code this process holds (see the module docstring). `release()` lets go:
+    its modules leave sys.modules, its path entries and finder go, its environment variables are
+    put back."""
+
+    def __init__(self, bundle: Bundle):
+        global _resident
+        with _resident_lock:
+            if _resident is not None:
+                raise TrussLabError(f"this process already holds the truss {_resident.bundle.model_name!r} "
+                                    f"({_resident.bundle.path}); one truss per process, as in Truss's image")
+            _resident = self
+        self.bundle = bundle
+        self.root = truss_root(bundle).resolve()
+        folders = (bundle.model_dir, bundle.packages_dir)
+        self.dirs = tuple({os.path.join(os.path.abspath(p), "") for p in folders} | {os.path.join(p.resolve(), "") for p in folders})
+        self._records: dict[str, tuple[bytes, carry.ImportState, int]] = {}  # name -> (source, state, id(module))
+        self.known: set[str] = set()  # every name the truss's code was imported under (what a reload looks at)
+        self.sources: dict[str, bytes] = {}  # resolved path -> the bytes the serving version imports (snapshot.Snapshot)
+        self.before_import: list[Callable[[], None]] = []  # what forgets the last import's registrations (a chainlet's)
+        self._finder = _Finder(self)
+        self.env = EnvironmentVariables()
+        sys.meta_path.insert(0, self._finder)
+        self._path = [str(self.root)]
+        sys.path.insert(0, str(self.root))  # the image's /app
+        if bundle.packages_dir.is_dir():
+            self._path.append(str(bundle.packages_dir.resolve()))
+            sys.path.append(self._path[-1])  # the image's /packages, appended as Truss does
+        importlib.invalidate_caches()
+
+    def owns(self, path: str | None) -> bool:
+        """Whether `path` is a file (or folder) of the truss's code: under model/ or packages/."""
+        return bool(path) and os.path.join(path, "").startswith(self.dirs)
+
+    def _record(self, name: str, source: bytes, module: types.ModuleType) -> None:
+        self.known.add(name)
+        self._records[name] = (source, carry.ImportState.of(module), id(module))
+
+    def _is_ours(self, module: object) -> bool:
+        """A module of the truss's files: its file is, or every folder of a package without one (a
+        namespace package an installed one shares - `google` - stays: only its portions here are ours).
+        Asked of every module in sys.modules on a reload: a string comparison for all but namespace packages."""
+        attrs = getattr(module, "__dict__", None)
+        if not isinstance(module, types.ModuleType) or attrs is None:
+            return False
+        path = attrs.get("__file__")
+        if path is not None:
+            return isinstance(path, str) and path.startswith(self.dirs)
+        try:
+            folders = [str(p) for p in (attrs.get("__path__") or ())]
+        except Exception:  # a namespace path whose parent left sys.modules cannot be told: not ours
+            return False
+        return bool(folders) and all(self.owns(f) for f in folders)
+
+    def code(self, everywhere: bool = False) -> Code:
+        """The truss's modules in sys.modules now, with what their imports recorded: those imported
+        through this truss's loader (a reload), or - `everywhere` - every module of its files."""
+        if everywhere:
+            modules = {name: m for name, m in list(sys.modules.items()) if self._is_ours(m)}
+        else:
+            modules = {name: m for name in list(self.known) if self._is_ours(m := sys.modules.get(name))}
+        compiled, state = {}, {}
+        for name, module in modules.items():
+            record = self._records.get(name)
+            if record is not None and record[2] == id(module):
+                compiled[name], state[name] = record[0], record[1]
+        return Code(modules, compiled, state)
+
+    def evict(self, everywhere: bool = False) -> Code:
+        """Take the truss's modules out of sys.modules (Truss's hot_reload does this for model/; here
+        packages/ too, so its edits reload): the next import reads the files again. Returns them."""
+        old = self.code(everywhere)
+        for name in old.modules:
+            sys.modules.pop(name, None)
+        importlib.invalidate_caches()
+        return old
+
+    def restore(self, old: Code) -> None:
+        """Put `old` back, dropping whatever a failed import left: the old code keeps serving."""
+        for name in list(self.known):
+            module = sys.modules.get(name)
+            if module is not None and self._is_ours(module) and old.modules.get(name) is not module:
+                del sys.modules[name]
+        sys.modules.update(old.modules)
+        for name, module in old.modules.items():
+            if name in old.compiled:
+                self._records[name] = (old.compiled[name], old.import_state[name], id(module))
+
+    def import_model(self, also: list[str] = ()) -> types.ModuleType:
+        """Import model.py as Truss's wrapper does (and the modules in `also`: those the code it
+        replaces had, so their state can be carried); a failure is a LoadError with file:line, and
+        leaves none of the new modules in sys.modules."""
+        bundle = self.bundle
+        refuse_non_python(bundle)
+        if not bundle.model_dir.is_dir():
+            raise LoadError(f"{bundle.model_dir}: model folder missing (config key 'model_module_dir')")
+        if not bundle.model_file.is_file():
+            raise LoadError(f"{bundle.model_file}: missing (config key 'model_class_filename')")
+        what = f"importing {bundle.model_class_filename}"
+        name = model_module_name(bundle)
+        for forget in self.before_import:
+            forget()
+        try:
+            path = str(bundle.model_file.resolve())
+            spec = importlib.util.spec_from_file_location(name, path, loader=TrussLoader(name, path, self))
+            module = importlib.util.module_from_spec(spec)
+            if "." in name:
+                module.__package__ = None  # as Truss's wrapper: no relative imports in the top-level model file
+            sys.modules[name] = module  # before exec: sys.modules[cls.__module__] resolves during the import
+            self.known.add(name)
+            spec.loader.exec_module(module)
+            for other in also:
+                if other != name and other not in sys.modules:
+                    what = f"importing {other}"
+                    try:
+                        importlib.import_module(other)
+                    except ModuleNotFoundError as exc:
+                        if exc.name != other:
+                            raise
+        except (Exception, SystemExit) as exc:  # sys.exit() at the top of model.py is a load error too
+            self.evict()
+            raise load_error(exc, bundle, what) from exc
+        return module
+
+    def release(self) -> None:
+        """Let go of the process: the truss's modules, path entries, finder and environment variables."""
+        global _resident
+        self.evict(everywhere=True)
+        self._records.clear()
+        self.known.clear()
+        with _resident_lock:
+            if _resident is self:
+                _resident = None
+        if self._finder in sys.meta_path:
+            sys.meta_path.remove(self._finder)
+        for entry in self._path:
+            if entry in sys.path:
+                sys.path.remove(entry)
+        self.env.restore()
+        importlib.invalidate_caches()
 
 
 class EnvironmentVariables:

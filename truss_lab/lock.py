@@ -1,4 +1,5 @@
-"""The predict lock: a semaphore of `predict_concurrency` slots that serves waiters first come, first served.
+"""The predict lock: a semaphore of `predict_concurrency` slots that serves waiters first come, first
+served; and the gate a reload passes alone, so that no request runs on two versions of the code.
 
 A Truss server guards predict with an asyncio.Semaphore, which hands slots out in arrival order.
 `threading.Semaphore` does not: a thread that releases and at once acquires again usually wins over
@@ -9,7 +10,9 @@ server would do, a release here hands the slot straight to the oldest waiter.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
+from typing import Iterator
 
 
 class FairLock:
@@ -89,3 +92,55 @@ class FairLock:
 
     def __repr__(self) -> str:
         return f"<FairLock {self._held}/{self.size} held, {self.waiting} waiting>"
+
+
+class GateBusy(Exception):
+    """Requests were still in flight when a reload's wait for them ran out."""
+
+    def __init__(self, inside: int, timeout: float):
+        super().__init__(f"{inside} request{'s' if inside != 1 else ''} still in flight after {timeout:g} s")
+        self.inside = inside
+
+
+class Gate:
+    """Requests pass it together (`enter` / `leave`, a counter under a mutex); a reload passes it alone
+    (`with gate.alone(timeout):`): it waits for the requests in flight to end - a stream counts until
+    it ends - and holds new ones back until it is done. So a request runs entirely on the code it
+    started with. If the requests in flight do not end within `timeout`, GateBusy, and the held-back
+    requests go on."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._inside = 0
+        self._waiting = 0  # reloads waiting for the gate, or holding it
+
+    @property
+    def inside(self) -> int:
+        return self._inside
+
+    def enter(self) -> None:
+        with self._cond:
+            while self._waiting:
+                self._cond.wait()
+            self._inside += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._inside -= 1
+            if not self._inside and self._waiting:
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self, timeout: float) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            if not self._cond.wait_for(lambda: not self._inside, timeout):
+                self._waiting -= 1
+                self._cond.notify_all()
+                raise GateBusy(self._inside, timeout)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._waiting -= 1
+                self._cond.notify_all()

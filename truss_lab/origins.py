@@ -10,29 +10,38 @@ is everything they start:
 * a process started from model code (`multiprocessing.Process`, `subprocess.Popen`), until it exits
   (a daemon thread waits on their exit, so the interval ends when the process does).
 
-"From model code" means a frame of one of the truss's modules is on the caller's stack (names.py);
-the activity goes to the LiveModel whose version that module belongs to. Installed once, when the
-first truss loads; for code that is not the model's each wrapper costs one stack walk per thread or
-process started (never per call of anything else).
+"From model code" means a frame of one of the truss's files (model/, packages/) is on the caller's
+stack; the activity goes to the truss this process holds (loader.py: one a process). Installed once,
+when the first truss loads; for code that is not the model's each wrapper costs one stack walk per
+thread or process started (never per call of anything else).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 from typing import Any
 
-from . import names
+from . import loader
 
 _installed = False
 _install_lock = threading.Lock()
 
 
 def _log_of_caller() -> Any:
-    code = names.caller_code(2)
-    space = getattr(code, "space", None)
-    return getattr(space, "activity", None)
+    resident = loader.resident()
+    if resident is None:
+        return None
+    frame = sys._getframe(2)
+    for _ in range(200):
+        if frame is None:
+            return None
+        if resident.owns(frame.f_code.co_filename):
+            return getattr(resident, "activity", None)
+        frame = frame.f_back
+    return None
 
 
 def install() -> None:

@@ -19,11 +19,10 @@ to the end, `self.helper()` calls included, and the next request gets version k+
 
 from __future__ import annotations
 
-import ast
 import atexit
 import collections
+import contextlib
 import dataclasses
-import hashlib
 import threading
 import time
 import warnings
@@ -33,12 +32,12 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from . import loader
-from .carry import NeedsFullReload
 from .bundle import Bundle, read_bundle
-from .errors import BundleError, TrussLabError, describe
+from .errors import BundleError, ModelError, TrussLabError, describe
+from .lock import GateBusy
+from .snapshot import Diff, Snapshot, diff
 from .wrapper import Serving
 
-FULL_RELOAD_METHODS = ("__init__", "load", "__post_init__")  # what builds the state a swap keeps
 HISTORY = 200
 
 
@@ -68,6 +67,8 @@ class ReloadEvent:
             return f"v{self.version}: full reload ({what}) in {self.duration_ms:.0f} ms (load() re-run)"
         if self.kind == "examples":
             return f"v{self.version}: {what} changed; the model was not reloaded"
+        if self.kind == "unchanged" and self.changed == ["line numbers"]:
+            return f"v{self.version}: no change in behaviour (only lines moved: imported again, so errors name the lines as saved)"
         if self.kind == "unchanged":
             return f"v{self.version}: no change in behaviour{f' ({what})' if what else ''}; nothing swapped"
         return f"reload failed: {self.error} (still serving v{self.version})"
@@ -84,180 +85,18 @@ class ReloadEvent:
 # ------------------------------------------------------------------------------ fingerprints
 
 
-def _digest(node: ast.AST | list) -> str:
-    """A node's (or nodes') fingerprint: its AST dump, which has no line numbers and no comments."""
-    nodes = node if isinstance(node, list) else [node]
-    return hashlib.sha1("\n".join(ast.dump(n) for n in nodes).encode()).hexdigest()
-
-
-@dataclass
-class PyFile:
-    """A parsed .py file: its fingerprint and, for model.py, the model class's, method by method."""
-
-    module: str  # the whole file
-    methods: dict[str, str]  # model class only: method name -> fingerprint; "<class body>" for the rest
-    outside_class: str  # the file with the model class left out
-    classes: dict[str, dict[str, str]] = field(default_factory=dict)  # every class: method -> fingerprint
-    model_bases: tuple[str, ...] = ()  # model class only: the names of its bases
-    model_is_dataclass: bool = False  # its __init__ is generated from the class body
-
-
-_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
-
-
-def fingerprint_file(path: Path, class_name: str | None) -> PyFile:
-    """Parse `path` (a SyntaxError propagates, with its line) and fingerprint it."""
-    tree = ast.parse(path.read_bytes(), filename=str(path))
-    methods: dict[str, str] = {}
-    outside: list[ast.AST] = []
-    classes: dict[str, dict[str, str]] = {}
-    bases: tuple[str, ...] = ()
-    is_dataclass = False
-    for stmt in tree.body:
-        if isinstance(stmt, ast.ClassDef):
-            classes[stmt.name] = {m.name: _digest(m) for m in stmt.body if isinstance(m, _DEFS)}
-        if class_name and isinstance(stmt, ast.ClassDef) and stmt.name == class_name:
-            methods = dict(classes[stmt.name])
-            rest = [n for n in stmt.body if not isinstance(n, _DEFS)]
-            methods["<class body>"] = _digest([*stmt.bases, *stmt.keywords, *stmt.decorator_list, *rest])
-            bases = tuple(_last_name(b) for b in stmt.bases if _last_name(b))
-            is_dataclass = any("dataclass" in (_last_name(d.func if isinstance(d, ast.Call) else d) or "") for d in stmt.decorator_list)
-        else:
-            outside.append(stmt)
-    return PyFile(module=_digest(tree), methods=methods, outside_class=_digest(outside), classes=classes,
-                  model_bases=bases, model_is_dataclass=is_dataclass)
-
-
-def _last_name(node: ast.AST) -> str | None:
-    """`Base` for `Base`, `mod.Base` or `Base[T]`."""
-    if isinstance(node, ast.Subscript):
-        node = node.value
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        return node.attr
-    return None
-
-
-@dataclass
-class Snapshot:
-    """Everything a reload compares: config, data files (size, mtime), and .py fingerprints."""
-
-    config: str
-    data: dict[str, tuple[int, int]]
-    examples: str  # sha1 of examples.yaml ("" when there is none): an edit reloads the examples, not the model
-    py_bytes: dict[str, str]  # rel path -> sha1 of the bytes (cheap check before compiling)
-    py: dict[str, PyFile]
-    sources: dict[str, bytes] = field(default_factory=dict, repr=False)  # absolute path -> bytes: what a version compiles
-
-    @classmethod
-    def take(cls, bundle: Bundle, previous: "Snapshot | None" = None) -> "Snapshot":
-        """Read the folder; compile only .py files whose bytes changed since `previous`."""
-        root = bundle.path
-        config = hashlib.sha1(bundle.config_path.read_bytes()).hexdigest() if bundle.config_path.exists() else ""
-        examples = hashlib.sha1(bundle.examples_path.read_bytes()).hexdigest() if bundle.examples_path.is_file() else ""
-        data: dict[str, tuple[int, int]] = {}
-        if bundle.data_dir.is_dir():
-            for p in sorted(bundle.data_dir.rglob("*")):
-                if p.is_file() and not _ignored(p):
-                    st = p.stat()
-                    data[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
-        py_bytes: dict[str, str] = {}
-        py: dict[str, PyFile] = {}
-        sources: dict[str, bytes] = {}
-        for folder in (bundle.model_dir, bundle.packages_dir):
-            if not folder.is_dir():
-                continue
-            for p in sorted(folder.rglob("*.py")):
-                if _ignored(p):
-                    continue
-                rel = str(p.relative_to(root))
-                raw = p.read_bytes()
-                sources[str(p)] = raw
-                py_bytes[rel] = hashlib.sha1(raw).hexdigest()
-                if previous is not None and previous.py_bytes.get(rel) == py_bytes[rel]:
-                    py[rel] = previous.py[rel]
-                elif p == bundle.model_file:
-                    py[rel] = fingerprint_file(p, bundle.model_class_name)
-                else:
-                    try:
-                        py[rel] = fingerprint_file(p, None)
-                    except SyntaxError:  # a scratch file the model may never import: its import says so if it does
-                        py[rel] = PyFile(module="unparseable:" + py_bytes[rel], methods={}, outside_class="")
-        return cls(config=config, data=data, examples=examples, py_bytes=py_bytes, py=py, sources=sources)
-
-
-def _ignored(path: Path) -> bool:
-    return any(part in ("__pycache__", ".ipynb_checkpoints") or part.startswith(".") for part in path.parts[-3:])
-
-
-@dataclass
-class Diff:
-    config: bool
-    data: list[str]
-    files: list[str]  # .py files whose behaviour changed
-    methods: list[str]  # model class methods changed/added/removed
-    module_level: bool  # model.py changed outside the model class
-    state_builders: list[str] = field(default_factory=list)  # e.g. "Base.load", "dataclass fields": need a full reload
-
-    @property
-    def needs_full(self) -> bool:
-        return (self.config or bool(self.data) or any(m in FULL_RELOAD_METHODS for m in self.methods)
-                or bool(self.state_builders))
-
-    @property
-    def any(self) -> bool:
-        return self.config or bool(self.data) or bool(self.files)
-
-    def names(self, model_rel: str) -> list[str]:
-        out = ["config.yaml"] if self.config else []
-        out += self.data
-        out += self.methods
-        out += [b for b in self.state_builders if b != "dataclass fields" or "dataclass fields" not in out]
-        if self.module_level:
-            out.append("module-level code")
-        out += [f for f in self.files if f != model_rel]
-        return out
-
-
-def diff(old: Snapshot, new: Snapshot, model_rel: str) -> Diff:
-    data = sorted(k for k in set(old.data) | set(new.data) if old.data.get(k) != new.data.get(k))
-    def module_fp(snapshot: Snapshot, rel: str) -> str | None:
-        return snapshot.py[rel].module if rel in snapshot.py else None
-
-    files = sorted(k for k in set(old.py) | set(new.py) if module_fp(old, k) != module_fp(new, k))
-    methods: list[str] = []
-    module_level = False
-    if model_rel in files and model_rel in old.py and model_rel in new.py:
-        a, b = old.py[model_rel].methods, new.py[model_rel].methods
-        methods = sorted(m for m in set(a) | set(b) if a.get(m) != b.get(m))
-        if "<class body>" in methods:
-            methods.remove("<class body>")
-            module_level = True  # class attributes (constants) count as code around the methods
-        module_level = module_level or old.py[model_rel].outside_class != new.py[model_rel].outside_class
-    return Diff(config=old.config != new.config, data=data, files=files, methods=methods, module_level=module_level,
-                state_builders=_state_builders(old, new, model_rel))
-
-
-def _state_builders(old: Snapshot, new: Snapshot, model_rel: str) -> list[str]:
-    """What changed in how the model's state is built, beyond its own __init__/load: a base class's
-    __init__, load or __post_init__ (in any file of the truss), or a dataclass model's fields."""
-    if model_rel not in old.py or model_rel not in new.py:
-        return []
-    model_old, model_new = old.py[model_rel], new.py[model_rel]
-    found = []
-    if model_new.model_is_dataclass and model_old.methods.get("<class body>") != model_new.methods.get("<class body>"):
-        found.append("dataclass fields")
-    for base in sorted(set(model_old.model_bases) | set(model_new.model_bases)):
-        def methods_of(snapshot: Snapshot) -> dict[str, str]:
-            for f in snapshot.py.values():
-                if base in f.classes:
-                    return f.classes[base]
-            return {}
-
-        a, b = methods_of(old), methods_of(new)
-        found += [f"{base}.{m}" for m in FULL_RELOAD_METHODS if a.get(m) != b.get(m)]
-    return found
+def _without_frames(exc: BaseException) -> BaseException:
+    """`exc` and its causes without their tracebacks: a failed reload's event must not keep the frames
+    (and through them the instance and weights it was building) alive."""
+    if isinstance(exc, ModelError) and exc.remote_traceback is None:
+        exc.remote_traceback = exc.model_traceback()  # the model's frames as text (`%truss traceback`), no frames
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    return exc
 
 
 # ------------------------------------------------------------------------------ the reloader
@@ -276,21 +115,12 @@ class Reloadable(Protocol):
     @property
     def version(self) -> int: ...
 
-    def _build(self, bundle: Bundle, version: int, sources: dict[str, bytes]) -> tuple[Serving, float]:
-        """Import, construct and load() a new version (a full reload); raise LoadError on failure."""
-
-    def _rebind(self, bundle: Bundle, version: int, sources: dict[str, bytes]) -> Serving:
-        """Import a new version and bind it to the live instance's state (a method swap); raise
-        carry.NeedsFullReload when run-time state was built by code that changed."""
-
-    def _switch(self, serving: Serving, bundle: Bundle) -> None:
-        """Make `serving` the code every request from now on runs."""
+    def _apply(self, bundle: Bundle, full: bool, sources: dict[str, bytes]) -> tuple[str, list[str]]:
+        """Reload to `sources` (the truss's .py files as saved), alone at the gate: ("methods" | "full",
+        why it was full). Raises with the old code serving (GateBusy: requests in flight did not end)."""
 
     def _set_examples(self, bundle: Bundle) -> None:
         """Take `bundle`'s examples (examples.yaml was edited; nothing else changed)."""
-
-    def retire(self, serving: Serving) -> None:
-        """The replaced version: drop its modules once no request runs on it."""
 
 
 class Reloader:
@@ -370,34 +200,28 @@ class Reloader:
         if examples_changed:
             names.append(bundle.examples_filename)
         if not full and not d.any:
+            relined = new_snapshot.py_bytes != self.snapshot.py_bytes  # comments, blank lines: the code moved
             self.snapshot = new_snapshot
+            if relined:  # imported again, so a traceback names the lines the file has now
+                with contextlib.suppress(Exception):
+                    live._apply(bundle, False, new_snapshot.sources, bump=False)
             if examples_changed:  # examples.yaml alone: the new examples, the same loaded model
                 live._set_examples(bundle)
-                return ReloadEvent(current.version, "examples", names)
-            return None if model_wrote else ReloadEvent(current.version, "unchanged", [])
-        version = current.version + 1  # reloads are serialised, and a failed one leaves no trace
-        sources = new_snapshot.sources
+                return ReloadEvent(live.version, "examples", names)
+            return None if model_wrote else ReloadEvent(live.version, "unchanged", ["line numbers"] if relined else [])
         try:
-            if full or d.needs_full:
-                serving, _ = live._build(bundle, version, sources)
-                kind = "full"
-            else:
-                try:
-                    serving = live._rebind(bundle, version, sources)
-                    kind = "methods"
-                except NeedsFullReload as why:  # state built by code that changed: build it again
-                    names += why.reasons
-                    serving, _ = live._build(bundle, version, sources)
-                    kind = "full"
+            kind, reasons = live._apply(bundle, full or d.needs_full, new_snapshot.sources)  # alone at the gate
+        except GateBusy as exc:
+            return ReloadEvent(current.version, "failed", names, error=f"not applied: {exc} (a reload waits for the requests "
+                                                                          f"in flight, streams to their end); save again, or tr.reload()")
         except TrussLabError as exc:  # LoadError, and ModelMethods' definition errors
-            return ReloadEvent(current.version, "failed", names, error=str(exc), location=getattr(exc, "location", None), exception=exc)
+            return ReloadEvent(current.version, "failed", names, error=str(exc), location=getattr(exc, "location", None),
+                               exception=_without_frames(exc))
         except (Exception, SystemExit) as exc:  # anything else user code raised (sys.exit() in model.py, ...)
             err = loader.load_error(exc, bundle, "reload")
-            return ReloadEvent(current.version, "failed", names, error=str(err), location=err.location, exception=err)
-        live._switch(serving, bundle)
+            return ReloadEvent(current.version, "failed", names, error=str(err), location=err.location, exception=_without_frames(err))
         self.snapshot = new_snapshot
-        live.retire(current)  # its modules go once no request runs on them
-        return ReloadEvent(serving.version, kind, names or ["forced"])
+        return ReloadEvent(live.version, kind, names + reasons or ["forced"])
 
     def _without_model_writes(self, d: Diff, new: Snapshot) -> Diff:
         """`d` without the data/ files the model itself wrote (their mtime falls while its code ran:

@@ -21,19 +21,18 @@ import itertools
 import logging
 import threading
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter, thread_time
 from typing import Any, Callable, Iterator
 
 from . import guard as lockguard
-from . import names
 from .aio import LoopThread
 from .bundle import Bundle, validate_concurrency
 from .errors import STAGE_ERRORS, ModelError, SecretNotFound, TrussLabError, describe
-from .lock import FairLock
-from .guard import run_queue_ns
-from .trace import SPAN, ActivityLog, Report, Trace, span_from, traceparent
+from .cpu import run_queue_ns
+from .lock import FairLock, Gate
+from .request import RequestOnce
+from .trace import SPAN, ActivityLog, OutputWarning, Report, Result, Trace, span_from
 from .serialization import is_response, parse_input, truss_json_check
 from .wrapper import (
     ENDPOINTS,
@@ -42,7 +41,6 @@ from .wrapper import (
     Serving,
     is_stream,
     join_chunks,
-    local_request,
     refuse_postprocess,
 )
 
@@ -54,62 +52,6 @@ logger = logging.getLogger("truss_lab")
 
 STREAMABLE = (bytes, memoryview, str)  # what the Truss server's StreamingResponse sends; anything else cuts the stream
 _UNSENDABLE = "unsendable chunk: "
-
-
-class OutputWarning(UserWarning):
-    """The output could not be sent by a Truss server as JSON (the call still succeeds)."""
-
-
-@dataclass
-class Result:
-    """One request: what went in, what came out, and where the time went."""
-
-    input: Any
-    output: Any
-    trace: Trace
-    error: ModelError | None = None
-    model_name: str = ""
-    search_dirs: tuple[Path, ...] = ()  # where relative image paths in input/output are shown from
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def version(self) -> int:
-        return self.trace.version
-
-    def raise_for_error(self) -> "Result":
-        if self.error is not None:
-            raise self.error
-        return self
-
-    def __repr__(self) -> str:
-        from .display.text import result_text
-
-        return result_text(self)
-
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        from .display import render
-
-        return render.bundle(self)
-
-
-class _RequestOnce:
-    """The request object for one request's methods: the caller's, or one made from the input the
-    first time a method asks for it (most models never do)."""
-
-    __slots__ = ("_input", "_request", "_trace")
-
-    def __init__(self, model_input: Any, request: Any, trace: Trace | None = None):
-        self._input, self._request, self._trace = model_input, request, trace
-
-    def __call__(self) -> Any:
-        if self._request is None:
-            t = self._trace  # a chainlet's: the request carries its span, which its calls pass on
-            headers = {"traceparent": traceparent(t.span)} if t is not None and t.span is not None else None
-            self._request = local_request(self._input, headers=headers)
-        return self._request
 
 
 class Runner:
@@ -127,9 +69,7 @@ class Runner:
         self._ids = itertools.count(1)
         self._traces: collections.deque[Trace] = collections.deque(maxlen=trace_capacity)
         self.activity = ActivityLog()  # when model code ran: files it writes under data/ never trigger a reload
-        self._users: dict[int, int] = {}  # code version -> requests running on it
-        self._retired: dict[int, Serving] = {}  # replaced versions still in use: forgotten when the last one ends
-        self._users_lock = threading.Lock()
+        self._gate = Gate()  # requests pass together, a reload alone: no request runs on two versions
         self._lock = FairLock(self._valid_size(concurrency))
         self._lock_size = self._lock.size
         self._concurrency_override: int | None = None
@@ -209,13 +149,12 @@ class Runner:
     def run(self, model_input: Any, *, request: Any = None, method: str = "predict", profiler: Any = None) -> Result:
         """Run one request; a model error is returned in `Result.error`, not raised. `profiler`: a
         profile.Profiler that samples each stage of this request (`tr.profile` makes one)."""
-        s = self._serving
-        t = self._new_trace(s, method)
+        t = self._new_trace(method)
         if profiler is not None:
             t.profiler = profiler
         output = error = None
         try:
-            output = self._consume(self._open(s, t, model_input, request, method, drain=True))
+            output = self._consume(self._open(t, model_input, request, method, drain=True))
         except ModelError as exc:
             error = exc
         return Result(model_input, output, t, error, self.bundle.model_name, (self.bundle.data_dir, self.bundle.path))
@@ -237,11 +176,10 @@ class Runner:
         POSTPROCESS_STREAM if postprocess did (chunks follow; Truss never gathers those into one JSON
         answer), False if neither (one output follows). An HTTP front end needs to know before the
         first chunk."""
-        s = self._serving
-        return self._open(s, self._new_trace(s, method), model_input, request, method, drain=False)
+        return self._open(self._new_trace(method), model_input, request, method, drain=False)
 
-    def _new_trace(self, s: Serving, method: str) -> Trace:
-        t = Trace(next(self._ids), s.version, threading.current_thread().name, perf_counter())
+    def _new_trace(self, method: str) -> Trace:
+        t = Trace(next(self._ids), 0, threading.current_thread().name, perf_counter())  # its version: once it passed the gate
         if method != "predict":
             t.method = method
         span = SPAN.get()  # a request that came with a trace context (a chainlet's call): its place in the tree
@@ -260,7 +198,7 @@ class Runner:
         finally:
             answer.close()
 
-    def _open(self, s: Serving, t: Trace, model_input: Any, request: Any, method: str, drain: bool,
+    def _open(self, t: Trace, model_input: Any, request: Any, method: str, drain: bool,
               stages: tuple[str, ...] = STAGES) -> Iterator[Any]:
         """The one request path, as Truss's model wrapper runs it: parse the input as the method's
         signature asks, preprocess, predict under the lock (for `predict`; the OpenAI-compatible
@@ -270,11 +208,13 @@ class Runner:
         at the end of the whole path."""
         if self._loop.closed:
             raise TrussLabError(f"{self.bundle.model_name}: closed (tr.close() was called); load it again")
-        req = _RequestOnce(model_input, request, t if self.chainlet else None)
+        req = RequestOnce(model_input, request, t if self.chainlet else None)
         stage = "input"
         count = 0
         streamed = False
-        self._enter_version(s)
+        self._gate.enter()  # inside the generator: one never started never holds the gate
+        s = self._serving  # the code this request runs on, to its end (a reload waits for it)
+        t.version = s.version
         active = self.activity.begin()
         try:
             if method not in s.methods.specs:
@@ -357,7 +297,7 @@ class Runner:
             t.end = perf_counter()
             self._traces.append(t)
             self.activity.end(active)
-            self._leave_version(s)
+            self._gate.leave()
 
     def _missing(self, s: Serving, method: str) -> str:
         have = ", ".join(s.methods.endpoints) or "none"
@@ -374,8 +314,7 @@ class Runner:
             return None
         if s.methods.input_type is None:
             return x
-        with names.active(s.code):  # pydantic may resolve the model's forward references by module name now
-            return parse_input(s.methods.input_type, x)
+        return parse_input(s.methods.input_type, x)
 
     def _preprocess(self, s: Serving, x: Any, t: Trace, req: Callable[[], Any]) -> Any:
         if s.preprocess is None:
@@ -403,40 +342,10 @@ class Runner:
         """
         if stage not in STAGES:
             raise TrussLabError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
-        s = self._serving
         try:
-            return self._consume(self._open(s, self._new_trace(s, "predict"), x, None, "predict", drain=True, stages=(stage,))), None
+            return self._consume(self._open(self._new_trace("predict"), x, None, "predict", drain=True, stages=(stage,))), None
         except ModelError as exc:
             return None, exc
-
-    # ------------------------------------------------------------------ versions in use
-
-    def _enter_version(self, s: Serving) -> None:
-        with self._users_lock:
-            self._users[s.version] = self._users.get(s.version, 0) + 1
-
-    def _leave_version(self, s: Serving) -> None:
-        with self._users_lock:
-            left = self._users[s.version] - 1
-            if left:
-                self._users[s.version] = left
-                return
-            del self._users[s.version]
-            retired = self._retired.pop(s.version, None)
-        if retired is not None:
-            self._forget(retired)
-
-    def retire(self, s: Serving) -> None:
-        """`s` no longer serves new requests: forget its modules now, or when its last request ends (a
-        request in flight may still import a helper of its own version)."""
-        with self._users_lock:
-            if self._users.get(s.version):
-                self._retired[s.version] = s
-                return
-        self._forget(s)
-
-    def _forget(self, s: Serving) -> None:
-        """Drop a retired version's modules (LiveModel: from sys.modules)."""
 
     def _slot(self, s: Serving, t: Trace, method: str):
         return self._predict_slot(s, t) if method == "predict" else self._unlocked_slot(t)
@@ -529,8 +438,7 @@ class Runner:
         from .serialization import truss_schema
 
         s = self._serving
-        with names.active(s.code):
-            return truss_schema(s.model_cls, s.methods.input_type)
+        return truss_schema(s.model_cls, s.methods.input_type)
 
     def is_healthy(self) -> bool | None:
         """The model's is_healthy(), as the Truss server's readiness check asks it: None when the model

@@ -13,7 +13,11 @@ import os
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import ModelError
 
 STAGES = ("preprocess", "lock_wait", "predict", "postprocess", "total")
 
@@ -195,7 +199,7 @@ class StageStats:
 
 
 SHORT_PREDICT_MS = 1.0  # a mean predict below this is not split into compute and idle (the clocks' own cost decides it)
-BUSY_STALL_SHARE = 0.5  # CPU stall over a bench's wall time above this: idle cannot be told from waiting for a CPU
+BUSY_SHARE = 0.5  # other processes using this share of the CPUs during a bench: idle is not told from waiting for one
 
 
 @dataclass
@@ -223,7 +227,8 @@ class Report:
     compute_bound: float = math.nan  # lock_size / mean predict *compute* seconds: the bound if predict only computed
     idle_measured: int = 0  # requests whose predict compute/idle split was measured
     gpu_in_use: bool = False  # a GPU was in use: idle may be waiting for the GPU
-    cpu_stall_share: float = math.nan  # bench: share of its wall time the machine's runnable tasks waited for a CPU (Linux PSI)
+    others_cpu_share: float = math.nan  # bench: the machine's CPUs other processes used, as a share of all of them
+    model_cpu_share: float = math.nan  # bench: what the model's process(es) used, the same way
     reloads: list[Any] = field(default_factory=list, repr=False)  # ReloadEvents in its time (instant events in exports)
 
     def to_chrome_trace(self, path: Any = None, profile: Any = None) -> dict:
@@ -261,14 +266,14 @@ class Report:
     def idle_unclear(self) -> str | None:
         """Why the compute/idle split cannot be trusted here, or None: predicts too short for the thread
         CPU clock and the per-request bookkeeping (their "idle" is noise), or a machine busier than the
-        model (its threads, a framework's pool among them, waited for a CPU: that is not idling)."""
+        model (its threads, a framework's pool among them, may have waited for a CPU: that is not idling)."""
         measured = [t for t in self.traces if t.method == "predict" and t.predict_compute_ms is not None and t.lock_acquired]
         if measured:
             mean = sum(t.predict_ms for t in measured) / len(measured)
             if mean < SHORT_PREDICT_MS:
                 return f"predict is too short to split into compute and idle ({mean:.2f} ms per request)"
-        if self.cpu_stall_share >= BUSY_STALL_SHARE:
-            return f"the machine was busier than the model (runnable tasks waited for a CPU {self.cpu_stall_share:.0%} of the time)"
+        if self.others_cpu_share >= BUSY_SHARE and self.others_cpu_share > self.model_cpu_share:
+            return f"the machine was busier than the model (other processes used {self.others_cpu_share:.0%} of its CPUs)"
         return None
 
     @property
@@ -441,3 +446,42 @@ class ActivityLog:
         if any(start - slack <= when for start in list(self._running.values())):
             return True
         return any(start - slack <= when <= end for start, end in list(self._done))
+
+
+class OutputWarning(UserWarning):
+    """The output could not be sent by a Truss server as JSON (the call still succeeds)."""
+
+
+@dataclass
+class Result:
+    """One request: what went in, what came out, and where the time went."""
+
+    input: Any
+    output: Any
+    trace: Trace
+    error: ModelError | None = None
+    model_name: str = ""
+    search_dirs: tuple[Path, ...] = ()  # where relative image paths in input/output are shown from
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def version(self) -> int:
+        return self.trace.version
+
+    def raise_for_error(self) -> "Result":
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def __repr__(self) -> str:
+        from .display.text import result_text
+
+        return result_text(self)
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        from .display import render
+
+        return render.bundle(self)

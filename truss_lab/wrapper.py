@@ -8,11 +8,9 @@ The runner (runner.py) executes requests with these; the loader (loader.py) only
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import enum
 import inspect
-import threading
 import time
 import types
 import warnings
@@ -22,7 +20,7 @@ from typing import Any, Callable
 from .bundle import Bundle, Secrets, coerce_int, env_str
 from .errors import LoadError, describe
 from .loader import load_error
-from .serialization import _mro_has, truss_json
+from .serialization import _mro_has
 
 MODEL_KWARGS = ("config", "data_dir", "secrets", "lazy_data_resolver", "environment")
 ENDPOINTS = ("chat_completions", "completions", "embeddings", "messages", "responses")  # OpenAI-compatible
@@ -410,7 +408,7 @@ class Serving:
     model_cls: type
     methods: ModelMethods
     bound: dict[str, Callable]  # method name -> bound method, for every method in `methods.specs`
-    code: Any = None  # the loader.Version its modules belong to
+    code: Any = None  # what this version put into process-wide registries (live.Held)
 
     @classmethod
     def bind(cls, version: int, instance: Any, module, model_cls: type, methods: ModelMethods, code: Any = None) -> "Serving":
@@ -451,27 +449,6 @@ def _bound(model_cls: type, instance: Any, name: str) -> Callable:
     return types.MethodType(getattr(model_cls, name), instance)
 
 
-def share_state(instance: Any, new_cls: type, bundle: Bundle) -> Any:
-    """An instance of `new_cls` whose attributes *are* `instance`'s (one shared __dict__, no copy).
-
-    Requests still running on the old instance keep their class; the new one sees the same weights.
-    A class with __slots__ has no __dict__ to share: then the class is swapped in place, as Truss does.
-    """
-    try:
-        view = new_cls.__new__(new_cls)
-        object.__setattr__(view, "__dict__", instance.__dict__)  # object's: a frozen dataclass refuses its own
-        return view
-    except (TypeError, AttributeError):
-        try:
-            object.__setattr__(instance, "__class__", new_cls)
-            return instance
-        except (TypeError, AttributeError) as exc:
-            raise LoadError(
-                f"{bundle.model_file}: cannot move the live model to the new class ({exc}); "
-                f"use a full reload: tr.reload(full=True)"
-            ) from None
-
-
 def is_stream(y: Any) -> bool:
     return inspect.isgenerator(y) or inspect.isasyncgen(y)
 
@@ -489,55 +466,6 @@ def join_chunks(chunks: list[Any]) -> str:
     """A stream as one value, as the Truss server gathers it for `Accept: application/json`: bytes
     joined and decoded, any other chunk as str(chunk)."""
     return b"".join(c if isinstance(c, (bytes, bytearray)) else str(c).encode() for c in chunks).decode()
-
-
-# ------------------------------------------------------------------------------ requests and typed input
-
-
-def local_request(inputs: Any, headers: dict[str, str] | None = None, path: str = "/v1/models/model:predict") -> Any:
-    """A real starlette Request, as if `inputs` had been POSTed as JSON to `path`: what a method with a
-    `request` parameter gets in the notebook (`await request.json()`, headers, `request.state`)."""
-    import asyncio
-
-    from starlette.requests import Request
-
-    try:
-        body = truss_json(inputs).encode()
-    except (TypeError, ValueError):
-        body = b""
-    sent = False
-
-    async def receive() -> dict:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.get_running_loop().create_future()  # a local caller never disconnects
-        return {"type": "http.disconnect"}
-
-    all_headers = {"content-type": "application/json", "content-length": str(len(body)), **(headers or {})}
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in all_headers.items()],
-        "http_version": "1.1",
-        "scheme": "http",
-        "server": ("127.0.0.1", 0),
-        "client": ("127.0.0.1", 0),
-    }
-    request = Request(scope, receive)
-    request.state.watch_disconnect = never_disconnected
-    return request
-
-
-@contextlib.contextmanager
-def never_disconnected():
-    """Truss's `request.state.watch_disconnect()` for a caller that cannot hang up: an Event never set."""
-    yield threading.Event()
 
 
 def is_http_exception(exc: Any) -> bool:

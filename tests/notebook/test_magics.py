@@ -240,7 +240,7 @@ def test_predict_expr_keeps_its_quotes_and_spacing(ip, make_truss):
     ):
         text = run(ip, line).outputs[-1].data["text/plain"]
         assert text.splitlines()[1] == f"  output: {expected}", text
-    from truss_lab.notebook.magics import split_line
+    from truss_lab.notebook.magic_args import split_line
 
     assert split_line('load -n 3  "a b" c') == ["load", "-n", "3", "a b", "c"]
 

@@ -23,7 +23,7 @@ def bundle(value: Any) -> dict[str, str]:
 
 def to_html(value: Any) -> str:
     from ..reload import ReloadEvent
-    from ..runner import Result
+    from ..trace import Result
     from ..trace import Report, Trace
 
     if isinstance(value, Result):

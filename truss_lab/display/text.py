@@ -195,7 +195,7 @@ def result_text(result) -> str:
 
 def plain(value: Any) -> str:
     from ..reload import ReloadEvent
-    from ..runner import Result
+    from ..trace import Result
     from ..trace import Report, Trace
 
     if isinstance(value, Result):

@@ -23,6 +23,7 @@ import ipywidgets as W
 
 from ..display import render
 from ..display.style import STYLE, esc
+from ..wrapper import ENDPOINTS
 
 HISTORY = 20  # runs kept in the history list
 IMAGE_HINTS = ("image", "img", "url", "path", "file", "photo", "picture")
@@ -257,7 +258,7 @@ class Panel:
 
     def _set_methods(self) -> None:
         """predict and the model's OpenAI-compatible methods; the picker shows only when there is a choice."""
-        options = ["predict", *self.live.serving.methods.endpoints]
+        options = ["predict", *[m for m in self.live.methods() if m in ENDPOINTS]]
         if list(self.method.options) != options:
             keep = self.method.value if self.method.value in options else "predict"
             self.method.options = options

@@ -193,8 +193,9 @@ def _compare_all(examples: list[tuple[str, Any]], truss_url: str | None, live, r
         return [_compare(name, x, truss_url, server.url, live, rtol, atol) for name, x in examples]
     finally:
         server.stop()
-        if server in live._servers:
-            live._servers.remove(server)
+        servers = getattr(live, "_servers", [])  # a model in this process keeps a list of its servers
+        if server in servers:
+            servers.remove(server)
 
 
 def _named(chainlet: str, findings: Iterable[Finding]) -> list[Finding]:

@@ -34,7 +34,6 @@ from typing import Any, AsyncIterator, Callable, Iterator, Protocol
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from .. import names
 from ..errors import ModelError, describe
 from ..trace import SPAN, span_from, traceparent
 from ..serialization import (
@@ -239,10 +238,8 @@ async def predict_response(request, backend: Backend, max_body: int, method: str
         return problem
     methods = backend.methods()
     binary = is_binary(request)
-    code = serving_code(backend)
     try:
-        with names.active(code):  # the model's pydantic types may resolve names of its modules
-            inputs = None if methods.skip_input_parsing else parse_body(body, binary, methods.input_type)
+        inputs = None if methods.skip_input_parsing else parse_body(body, binary, methods.input_type)
     except InputParsingError as exc:
         return error_body(400, "request", str(exc), backend.name, code=CODE_CLIENT)
     if method == "predict" and "predict" not in methods.specs:  # a websocket model: Truss's unhandled error
@@ -276,13 +273,7 @@ async def predict_response(request, backend: Backend, max_body: int, method: str
         if output.status_code >= 300:
             output.headers.update({"X-BASETEN-ERROR-SOURCE": ERROR_SOURCE, "X-BASETEN-ERROR-CODE": CODE_CLIENT})
         return output
-    with names.active(code):
-        return _serialize(output, binary, backend)
-
-
-def serving_code(backend: Backend) -> Any:
-    """The code version the backend serves now (loader.Version), or None."""
-    return getattr(getattr(getattr(backend, "live", None), "serving", None), "code", None)
+    return _serialize(output, binary, backend)
 
 
 def _error_answer(error: ModelError, backend: Backend):

@@ -40,7 +40,7 @@ def requirement_sets(paths: Iterable[str | os.PathLike]) -> list[list[str]]:
             raise TrussLabError(f"{path}: not a truss folder, a chain source or a folder of them")
     sets = [requirements_of(read_bundle(t)) for t in trusses]
     if chains:
-        from ..chains import _generate
+        from ..chain_gen import _generate
 
         for source in chains:
             with tempfile.TemporaryDirectory(prefix="truss-lab-prepare-") as scratch:

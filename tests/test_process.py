@@ -1,0 +1,340 @@
+"""Issue 31: one truss per process, under its real module names, as Truss runs it - the kernel holds the
+truss you develop, every other truss runs in a worker process behind the same API.
+
+Written the way real model code is: pickles, thread and process pools in load(), loky, vendored
+libraries that read their own data files, namespace packages, `sys.path` tricks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import truss_lab
+from conftest import write_truss
+
+ITEMS = "from dataclasses import dataclass\n\n@dataclass\nclass Item:\n    n: int\n\n\ndef square(x):\n    return x * x\n"
+
+
+# ------------------------------------------------------------------ code that finds code by name
+
+
+POOLS_IN_LOAD = """
+import multiprocessing as mp
+import pickle
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+from model.items import Item, square
+
+
+class Model:
+    def load(self):
+        blob = pickle.dumps([Item(1), Item(2)])
+        with ThreadPoolExecutor(2) as pool:  # pickle.loads in a thread with no model frame on its stack
+            self.items = pool.submit(pickle.loads, blob).result()
+        self.pooled = {}
+        for method in ("spawn", "fork", "forkserver"):
+            with ProcessPoolExecutor(2, mp_context=mp.get_context(method)) as pool:
+                self.pooled[method] = list(pool.map(square, [2, 3]))
+                self.pooled[method + "-item"] = pool.submit(pickle.dumps, Item(5)) .result() == pickle.dumps(Item(5))
+
+    def predict(self, x):
+        return {"items": [i.n for i in self.items], "pooled": self.pooled, "item": type(self.items[0]).__module__}
+"""
+
+
+def test_thread_and_process_pools_in_load_find_the_trusss_code_by_name(tmp_path):
+    root = write_truss(tmp_path / "pools", POOLS_IN_LOAD, files={"model/items.py": ITEMS})
+    with truss_lab.load(root) as tr:
+        out = tr.predict(None).output
+    assert out["items"] == [1, 2] and out["item"] == "model.items"
+    for method in ("spawn", "fork", "forkserver"):
+        assert out["pooled"][method] == [4, 9] and out["pooled"][method + "-item"] is True, method
+
+
+LOKY = """
+from joblib import Parallel, delayed
+
+from model.items import square
+
+
+class Model:
+    def predict(self, xs):
+        return Parallel(n_jobs=2)(delayed(square)(x) for x in xs)  # loky, as sklearn's n_jobs uses it
+"""
+
+
+def test_joblib_loky_workers_import_the_trusss_code(tmp_path):
+    pytest.importorskip("joblib")
+    root = write_truss(tmp_path / "loky", LOKY, files={"model/items.py": ITEMS})
+    with truss_lab.load(root) as tr:
+        assert tr.predict([1, 2, 3]).output == [1, 4, 9]
+
+
+POOL_IN_PREDICT = """
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+
+from model.items import square
+
+
+class Model:
+    def predict(self, xs):
+        with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+            return list(pool.map(square, xs))
+"""
+
+
+def test_with_two_trusses_loaded_a_process_pool_in_predict_works_in_both(tmp_path):
+    a = write_truss(tmp_path / "a", POOL_IN_PREDICT, files={"model/items.py": ITEMS})
+    b = write_truss(tmp_path / "b", POOL_IN_PREDICT, files={"model/items.py": ITEMS.replace("x * x", "x * x * x")})
+    with truss_lab.load(a) as ta, truss_lab.load(b) as tb:
+        assert ta.predict([2, 3]).output == [4, 9]  # the truss loaded first, whose pool's feeder pickles by name
+        assert tb.predict([2, 3]).output == [8, 27]
+
+
+def test_vendored_libraries_read_their_own_data_files(tmp_path):
+    model = """
+    import importlib.resources
+    import pkgutil
+
+    import mylib
+
+
+    class Model:
+        def predict(self, x):
+            return [importlib.resources.files("mylib").joinpath("vocab.txt").read_text().split(),
+                    pkgutil.get_data("mylib", "vocab.txt").decode().split(), mylib.first()]
+    """
+    files = {"packages/mylib/__init__.py": "import importlib.resources\n\ndef first():\n"
+                                           "    return importlib.resources.files(__name__).joinpath('vocab.txt').read_text().split()[0]\n",
+             "packages/mylib/vocab.txt": "alpha beta\n"}
+    root = write_truss(tmp_path / "vendored", model, files=files)
+    with truss_lab.load(root) as tr:
+        assert tr.predict(None).output == [["alpha", "beta"], ["alpha", "beta"], "alpha"]
+
+
+def test_a_package_next_to_an_installed_namespace_imports_and_reload_and_path_tricks_work(tmp_path):
+    pytest.importorskip("google.protobuf")  # an installed `google` namespace package
+    model = """
+    import importlib
+    import os
+    import sys
+
+    import settings
+    from google import mytool
+
+    sys.path.append(os.path.dirname(__file__))  # as some model code does
+    import helper
+
+
+    class Model:
+        def predict(self, x):
+            importlib.reload(settings)
+            return [mytool.NAME, settings.VALUE, helper.WHO]
+    """
+    files = {"packages/google/mytool.py": "NAME = 'mytool'\n", "packages/settings.py": "VALUE = 1\n", "model/helper.py": "WHO = 'v1'\n"}
+    root = write_truss(tmp_path / "tricks", model, files=files)
+    with truss_lab.load(root) as tr:
+        assert tr.predict(None).output == ["mytool", 1, "v1"]
+        (root / "model" / "helper.py").write_text("WHO = 'v2'\n")  # imported through the path the model appended
+        assert tr.reload().ok
+        assert tr.predict(None).output == ["mytool", 1, "v2"]
+
+
+def test_packages_are_appended_to_the_path_even_in_a_spawn_worker(tmp_path):
+    model = """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from model.probe import which_csv
+
+
+    class Model:
+        def predict(self, x):
+            with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+                return [which_csv(), pool.submit(which_csv).result()]
+    """
+    files = {"packages/csv.py": "SHADOW = True\n", "model/probe.py": "def which_csv():\n    import csv\n    return hasattr(csv, 'reader')\n"}
+    root = write_truss(tmp_path / "csvs", model, files=files)
+    with truss_lab.load(root) as tr:
+        assert tr.predict(None).output == [True, True]  # the standard library's csv, here and in the worker
+
+
+def test_a_package_that_fails_to_import_fails_the_load_at_the_users_line(tmp_path):
+    model = "import loud\n\nclass Model:\n    def predict(self, x):\n        return loud.shout(x)\n"
+    root = write_truss(tmp_path / "missing", model, files={"packages/loud.py": "import not_installed_anywhere\n\ndef shout(x):\n    return x\n"})
+    with pytest.raises(truss_lab.LoadError) as info:
+        truss_lab.load(root)
+    assert "missing/packages/loud.py:1" in str(info.value) and "No module named 'not_installed_anywhere'" in str(info.value)
+
+
+def test_walking_sys_modules_never_runs_a_file_the_model_does_not_import(tmp_path):
+    model = "import inspect\n\nclass Model:\n    def predict(self, x):\n        return len(inspect.stack())\n"
+    root = write_truss(tmp_path / "walk", model, files={"packages/script.py": "raise SystemExit('a script next to the code ran')\n"})
+    with truss_lab.load(root) as tr:
+        assert tr.predict(None).ok
+        import inspect
+
+        inspect.stack()
+        assert "script" not in sys.modules
+
+
+# ------------------------------------------------------------------ workers
+
+
+STREAM = """
+import os
+
+
+class Model:
+    def predict(self, x):
+        if x == "log":
+            return open(os.environ["STREAM_LOG"]).read()
+        return self._gen(x)
+
+    def _gen(self, n):
+        try:
+            for i in range(n):
+                yield f"{i},"
+        finally:
+            with open(os.environ["STREAM_LOG"], "a") as f:
+                f.write("closed ")
+"""
+
+
+def test_a_worker_answers_as_the_truss_server_would_send(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAM_LOG", str(tmp_path / "stream.log"))
+    (tmp_path / "stream.log").write_text("")
+    model = """
+    import numpy as np
+    import pydantic
+
+    class Out(pydantic.BaseModel):
+        score: float
+
+    class Model:
+        def predict(self, x):
+            if x == "array":
+                return {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            if x == "pydantic":
+                return Out(score=0.5)
+            if x == "set":
+                return {1, 2}
+            raise KeyError(x)
+    """
+    root = write_truss(tmp_path / "sent", model)
+    kernel = write_truss(tmp_path / "kernel", "class Model:\n    def predict(self, x):\n        return x\n")
+    with truss_lab.load(kernel), truss_lab.load(root) as tr:
+        assert tr.process == "worker" and tr.pid != os.getpid()
+        out = tr.predict("array").output["a"]
+        assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (2, 3)
+        assert tr.predict("pydantic").output == {"score": 0.5}  # its JSON, as sent
+        result = tr.run("set")
+        assert not result.ok and "cannot leave the worker process" in str(result.error)
+        err = tr.run("boom").error
+        assert isinstance(err, truss_lab.PredictError) and err.location == "sent/model/model.py:16"
+        assert isinstance(err.__cause__, KeyError) and "raise KeyError(x)" in err.model_traceback()
+        assert tr.traces[-1].error_stage == "predict" and tr.report().count == 4
+        with pytest.raises(truss_lab.TrussLabError, match="worker process"):
+            tr.model
+
+
+def test_a_worker_streams_chunk_by_chunk_and_a_consumer_that_stops_closes_its_generator(tmp_path, monkeypatch):
+    log = tmp_path / "stream.log"
+    log.write_text("")
+    monkeypatch.setenv("STREAM_LOG", str(log))
+    kernel = write_truss(tmp_path / "kernel", "class Model:\n    def predict(self, x):\n        return x\n")
+    root = write_truss(tmp_path / "streamer", STREAM)
+    with truss_lab.load(kernel), truss_lab.load(root) as tr:
+        assert list(tr.stream(3)) == ["0,", "1,", "2,"]
+        chunks = tr.stream(1000)
+        assert next(chunks) == "0," and next(chunks) == "1,"
+        chunks.close()  # the consumer stops
+        deadline = time.monotonic() + 30
+        while log.read_text().count("closed") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the worker closes it (a deadline, not a guess)
+        assert log.read_text().count("closed") == 2 and tr.lock_available == tr.concurrency
+        assert tr.predict(2).output == "0,1,"  # joined, as the Truss server gathers a stream
+
+
+CRASH = """
+import ctypes, os, signal
+
+class Model:
+    def predict(self, how):
+        if how == "exit":
+            os._exit(3)
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "segfault":
+            ctypes.string_at(0)
+        return how
+"""
+
+
+@pytest.mark.parametrize("how, said", [("exit", "exited with code 3"), ("kill", "was killed by SIGKILL"),
+                                        ("segfault", "was killed by SIGSEGV")])
+def test_a_worker_that_dies_is_one_line_and_restart_brings_it_back(tmp_path, how, said):
+    kernel = write_truss(tmp_path / "kernel", "class Model:\n    def predict(self, x):\n        return x\n")
+    root = write_truss(tmp_path / "crash", CRASH)
+    with truss_lab.load(kernel), truss_lab.load(root) as tr:
+        assert tr.predict("fine").output == "fine"
+        pid = tr.pid
+        with pytest.raises(truss_lab.TrussLabError) as info:
+            tr.predict(how)
+        assert said in str(info.value) and "tr.restart()" in str(info.value) and "\n" not in str(info.value)
+        with pytest.raises(truss_lab.TrussLabError, match=said):
+            tr.predict("fine")  # every later call says so, at once
+        tr.restart()
+        assert tr.pid != pid and tr.predict("again").output == "again"
+
+
+def test_a_worker_never_outlives_its_kernel_even_one_killed_with_sigkill(tmp_path):
+    kernel = write_truss(tmp_path / "kernel", "class Model:\n    def predict(self, x):\n        return x\n")
+    other = write_truss(tmp_path / "other", "class Model:\n    def predict(self, x):\n        return x\n")
+    script = textwrap.dedent(f"""
+        import time, truss_lab
+        a = truss_lab.load({str(kernel)!r})
+        b = truss_lab.load({str(other)!r})
+        print(b.pid, flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(proc.stdout.readline())
+        os.kill(worker, 0)  # running
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)  # waiting for the kernel's death to reach it, with a deadline
+    pytest.fail(f"worker {worker} outlived its kernel")
+
+
+def test_a_worker_reloads_on_save_and_tells_the_kernel(tmp_path):
+    kernel = write_truss(tmp_path / "kernel", "class Model:\n    def predict(self, x):\n        return x\n")
+    root = write_truss(tmp_path / "watched", "class Model:\n    def predict(self, x):\n        return 'v1'\n")
+    with truss_lab.load(kernel), truss_lab.load(root) as tr:
+        seen = []
+        tr.on_reload(seen.append)
+        tr.watch()
+        n = tr.reload_count
+        (root / "model" / "model.py").write_text("class Model:\n    def predict(self, x):\n        return 'v2'\n")
+        event = tr.wait_for_reload(since=n, timeout=30)
+        assert event.kind == "methods" and tr.predict(None).output == "v2"
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.02)  # the event crosses from the worker
+        assert [e.kind for e in seen] == ["methods"] and tr.version == 2

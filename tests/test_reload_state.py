@@ -1,0 +1,302 @@
+"""Issue 31: a reload as honest as Truss's own. What import builds (registries, constants, Enum and ABC
+bookkeeping, files read at import) comes from the new import; what load() and requests built is kept;
+where neither is honest the reload is a full one that says why; a request never mixes versions; and
+nothing leaks across reloads (metrics, log handlers, failed instances)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+
+import pytest
+
+import truss_lab
+from conftest import write_truss
+
+
+def save(path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new))
+
+
+REGISTRIES = """
+import abc
+import enum
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydantic
+
+HANDLERS = {}
+
+
+def handler(name):
+    def register(fn):
+        HANDLERS[name] = fn
+        return fn
+    return register
+
+
+@handler("greet")
+def greet(x):
+    return f"hello {x}"
+
+
+class Plugin:
+    KINDS = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Plugin.KINDS[cls.__name__] = cls
+
+
+class Upper(Plugin):
+    def run(self, x):
+        return x.upper()
+
+
+class Params(pydantic.BaseModel):
+    k: int = 1
+
+
+DEFAULT = Params()
+
+
+class Mode(enum.Enum):
+    FAST = 1
+    SLOW = 2
+
+
+MODE = Mode.FAST
+
+
+@dataclass
+class Point:
+    x: int
+
+
+ORIGIN = Point(0)
+
+
+class Shape(abc.ABC):
+    pass
+
+
+class Square:
+    pass
+
+
+Shape.register(Square)
+LABELS = json.loads((Path(__file__).parent / "labels.json").read_text())
+
+
+class Model:
+    def predict(self, x):
+        return {
+            "greet": HANDLERS["greet"](x),
+            "plugin": Plugin.KINDS["Upper"]().run(x),
+            "params": Params.model_validate(DEFAULT).k,
+            "mode": MODE is Mode.FAST and Mode(1) is Mode.FAST,
+            "pickle": pickle.loads(pickle.dumps(ORIGIN)) == ORIGIN,
+            "abc": isinstance(Square(), Shape),
+            "labels": LABELS,
+        }
+"""
+
+
+def test_what_import_builds_comes_from_the_new_import(tmp_path):
+    root = write_truss(tmp_path / "reg", REGISTRIES, files={"model/labels.json": '["cat", "dog"]'})
+    mf = root / "model" / "model.py"
+    with truss_lab.load(root) as tr:
+        expected = {"greet": "hello a", "plugin": "A", "params": 1, "mode": True, "pickle": True, "abc": True, "labels": ["cat", "dog"]}
+        assert tr.predict("a").output == expected
+        save(mf, 'return f"hello {x}"', 'return f"hi {x}"')  # the decorated handler
+        save(mf, "return x.upper()", "return x.upper() + '!'")  # the __init_subclass__-registered class
+        save(mf, "    return {\n            \"greet\"", "    return {\n            \"v\": 2,\n            \"greet\"")
+        event = tr.reload()
+        assert event.kind == "methods", event
+        assert tr.predict("a").output == {**expected, "v": 2, "greet": "hi a", "plugin": "A!"}
+        (root / "model" / "labels.json").write_text('["cat", "dog", "bird"]')  # a file model.py reads at import
+        event = tr.reload()
+        assert event.kind == "methods" and "model/labels.json" in event.changed, event
+        assert tr.predict("a").output["labels"] == ["cat", "dog", "bird"]
+        save(mf, 'return f"hi {x}"', 'return f"hey {x}"')  # a later swap keeps the new labels
+        assert tr.reload().kind == "methods"
+        assert tr.predict("a").output["labels"] == ["cat", "dog", "bird"] and tr.predict("a").output["greet"] == "hey a"
+
+
+STATE = """
+import threading
+
+CACHE = {}
+CALLS = [0]
+
+
+class Model:
+    def load(self):
+        CACHE["built"] = "by load"
+        self.weights = object()
+        self.queue = []
+        self.done = threading.Event()
+        self.results = []
+        self.worker = threading.Thread(target=self._batcher, daemon=True)
+        self.worker.start()
+
+    def _batcher(self):
+        while not self.done.wait(0.005):
+            if self.queue:
+                self.results.append(self._compute(self.queue.pop()))
+
+    def _compute(self, x):
+        return x * 2
+
+    def predict(self, x):
+        if x == "state":
+            CALLS[0] += 1
+            return [CACHE.get("built"), CALLS[0], id(self.weights)]
+        self.queue.append(x)
+        deadline = __import__("time").monotonic() + 30
+        while not self.results and __import__("time").monotonic() < deadline:
+            __import__("time").sleep(0.005)
+        return self.results.pop()
+"""
+
+
+def test_run_time_state_is_kept_and_a_thread_load_started_answers_with_the_new_method(tmp_path):
+    root = write_truss(tmp_path / "state", STATE)
+    mf = root / "model" / "model.py"
+    with truss_lab.load(root) as tr:
+        built, calls, weights = tr.predict("state").output
+        assert built == "by load" and calls == 1 and tr.predict(3).output == 6
+        save(mf, "return x * 2", "return x * 10")  # the batcher thread calls self._compute: swapped in place
+        event = tr.reload()
+        assert event.kind == "methods", event
+        assert tr.predict(3).output == 30  # as the Truss server answers: the thread sees the new method
+        assert tr.predict("state").output == ["by load", 2, weights]  # load()'s state and the counter kept
+        save(mf, "while not self.done.wait(0.005):", "while not self.done.wait(0.004):")  # the function the thread runs
+        event = tr.reload()
+        assert event.kind == "full" and any("runs Model._batcher" in c for c in event.changed), event
+        tr.model.done.set()
+
+
+def test_a_request_in_flight_during_a_save_finishes_on_the_code_it_started_with(tmp_path):
+    model = """
+    import threading
+
+    ENTERED, GO = threading.Event(), threading.Event()
+
+
+    class Codec:
+        def encode(self, x):
+            return f"v1:{x}"
+
+        def decode(self, y):
+            return f"{y}/v1"
+
+
+    class Model:
+        def load(self):
+            self.codec = Codec()
+
+        def predict(self, x):
+            y = self.codec.encode(x)
+            if x == "slow":
+                ENTERED.set()
+                GO.wait(30)
+            return self.codec.decode(y)
+    """
+    root = write_truss(tmp_path / "inflight", model)
+    mf = root / "model" / "model.py"
+    with truss_lab.load(root) as tr:
+        module = tr.serving.module
+        box = []
+        request = threading.Thread(target=lambda: box.append(tr.predict("slow").output))
+        request.start()
+        assert module.ENTERED.wait(30)
+        save(mf, 'return f"v1:{x}"', 'return f"v2:{x}"')
+        save(mf, 'return f"{y}/v1"', 'return f"{y}/v2"')
+        reloading = threading.Thread(target=lambda: box.append(tr.reload()))
+        reloading.start()
+        time.sleep(0.2)  # the reload is waiting at the gate: a request arriving now waits behind it
+        assert reloading.is_alive() and tr.version == 1
+        module.GO.set()
+        request.join(30)
+        reloading.join(30)
+        assert box[0] == "v1:slow/v1"  # encode and decode from one version, never one from each
+        assert box[1].kind == "methods" and tr.predict("x").output == "v2:x/v2"
+
+
+def test_a_reload_that_waits_too_long_for_requests_in_flight_is_not_applied(tmp_path):
+    model = "import threading\nGO = threading.Event()\nclass Model:\n    def predict(self, x):\n        GO.wait(30)\n        return 'v1'\n"
+    root = write_truss(tmp_path / "long", model)
+    with truss_lab.load(root) as tr:
+        tr.reload_drain_timeout = 0.3
+        module = tr.serving.module
+        request = threading.Thread(target=tr.predict, args=(None,))
+        request.start()
+        deadline = time.monotonic() + 30
+        while tr.lock_available and time.monotonic() < deadline:
+            time.sleep(0.01)
+        save(root / "model" / "model.py", "return 'v1'", "return 'v2'")
+        event = tr.reload()
+        assert event.kind == "failed" and "1 request still in flight" in event.error and tr.version == 1, event
+        module.GO.set()
+        request.join(30)
+        assert tr.reload().kind == "methods" and tr.predict(None).output == "v2"
+
+
+def test_rerunning_the_cell_that_loads_a_truss_with_metrics_never_fails(tmp_path):
+    pytest.importorskip("prometheus_client")
+    model = "from prometheus_client import Counter\nHITS = Counter('rerun_hits', 'h')\nclass Model:\n    def predict(self, x):\n        HITS.inc()\n        return x\n"
+    root = write_truss(tmp_path / "rerun", model)
+    for _ in range(3):  # `%truss load rerun`, three times: the truss the kernel holds is replaced
+        tr = truss_lab.load(root)
+        assert tr.predict(1).output == 1
+    with truss_lab.load(root, process="worker") as twin:  # the same metric name in another process
+        assert twin.predict(2).output == 2
+    tr.close()
+    from prometheus_client import REGISTRY
+
+    assert "rerun_hits" not in REGISTRY._names_to_collectors
+
+
+def test_failed_full_reloads_hold_no_instance_and_loggers_keep_one_handler(tmp_path):
+    model = """
+    import logging
+
+    log = logging.getLogger("reloaded.model")
+
+
+    class Model:
+        def load(self):
+            self.handler = logging.StreamHandler()
+            log.addHandler(self.handler)
+            self.weights = bytearray(10_000_000)
+
+        def predict(self, x):
+            return len(log.handlers)
+    """
+    root = write_truss(tmp_path / "leaks", model)
+    mf = root / "model" / "model.py"
+    with truss_lab.load(root) as tr:
+        for i in range(3):  # three full reloads: one handler, not four
+            save(mf, "self.weights = bytearray", f"self.n = {i}\n        self.weights = bytearray")
+            assert tr.reload().kind == "full"
+        assert tr.predict(None).output == 1 and len(logging.getLogger("reloaded.model").handlers) == 1
+        for i in range(3):  # three typos in load(): each builds an instance (and its weights), then fails
+            save(mf, "self.weights = bytearray(10_000_000)",
+                 f"self.weights = bytearray(10_000_000)\n        __import__('builtins').__dict__.setdefault('_tl_refs', [])"
+                 f".append(__import__('weakref').ref(self))\n        1 / 0  # {i}")
+            event = tr.reload()
+            assert event.kind == "failed", event
+        import builtins
+
+        held = builtins.__dict__.pop("_tl_refs")
+        gc.collect()
+        assert len(held) >= 3 and all(r() is None for r in held), "a failed reload kept its instance (and its weights) alive"
+        assert tr.predict(None).output == 1  # the old code keeps serving, one handler

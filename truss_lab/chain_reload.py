@@ -1,0 +1,219 @@
+"""A chain's hot reload: a save re-runs the code generation and reloads only the chainlets whose code
+changed - their own generated files (model.py with the stubs, config.yaml, data/), or in the chain's
+source and the helpers it imports, their class and everything it uses (statements.py) - each by its
+truss rule, in its own worker process; chainlets added or removed by the save start or stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .chain_gen import _Generated, _generate
+from .errors import LoadError, TrussLabError
+from .reload import Reloader, ReloadEvent
+from .statements import FileKeys, Statements
+
+if TYPE_CHECKING:
+    from .chains import Chain
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts}
+
+
+def _module_source(packages: Path, dotted: str) -> bytes | None:
+    base = packages.joinpath(*dotted.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate.read_bytes()
+    return None
+
+
+def _chainlet_keys(gen: _Generated) -> dict[str, str | None]:
+    """Per chainlet, a key of its own code in the chain's source: its class and everything it uses,
+    followed through (carry.Statements), with the other chainlets counted by name only - a chainlet
+    depends on their API, which its generated stubs carry, not on their code."""
+    chainlets = {cls for _, cls in gen.classes.values()}
+    out: dict[str, str | None] = {}
+    for display, (module, cls) in gen.classes.items():
+        packages = gen.folders[display] / "packages"
+        source = _module_source(packages, module)
+        if source is None:
+            out[display] = None
+            continue
+        keys = FileKeys(lambda dotted, p=packages: _module_source(p, dotted),
+                              lambda dotted, p=packages: dotted if (p.joinpath(*dotted.split(".")) / "__init__.py").is_file()
+                              else dotted.rpartition(".")[0])
+        try:
+            statements = _ChainletStatements(source, module, module.rpartition(".")[0], keys.key, chainlets - {cls})
+            out[display] = statements.key(cls)
+        except SyntaxError:
+            out[display] = None
+    return out
+
+
+class _ChainletStatements(Statements):
+    """carry.Statements with the other chainlets' classes counted by name only."""
+
+    def __init__(self, source: bytes, module: str, package: str, file_key: Any, opaque: set[str]):
+        super().__init__(source, module, package, file_key)
+        self.opaque = opaque
+
+    def key(self, name: str) -> str:
+        return f"chainlet:{name}" if name in self.opaque else super().key(name)
+
+
+def _sync(dst: Path, new: dict[str, bytes], old: dict[str, bytes]) -> None:
+    """Make folder `dst`, which holds `old` (its `_files`), hold `new` (only the files that differ are written)."""
+    for rel, data in new.items():
+        if old.get(rel) != data:
+            target = dst / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+    for rel in set(old) - set(new):
+        (dst / rel).unlink(missing_ok=True)
+
+
+@dataclasses.dataclass
+class ChainReloadEvent(ReloadEvent):
+    """A chain's reload: `chainlets` maps each chainlet that was reloaded to its own ReloadEvent;
+    `untouched` lists those whose code did not change (their instances and loaded state kept)."""
+
+    chainlets: dict[str, ReloadEvent] = dataclasses.field(default_factory=dict)
+    untouched: list[str] = dataclasses.field(default_factory=list)
+    removed: list[str] = dataclasses.field(default_factory=list)  # chainlets the source no longer has: stopped
+
+    def summary(self) -> str:
+        if self.kind == "failed" and not self.chainlets:
+            return f"chain reload failed: {self.error} (still serving v{self.version})"
+        if not self.chainlets and not self.removed:
+            return f"chain v{self.version}: no chainlet's code changed; nothing reloaded"
+        parts = []
+        for name, event in self.chainlets.items():
+            what = ", ".join(event.changed)
+            if event.changed == ["added"]:
+                parts.append(f"{name} added" + (f" FAILED: {event.error}" if event.kind == "failed" else " (loaded, served)"))
+            elif event.kind == "methods":
+                parts.append(f"{name} swapped ({what}; its state kept)")
+            elif event.kind == "full":
+                parts.append(f"{name} rebuilt ({what})")
+            elif event.kind == "failed":
+                parts.append(f"{name} FAILED: {event.error} (still serving its old code)")
+            else:
+                parts.append(f"{name} {event.kind}")
+        parts += [f"{name} removed" for name in self.removed]
+        kept = f"; untouched: {', '.join(self.untouched)}" if self.untouched else ""
+        return f"chain v{self.version}: {'; '.join(parts)}{kept} in {self.duration_ms:.0f} ms"
+
+
+class ChainReloader(Reloader):
+    """Regenerates the chainlet trusses on a save and reloads only the chainlets whose code changed:
+    their own generated files (model.py with the stubs, config.yaml, data/) or, in the chain's
+    source and the helpers it imports, their class and everything it uses."""
+
+    def __init__(self, chain: Chain):
+        self._setup(chain)
+        self.keys = _chainlet_keys(chain._gen)
+        self.pending: set[str] = set()  # chainlets whose last reload failed
+        self._generation = 0
+
+    @property
+    def watch_path(self) -> Path:
+        return self.live.source.parent  # the chain root: what a push copies into every chainlet
+
+    def watch_filter(self, watchfiles: Any) -> Any:
+        """Python files and YAML (the chain's examples): the chain root is often the notebook's folder,
+        whose autosaves and exported traces are no code of the chain's."""
+        return watchfiles.PythonFilter(ignore_paths=(), extra_extensions=(".yaml", ".yml"))
+
+    def _reload(self, full: bool) -> ChainReloadEvent | None:
+        chain: Chain = self.live
+        self._generation += 1
+        root = chain.root / f"regenerated-{self._generation}"
+        root.mkdir()
+        try:
+            return self._reload_from(chain, root, full)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def _reload_from(self, chain: Chain, root: Path, full: bool) -> ChainReloadEvent:
+        try:
+            gen = _generate(chain.source, chain._entrypoint_arg, root)
+        except TrussLabError as exc:
+            return ChainReloadEvent(chain.version, "failed", error=str(exc), exception=exc)
+        except (Exception, SystemExit) as exc:  # what the chain's source raised on import: file:line
+            err = LoadError.from_exception(exc, [chain.source.parent], what=f"importing {chain.source.name}")
+            return ChainReloadEvent(chain.version, "failed", error=str(err), location=err.location, exception=err)
+        was = chain._gen
+        if gen.name != was.name or gen.order[-1] != was.order[-1]:
+            return ChainReloadEvent(chain.version, "failed", ["entrypoint"],
+                                    error=f"{chain.source.name}: the entrypoint changed ({was.order[-1]} -> {gen.order[-1]}); "
+                                          f"load the chain again to rebuild it")
+        added = [n for n in gen.order if n not in was.order]
+        removed = [n for n in was.order if n not in gen.order]
+        base = next(iter(was.folders.values())).parent  # .chains_generated/<chain>: where the live chainlet trusses are
+        folders = {n: was.folders.get(n) or base / f"chainlet_{n}" for n in gen.order}
+        keys = _chainlet_keys(gen)
+        todo = []
+        for name in gen.order:
+            if name in added:  # its generated truss, where the chain's live chainlet trusses are
+                shutil.copytree(gen.folders[name], folders[name])
+                continue
+            new, old = _files(gen.folders[name]), _files(folders[name])
+            own = [rel for rel in sorted(set(new) | set(old)) if not rel.startswith("packages" + os.sep) and new.get(rel) != old.get(rel)]
+            if full or own or keys[name] is None or keys[name] != self.keys.get(name) or name in self.pending:
+                todo.append(name)  # its own generated files (stubs, config, data) or its code changed, or it failed last time
+            _sync(folders[name], new, old)  # its truss as a push would write it now (a later full reload reads it)
+        events: dict[str, ReloadEvent] = {}
+        not_added: list[str] = []
+        for name in gen.order:  # dependencies first: a new chainlet is served before the ones calling it reload
+            if name in added:
+                try:
+                    live = chain._start_chainlet(name, folders[name], bool(gen.depends[name]), False)
+                    events[name] = ReloadEvent(live.version, "full", ["added"])
+                    self.keys[name] = keys[name]
+                except Exception as exc:  # its load() raised: the next save tries again
+                    chain.chainlets.pop(name, None)
+                    shutil.rmtree(folders.pop(name), ignore_errors=True)
+                    not_added.append(name)
+                    events[name] = ReloadEvent(chain.version, "failed", ["added"], error=str(exc),
+                                               location=getattr(exc, "location", None), exception=exc)
+            elif name in todo:
+                events[name] = chain.chainlets[name].reload(full=full)
+                if events[name].ok:
+                    self.keys[name] = keys[name]
+                    self.pending.discard(name)
+                else:  # its folder already holds the new files: the next save must try it again
+                    self.pending.add(name)
+        failed = {n: e for n, e in events.items() if not e.ok}
+        # a chainlet the source no longer has goes once nothing calls it: if a reload failed, old code may
+        kept = removed if failed else []  # still call it, so it stays until a save that reloads cleanly
+        for name in removed:
+            if name not in kept:
+                chain._stop_chainlet(name, was.folders[name])
+                self.keys.pop(name, None)
+        order = kept + [n for n in gen.order if n not in not_added]
+        chain._gen = _Generated(
+            name=gen.name, order=order,
+            depends={**{n: was.depends[n] for n in kept}, **{n: gen.depends[n] for n in order if n not in kept}},
+            folders={**{n: was.folders[n] for n in kept}, **{n: folders[n] for n in order if n not in kept}},
+            classes={**{n: was.classes[n] for n in kept}, **{n: gen.classes[n] for n in order if n not in kept}},
+        )
+        chain.chainlets = {n: chain.chainlets[n] for n in order}
+        gone = [n for n in removed if n not in kept]
+        if gone or any(e.kind in ("methods", "full") for e in events.values()):
+            chain.version += 1
+        untouched = [n for n in order if n not in events or events[n].kind == "unchanged"]
+        if failed:
+            name, event = next(iter(failed.items()))
+            return ChainReloadEvent(chain.version, "failed", list(events), error=f"{name}: {event.error}",
+                                    location=event.location, exception=event.exception, chainlets=events,
+                                    untouched=untouched, removed=gone)
+        kind = "full" if gone or any(e.kind == "full" for e in events.values()) else "methods" if events else "unchanged"
+        return ChainReloadEvent(chain.version, kind, [n for n in events if n not in untouched],
+                                chainlets={n: e for n, e in events.items() if n not in untouched}, untouched=untouched,
+                                removed=gone)

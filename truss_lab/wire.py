@@ -1,0 +1,109 @@
+"""What crosses between the kernel and a worker process (worker.py), and in what form.
+
+A worker answers with what the Truss server would send: an output as msgpack with numpy (the Truss
+server's binary body, which keeps arrays as arrays; a pydantic output as its JSON), never as a pickle
+of the model's own objects - the kernel does not have the worker's modules (or has another truss's
+under the same names). Traces, reports, reload events and profiles are plain values and cross as
+they are. An error crosses as its stage, message, file:line, the original exception's type and
+message, and the worker's traceback of the model's own frames.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import json
+from typing import Any
+
+from .errors import STAGE_ERRORS, LoadError, ModelError, TrussLabError, describe
+from .serialization import is_pydantic, truss_json, truss_json_check
+
+
+class RemoteError(Exception):
+    """The exception a model raised in a worker process, in the kernel: its type's name and message."""
+
+    remote_type = "Exception"
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+_REMOTE_TYPES: dict[str, type] = {}
+
+
+def remote_exception(module: str, name: str, message: str) -> BaseException:
+    """An exception like the worker's: a builtin one as itself (`except KeyError:` works), any other as
+    a RemoteError subclass of that name."""
+    builtin = getattr(builtins, name, None) if module == "builtins" else None
+    if isinstance(builtin, type) and issubclass(builtin, BaseException):
+        try:
+            return builtin(message)
+        except Exception:
+            pass
+    cls = _REMOTE_TYPES.get(name)
+    if cls is None:
+        cls = _REMOTE_TYPES[name] = type(name, (RemoteError,), {"remote_type": f"{module}.{name}", "__module__": "truss_lab.remote"})
+    return cls(message)
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+class NotSendable(TrussLabError):
+    """An output (or chunk) the Truss server could not send either."""
+
+
+def encode(value: Any) -> bytes:
+    """`value` as the Truss server's binary body: msgpack with numpy (a pydantic model as its JSON)."""
+    from .serialization import truss_msgpack_serialize
+
+    if is_pydantic(value):
+        value = json.loads(truss_json(value))
+    try:
+        return truss_msgpack_serialize(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        bad = truss_json_check(value)
+        where = f" at {bad[0]}: {bad[1]}" if bad else f": {describe(exc)}"
+        raise NotSendable(f"the output cannot leave the worker process as the Truss server would send it{where}") from None
+
+
+def decode(data: bytes) -> Any:
+    from .serialization import truss_msgpack_deserialize
+
+    return truss_msgpack_deserialize(data)
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def error_state(err: BaseException) -> dict:
+    """A model error (or any exception) as plain data."""
+    cause = err.__cause__ if isinstance(err, ModelError) else err
+    state = {
+        "class": type(err).__name__,
+        "stage": getattr(err, "stage", None),
+        "message": str(err),
+        "location": getattr(err, "location", None),
+        "traceback": err.model_traceback() if isinstance(err, ModelError) else None,
+        "cause": (type(cause).__module__, type(cause).__name__, str(cause)) if cause is not None else None,
+    }
+    return state
+
+
+def error_from_state(state: dict, trace: Any = None) -> BaseException:
+    """The kernel's ModelError (or TrussLabError) for an error_state from a worker."""
+    cls = STAGE_ERRORS.get(state.get("stage") or "") if state["class"] in {c.__name__ for c in STAGE_ERRORS.values()} else None
+    if cls is None and state["class"] == "LoadError":
+        cls = LoadError
+    if cls is None:
+        return TrussLabError(state["message"])
+    err = cls(state["message"], location=state.get("location"), trace=trace)
+    err.remote_traceback = state.get("traceback")
+    if state.get("cause") is not None:
+        err.__cause__ = remote_exception(*state["cause"])
+    return err
+
+
+def bare_trace(trace: Any) -> Any:
+    """A Trace without what only its process can use (the profiler of a profiled request)."""
+    return dataclasses.replace(trace, profiler=None) if getattr(trace, "profiler", None) is not None else trace

@@ -1,0 +1,278 @@
+"""A worker process: one truss, loaded exactly as in the kernel (one truss a process), answering the
+kernel's WorkerModel (worker.py) over a unix socket in a folder only this user can enter.
+
+    python -m truss_lab.worker_process      # its options arrive pickled on stdin, which it then watches
+
+It never outlives the kernel: on Linux the kernel's death kills it (PR_SET_PDEATHSIG), and anywhere
+stdin reaching end-of-file (the kernel gone, even killed with SIGKILL) makes it exit. Each kernel
+thread that calls gets a connection of its own, served by a thread of its own here, so requests run
+concurrently and meet at the model's own lock, as HTTP requests meet on a Truss server.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import threading
+from multiprocessing.connection import Listener
+from typing import Any
+
+from .errors import PostprocessError, TrussLabError
+from .wire import NotSendable, bare_trace, encode, error_state
+
+# what the kernel may call on the model by name (the rest of the API is built from these in worker.py)
+CALLS = frozenset({
+    "reload", "watch", "unwatch", "watch_examples", "wait_for_examples", "wait_for_reload", "report", "clear_traces",
+    "profile", "check", "schema", "is_healthy", "methods", "example", "bench",
+})
+GETS = frozenset({
+    "name", "bundle", "version", "load_ms", "concurrency", "guard", "lock_available", "traces", "watching",
+    "reload_history", "reload_count", "examples", "examples_diff", "pid", "path",
+})
+SETS = frozenset({"concurrency", "guard"})
+
+
+def portable(value: Any) -> Any:
+    """A value as it crosses to the kernel: traces without their profilers, reports and profiles with such traces."""
+    import dataclasses
+
+    from .profile import Profile
+    from .trace import Report, Trace
+
+    if isinstance(value, Trace):
+        return bare_trace(value)
+    if isinstance(value, list) and value and isinstance(value[0], Trace):
+        return [bare_trace(t) for t in value]
+    if isinstance(value, Profile):
+        return dataclasses.replace(value, traces=[bare_trace(t) for t in value.traces])
+    if isinstance(value, Report):
+        report = dataclasses.replace(value, traces=[bare_trace(t) for t in value.traces])
+        if getattr(value, "profile", None) is not None:
+            report.profile = portable(value.profile)
+        return report
+    if hasattr(value, "exception") and hasattr(value, "summary"):  # a ReloadEvent: its error as text only
+        return dataclasses.replace(value, exception=None) if getattr(value, "exception", None) is not None else value
+    return value
+
+
+def result_state(result: Any) -> dict:
+    out: dict[str, Any] = {"trace": bare_trace(result.trace), "error": None, "output": None}
+    if result.error is not None:
+        out["error"] = error_state(result.error)
+        return out
+    try:
+        out["output"] = encode(result.output)
+    except NotSendable as exc:
+        err = PostprocessError(f"{result.model_name}: {exc}", trace=result.trace)
+        out["error"] = error_state(err)
+    return out
+
+
+class Worker:
+    """The model of this process, and what the kernel's connections ask of it."""
+
+    def __init__(self, live: Any, control: Any):
+        self.live = live
+        self.control = control
+        self._send_lock = threading.Lock()
+        self._servers: dict[int, Any] = {}
+        self.subscribed: set[str] = set()
+
+    def push(self, kind: str, payload: Any) -> None:
+        with self._send_lock:
+            try:
+                self.control.send(("event", kind, portable(payload)))
+            except (OSError, EOFError):
+                pass
+
+    def serve(self, conn: Any) -> None:
+        """One kernel thread's connection: calls, answered in order, until the kernel closes it."""
+        try:
+            while True:
+                try:
+                    op, args, kwargs = conn.recv()
+                except (EOFError, OSError):
+                    return
+                if op == "stream":
+                    self._stream(conn, *args)
+                    continue
+                try:
+                    reply = ("ok", self._answer(op, args, kwargs))
+                except BaseException as exc:  # the kernel gets it as one line with its stage
+                    reply = ("err", error_state(exc if isinstance(exc, TrussLabError) else _wrapped(exc)))
+                try:
+                    conn.send(reply)
+                except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                    conn.send(("err", error_state(TrussLabError(f"{op}: its answer cannot cross to the kernel ({exc})"))))
+        finally:
+            conn.close()
+
+    def _answer(self, op: str, args: tuple, kwargs: dict) -> Any:
+        live = self.live
+        if op == "run":
+            return result_state(live.run(args[0], method=kwargs.get("method", "predict")))
+        if op == "call" and args[0] in CALLS:
+            value = getattr(live, args[0])(*args[1:], **kwargs)
+            return None if args[0] == "watch" else portable(value)  # watch() answers with a handle of this process
+        if op == "get" and args[0] in GETS:
+            return portable(getattr(live, args[0]))
+        if op == "set" and args[0] in SETS:
+            setattr(live, args[0], args[1])
+            return None
+        if op == "serve":
+            server = live.serve(*args, **kwargs)
+            self._servers[id(server)] = server
+            return server.url, id(server)
+        if op == "stop_server":
+            server = self._servers.pop(args[0], None)
+            if server is not None:
+                server.stop()
+            return None
+        if op == "subscribe":
+            if args[0] not in self.subscribed:
+                self.subscribed.add(args[0])
+                if args[0] == "reload":
+                    live.on_reload(lambda event: self.push("reload", event))
+                elif args[0] == "examples":
+                    live.on_examples(lambda diff: self.push("examples", diff))
+            return None
+        raise TrussLabError(f"a worker does not answer {op} {args[:1]}")
+
+    def _stream(self, conn: Any, model_input: Any, method: str) -> None:
+        """A stream, pulled chunk by chunk ("next"); "close" (or the kernel going away) closes it here."""
+        chunks = self.live.open_stream(model_input, method=method)
+        try:
+            try:
+                lead = next(chunks)
+            except BaseException as exc:
+                conn.send(("err", error_state(exc if isinstance(exc, TrussLabError) else _wrapped(exc))))
+                return
+            conn.send(("ok", lead))
+            while True:
+                try:
+                    op, _, _ = conn.recv()
+                except (EOFError, OSError):
+                    return
+                if op != "next":
+                    conn.send(("ok", None))
+                    return
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    conn.send(("end", None))
+                    return
+                except BaseException as exc:
+                    conn.send(("err", error_state(exc if isinstance(exc, TrussLabError) else _wrapped(exc))))
+                    return
+                try:
+                    conn.send(("chunk", encode(chunk)))
+                except NotSendable as exc:
+                    conn.send(("err", error_state(PostprocessError(f"{self.live.name}: a chunk: {exc}"))))
+                    return
+        finally:
+            chunks.close()
+
+
+def _warnings(caught: list) -> list[tuple]:
+    return [(w.category.__module__, w.category.__qualname__, str(w.message), w.filename, w.lineno) for w in caught]
+
+
+def _wrapped(exc: BaseException) -> TrussLabError:
+    from .errors import describe
+
+    err = TrussLabError(describe(exc))
+    err.__cause__ = exc
+    return err
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel's death kills this process, whatever killed the kernel."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _exit_when_parent_goes(parent: int) -> None:
+    try:
+        while sys.stdin.buffer.read(1):
+            pass
+    except (OSError, ValueError):
+        pass
+    os._exit(0)  # end-of-file: the kernel is gone
+
+
+def main() -> None:
+    opts = pickle.load(sys.stdin.buffer)
+    _die_with_parent()
+    if os.getppid() != opts["parent"]:  # the kernel died before the line above took effect
+        os._exit(0)
+    threading.Thread(target=_exit_when_parent_goes, args=(opts["parent"],), name="truss-lab-parent", daemon=True).start()
+    os.environ.update(opts.get("env") or {})
+    import warnings
+
+    from .guard import LockMisuseWarning
+    from .trace import OutputWarning
+
+    for quiet in (OutputWarning, LockMisuseWarning):  # the kernel gives them, from each request's trace
+        warnings.filterwarnings("ignore", category=quiet)
+    listener = Listener(opts["socket"], family="AF_UNIX", authkey=opts["authkey"])
+    control = listener.accept()
+    from .errors import describe
+    from .live import LiveModel
+    from .bundle import read_bundle
+
+    if opts.get("chainlet"):
+        from .chainlet import mount
+
+        mount()
+    with warnings.catch_warnings(record=True) as caught:  # what load() warns: the kernel gives it
+        warnings.simplefilter("default")
+        try:
+            live = LiveModel(read_bundle(opts["path"]), **opts["load"])
+        except TrussLabError as exc:
+            control.send(("failed", error_state(exc), _warnings(caught)))
+            return
+        except BaseException as exc:  # what the model's code raised outside a stage
+            control.send(("failed", error_state(TrussLabError(f"loading {opts['path']} failed: {describe(exc)}")), _warnings(caught)))
+            return
+    if opts.get("chainlet"):
+        from .chainlet import adopt
+
+        adopt(live)
+    worker = Worker(live, control)
+    control.send(("ready", {"pid": os.getpid()}, _warnings(caught)))
+
+    def accept() -> None:
+        while True:
+            try:
+                conn = listener.accept()
+            except (OSError, EOFError):
+                continue
+            threading.Thread(target=worker.serve, args=(conn,), name="truss-lab-conn", daemon=True).start()
+
+    threading.Thread(target=accept, name="truss-lab-accept", daemon=True).start()
+    try:
+        while True:
+            try:
+                message = control.recv()
+            except (EOFError, OSError):
+                break
+            if message[0] == "close":
+                break
+    finally:
+        live.close()
+        try:
+            with worker._send_lock:
+                control.send(("closed", None))
+        except (OSError, EOFError):
+            pass
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -253,6 +253,7 @@ def test_a_worker_streams_chunk_by_chunk_and_a_consumer_that_stops_closes_its_ge
     kernel = write_truss(tmp_path / "kernel", "class Model:\n    def predict(self, x):\n        return x\n")
     root = write_truss(tmp_path / "streamer", STREAM)
     with truss_lab.load(kernel), truss_lab.load(root) as tr:
+        assert tr.process == "worker"
         assert list(tr.stream(3)) == ["0,", "1,", "2,"]
         chunks = tr.stream(1000)
         assert next(chunks) == "0," and next(chunks) == "1,"
@@ -296,9 +297,33 @@ def test_a_worker_that_dies_is_one_line_and_restart_brings_it_back(tmp_path, how
         assert tr.pid != pid and tr.predict("again").output == "again"
 
 
+def test_a_worker_whose_fork_pool_outlives_it_is_still_seen_dead(tmp_path):
+    """A fork pool load() started keeps its processes; the worker dies: its children do not hold the
+    kernel's connections open, so the kernel is told at once instead of waiting."""
+    model = CRASH.replace("class Model:\n", "class Model:\n    def load(self):\n"
+                          "        import multiprocessing as mp\n        from concurrent.futures import ProcessPoolExecutor\n"
+                          "        self.pool = ProcessPoolExecutor(2, mp_context=mp.get_context('fork'))\n"
+                          "        self.pool.submit(abs, -1).result()\n\n")
+    kernel = write_truss(tmp_path / "kernel", "class Model:\n    def predict(self, x):\n        return x\n")
+    root = write_truss(tmp_path / "forks", model)
+    with truss_lab.load(kernel), truss_lab.load(root) as tr:
+        assert tr.predict("fine").output == "fine"
+        with pytest.raises(truss_lab.TrussLabError, match="was killed by SIGKILL"):
+            tr.predict("kill")
+        group = tr.pid
+    deadline = time.monotonic() + 30
+    while subprocess.run(["pgrep", "-g", str(group)], capture_output=True).returncode == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # killed processes are reaped by init: a deadline, not a guess
+    assert subprocess.run(["pgrep", "-g", str(group)], capture_output=True).returncode == 1  # its pool went too
+
+
 def test_a_worker_never_outlives_its_kernel_even_one_killed_with_sigkill(tmp_path):
     kernel = write_truss(tmp_path / "kernel", "class Model:\n    def predict(self, x):\n        return x\n")
-    other = write_truss(tmp_path / "other", "class Model:\n    def predict(self, x):\n        return x\n")
+    pooled = ("import multiprocessing as mp\nfrom concurrent.futures import ProcessPoolExecutor\nclass Model:\n"
+              "    def load(self):\n        self.pool = ProcessPoolExecutor(1, mp_context=mp.get_context('fork'))\n"
+              "        self.pool.submit(abs, -1).result()  # a pool the model keeps: its process too must go\n"
+              "    def predict(self, x):\n        return x\n")
+    other = write_truss(tmp_path / "other", pooled)
     script = textwrap.dedent(f"""
         import time, truss_lab
         a = truss_lab.load({str(kernel)!r})
@@ -309,24 +334,31 @@ def test_a_worker_never_outlives_its_kernel_even_one_killed_with_sigkill(tmp_pat
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         worker = int(proc.stdout.readline())
-        os.kill(worker, 0)  # running
+        group = [int(p) for p in subprocess.run(["pgrep", "-g", str(worker)], capture_output=True, text=True).stdout.split()]
+        assert worker in group and len(group) >= 2  # the worker and its pool's process
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        try:
-            os.kill(worker, 0)
-        except ProcessLookupError:
+        alive = []
+        for pid in group:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive:
             return
-        time.sleep(0.05)  # waiting for the kernel's death to reach it, with a deadline
-    pytest.fail(f"worker {worker} outlived its kernel")
+        time.sleep(0.05)  # waiting for the kernel's death to reach them, with a deadline
+    pytest.fail(f"{alive} outlived their kernel")
 
 
 def test_a_worker_reloads_on_save_and_tells_the_kernel(tmp_path):
     kernel = write_truss(tmp_path / "kernel", "class Model:\n    def predict(self, x):\n        return x\n")
     root = write_truss(tmp_path / "watched", "class Model:\n    def predict(self, x):\n        return 'v1'\n")
     with truss_lab.load(kernel), truss_lab.load(root) as tr:
+        assert tr.process == "worker"
         seen = []
         tr.on_reload(seen.append)
         tr.watch()

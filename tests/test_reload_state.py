@@ -300,3 +300,24 @@ def test_failed_full_reloads_hold_no_instance_and_loggers_keep_one_handler(tmp_p
         gc.collect()
         assert len(held) >= 3 and all(r() is None for r in held), "a failed reload kept its instance (and its weights) alive"
         assert tr.predict(None).output == 1  # the old code keeps serving, one handler
+
+
+def test_a_function_the_model_holds_whose_code_changed_makes_the_reload_full(tmp_path):
+    model = """
+    class Model:
+        def load(self):
+            self.forward = self._forward  # a bound method kept on the model, as some models do
+
+        def _forward(self, x):
+            return x + 1
+
+        def predict(self, x):
+            return self.forward(x)
+    """
+    root = write_truss(tmp_path / "held", model)
+    with truss_lab.load(root) as tr:
+        assert tr.predict(1).output == 2
+        save(root / "model" / "model.py", "return x + 1", "return x + 2")
+        event = tr.reload()
+        assert event.kind == "full" and any("self.forward holds Model._forward" in c for c in event.changed), event
+        assert tr.predict(1).output == 3  # never the old code through the stored method

@@ -233,8 +233,16 @@ class Resident:
         old = self.code(everywhere)
         for name in old.modules:
             sys.modules.pop(name, None)
-        importlib.invalidate_caches()
+        self._forget_listings()
         return old
+
+    def _forget_listings(self) -> None:
+        """Python's path finders cache each folder's listing: those of the truss's folders go (a file
+        added by the save is found), the others' stay (invalidating every cache costs a millisecond
+        with TensorFlow imported)."""
+        for folder, finder in list(sys.path_importer_cache.items()):
+            if finder is not None and (folder + os.sep).startswith(self.dirs + (str(self.root) + os.sep,)):
+                finder.invalidate_caches()
 
     def restore(self, old: Code) -> None:
         """Put `old` back, dropping whatever a failed import left: the old code keeps serving."""

@@ -179,7 +179,7 @@ class Reloader:
         live = self.live
         current = live.serving
         try:
-            bundle = read_bundle(live.bundle.path)
+            bundle = self._bundle(live.bundle)
         except BundleError as exc:
             return ReloadEvent(current.version, "failed", ["config.yaml"], error=str(exc), location=exc.location, exception=exc)
         model_rel = str(bundle.model_file.relative_to(bundle.path))
@@ -222,6 +222,16 @@ class Reloader:
             return ReloadEvent(current.version, "failed", names, error=str(err), location=err.location, exception=_without_frames(err))
         self.snapshot = new_snapshot
         return ReloadEvent(live.version, kind, names + reasons or ["forced"])
+
+    def _bundle(self, serving: Bundle) -> Bundle:
+        """The folder read again - unless config.yaml and the examples are as they were, when the
+        serving bundle still says it all (parsing YAML is a millisecond of every save)."""
+        files = (serving.config_path, serving.examples_path)
+        now = tuple(p.read_bytes() if p.is_file() else None for p in files)
+        if now != getattr(self, "_read", None):
+            serving = read_bundle(serving.path)
+            self._read = now
+        return serving
 
     def _without_model_writes(self, d: Diff, new: Snapshot) -> Diff:
         """`d` without the data/ files the model itself wrote (their mtime falls while its code ran:

@@ -81,7 +81,7 @@ def _rebind(live: Any, bundle: Bundle, version: int, old: Any) -> wrapper.Servin
         model_cls = wrapper.model_class(bundle, module)
         methods = wrapper.ModelMethods.check(bundle, model_cls)
         _, full = carry.carry_version(old, new)
-        full += threads_on_changed_code(old, new)
+        full += threads_on_changed_code(old, new) + held_changed_code(current.instance, old, new)
         if full:
             raise NeedsFullReload(full)
         move_held = carry.reclass_held(current.instance, old, new)
@@ -117,6 +117,22 @@ def threads_on_changed_code(old: Any, new: Any) -> list[str]:
                     found.append(f"thread {names.get(ident, ident)!r} runs {qualname} ({where}), which changed")
                     break
             frame = frame.f_back
+    return found
+
+
+def held_changed_code(instance: Any, old: Any, new: Any) -> list[str]:
+    """Functions of the truss the model holds as attributes (`self.fn = self._forward`, a callback
+    `load()` stored) whose code the save changed: a swap would leave them calling the old code."""
+    files = {getattr(m, "__file__", None): name for name, m in old.modules.items()}
+    found = []
+    for attr, value in list(getattr(instance, "__dict__", {}).items()):
+        fn = getattr(value, "__func__", value)
+        code = getattr(fn, "__code__", None)
+        name = files.get(getattr(code, "co_filename", None))
+        if name is None or name not in old.compiled or name not in new.compiled:
+            continue
+        if _def_digest(old.compiled[name], code.co_qualname) != _def_digest(new.compiled[name], code.co_qualname):
+            found.append(f"self.{attr} holds {code.co_qualname}, which changed")
     return found
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import json
+import os
+import socket
 from typing import Any
 
 from .errors import STAGE_ERRORS, LoadError, ModelError, TrussLabError, describe
@@ -107,3 +109,41 @@ def error_from_state(state: dict, trace: Any = None) -> BaseException:
 def bare_trace(trace: Any) -> Any:
     """A Trace without what only its process can use (the profiler of a profiled request)."""
     return dataclasses.replace(trace, profiler=None) if getattr(trace, "profiler", None) is not None else trace
+
+
+# ------------------------------------------------------------------------------ the connection
+
+BUFFER = 1 << 20  # a socket buffer of 1 MB each way: a 4 MB array crosses in a few system calls, not dozens
+
+
+def dial(path: str, key: bytes) -> Any:
+    """A connection to the worker listening at `path`, authenticated with `key` (as
+    multiprocessing.connection.Client makes one, with wider socket buffers)."""
+    from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        _widen(s)
+        s.connect(path)
+    except BaseException:
+        s.close()
+        raise
+    conn = Connection(s.detach())
+    answer_challenge(conn, key)
+    deliver_challenge(conn, key)
+    return conn
+
+
+def widen(conn: Any) -> Any:
+    """The same socket buffers for a connection the worker accepted."""
+    s = socket.socket(fileno=os.dup(conn.fileno()))
+    try:
+        _widen(s)
+    finally:
+        s.close()
+    return conn
+
+
+def _widen(s: socket.socket) -> None:
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        s.setsockopt(socket.SOL_SOCKET, option, BUFFER)

@@ -15,6 +15,7 @@ line with its exit code or signal; the kernel never waits on a dead one; it neve
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import shutil
@@ -25,7 +26,6 @@ import tempfile
 import threading
 import time
 import warnings
-from multiprocessing.connection import Client
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -34,7 +34,7 @@ from .bundle import read_bundle
 from .errors import TrussLabError
 from .runner import DEFAULT_TRACE_CAPACITY
 from .trace import Result
-from .wire import decode, error_from_state
+from .wire import decode, dial, error_from_state
 
 
 class WorkerDied(TrussLabError):
@@ -70,7 +70,9 @@ class WorkerModel:
         self._socket = os.path.join(self._dir, "s")
         self._key = os.urandom(32)
         self._local = threading.local()
-        self._proc = subprocess.Popen([sys.executable, "-m", "truss_lab.worker_process"], stdin=subprocess.PIPE)
+        # a session of its own: the worker and what it starts are one process group, ended together
+        self._proc = subprocess.Popen([sys.executable, "-m", "truss_lab.worker_process"], stdin=subprocess.PIPE,
+                                      start_new_session=True)
         opts = {"socket": self._socket, "authkey": self._key, "path": str(self.path), "load": self._load,
                 "parent": os.getpid(), "chainlet": self._chainlet, "env": self._env}
         try:
@@ -99,17 +101,15 @@ class WorkerModel:
             if self._proc.poll() is not None:
                 raise self._death()
             try:
-                return Client(self._socket, family="AF_UNIX", authkey=self._key)
+                return dial(self._socket, self._key)
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > deadline:
                     raise TrussLabError(f"{self.path}: its worker process did not start within 60 s") from None
                 time.sleep(0.01)
 
     def _recv(self, conn: Any) -> Any:
-        """A message from the worker, watching the process: its death is an error, never a hang."""
-        while not conn.poll(0.2):
-            if self._proc.poll() is not None and not conn.poll(0):
-                raise self._death()
+        """A message from the worker: its death is end-of-file here (the worker's forked children close
+        its connections), so an error, never a hang."""
         try:
             return conn.recv()
         except (EOFError, OSError):
@@ -120,6 +120,9 @@ class WorkerModel:
             code = self._proc.wait(5)
         except subprocess.TimeoutExpired:
             code = None
+        if code is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)  # what it started (a pool) goes with it
         if code is None:
             how = "stopped answering"
         elif code < 0:
@@ -144,9 +147,13 @@ class WorkerModel:
         try:
             conn.send((op, args, kwargs))
             reply = self._recv(conn)
+            if reply[0] == "ok" and op == "run" and reply[1]["output"] is not None:
+                reply[1]["output"] = conn.recv_bytes()  # the output's own frame: no pickle around it
         except BaseException:  # an interrupted call leaves its reply unread: this connection is done
             self._local.conn = None
             conn.close()
+            if isinstance(sys.exc_info()[1], (EOFError, OSError)):
+                raise self._death() from None
             raise
         if reply[0] == "err":
             raise error_from_state(reply[1])
@@ -178,8 +185,11 @@ class WorkerModel:
                     warnings.warn(f"truss_lab {kind} callback {callback!r} raised {exc}", RuntimeWarning)
 
     def _kill(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.kill()
+        """The worker and whatever it started (a pool its model left running): its process group."""
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self._proc.wait()
         shutil.rmtree(self._dir, ignore_errors=True)
 

@@ -16,11 +16,12 @@ import pickle
 import signal
 import sys
 import threading
+import weakref
 from multiprocessing.connection import Listener
 from typing import Any
 
 from .errors import PostprocessError, TrussLabError
-from .wire import NotSendable, bare_trace, encode, error_state
+from .wire import NotSendable, bare_trace, encode, error_state, widen
 
 # what the kernel may call on the model by name (the rest of the API is built from these in worker.py)
 CALLS = frozenset({
@@ -102,16 +103,22 @@ class Worker:
                     reply = ("ok", self._answer(op, args, kwargs))
                 except BaseException as exc:  # the kernel gets it as one line with its stage
                     reply = ("err", error_state(exc if isinstance(exc, TrussLabError) else _wrapped(exc)))
+                payload = None
+                if op == "run" and reply[0] == "ok" and reply[1]["output"] is not None:
+                    payload, reply[1]["output"] = reply[1]["output"], len(reply[1]["output"])
                 try:
                     conn.send(reply)
                 except (pickle.PicklingError, TypeError, AttributeError) as exc:
                     conn.send(("err", error_state(TrussLabError(f"{op}: its answer cannot cross to the kernel ({exc})"))))
+                    continue
+                if payload is not None:
+                    conn.send_bytes(payload)
         finally:
             conn.close()
 
     def _answer(self, op: str, args: tuple, kwargs: dict) -> Any:
         live = self.live
-        if op == "run":
+        if op == "run":  # the output follows in a frame of its own (serve() sends it)
             return result_state(live.run(args[0], method=kwargs.get("method", "predict")))
         if op == "call" and args[0] in CALLS:
             value = getattr(live, args[0])(*args[1:], **kwargs)
@@ -187,31 +194,70 @@ def _wrapped(exc: BaseException) -> TrussLabError:
     return err
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel's death kills this process, whatever killed the kernel."""
-    try:
-        import ctypes
+class _Connections:
+    """The kernel's connections to this process, so that a child it forks (a fork process pool in
+    load()) closes them: the kernel sees this process's death as end-of-file, whatever it forked."""
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    def __init__(self) -> None:
+        self.open: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+    def add(self, conn: Any) -> None:
+        self.open.add(conn)
+
+
+_CONNECTIONS = _Connections()
+
+
+def _close_in_child(listener: Any) -> None:
+    """In a forked child: this process's sockets closed through their objects (so that nothing closes
+    their file descriptors again once the child reuses the numbers), the socket file left in place."""
+    for conn in list(_CONNECTIONS.open):
+        try:
+            conn.close()
+        except OSError:
+            pass
+    try:
+        listener._listener._socket.close()
     except (OSError, AttributeError):
         pass
 
 
-def _exit_when_parent_goes(parent: int) -> None:
+def _end_all(*_: Any) -> None:
+    """This process and every process it started (its process group: the kernel starts it in a session
+    of its own), at once: a pool the model left running never outlives it."""
+    os.killpg(0, signal.SIGKILL)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel's death ends this process and its children, whatever killed the kernel (the
+    parent-death signal is SIGTERM, whose handler ends the process group)."""
+    signal.signal(signal.SIGTERM, _end_all)
     try:
-        while sys.stdin.buffer.read(1):
-            pass
-    except (OSError, ValueError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
         pass
-    os._exit(0)  # end-of-file: the kernel is gone
+
+
+def _exit_when_parent_goes(fd: int) -> None:
+    """Read stdin's pipe to its end - the kernel gone - and end. With os.read on a file descriptor of
+    its own: a thread blocked in sys.stdin's reader holds its lock, and a child forked meanwhile (a fork
+    pool) would deadlock when multiprocessing closes its stdin."""
+    try:
+        while os.read(fd, 64):
+            pass
+    except OSError:
+        pass
+    _end_all()
 
 
 def main() -> None:
     opts = pickle.load(sys.stdin.buffer)
     _die_with_parent()
     if os.getppid() != opts["parent"]:  # the kernel died before the line above took effect
-        os._exit(0)
-    threading.Thread(target=_exit_when_parent_goes, args=(opts["parent"],), name="truss-lab-parent", daemon=True).start()
+        _end_all()
+    threading.Thread(target=_exit_when_parent_goes, args=(os.dup(0),), name="truss-lab-parent", daemon=True).start()
     os.environ.update(opts.get("env") or {})
     import warnings
 
@@ -221,7 +267,9 @@ def main() -> None:
     for quiet in (OutputWarning, LockMisuseWarning):  # the kernel gives them, from each request's trace
         warnings.filterwarnings("ignore", category=quiet)
     listener = Listener(opts["socket"], family="AF_UNIX", authkey=opts["authkey"])
+    os.register_at_fork(after_in_child=lambda: _close_in_child(listener))
     control = listener.accept()
+    _CONNECTIONS.add(control)
     from .errors import describe
     from .live import LiveModel
     from .bundle import read_bundle
@@ -253,7 +301,8 @@ def main() -> None:
                 conn = listener.accept()
             except (OSError, EOFError):
                 continue
-            threading.Thread(target=worker.serve, args=(conn,), name="truss-lab-conn", daemon=True).start()
+            _CONNECTIONS.add(conn)
+            threading.Thread(target=worker.serve, args=(widen(conn),), name="truss-lab-conn", daemon=True).start()
 
     threading.Thread(target=accept, name="truss-lab-accept", daemon=True).start()
     try:

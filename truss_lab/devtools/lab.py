@@ -1,6 +1,7 @@
 """`make lab`: JupyterLab on the project's example notebooks, bound to 127.0.0.1, the example truss preloaded.
 
-Every kernel this JupyterLab starts has `digits` (examples/digits, a LiveModel watching for edits)
+Every kernel this JupyterLab starts has `digits` (examples/digits, a LiveModel watching for edits, in a
+worker process: the kernel itself stays free for the truss you load)
 in its namespace, through an IPython profile under `.lab/` (not your own ~/.ipython); JupyterLab's
 settings there turn off its news prompt, so the lab opens with nothing to dismiss. The notebooks
 load what they need themselves, so they also run in any other Jupyter. JupyterLab prints the URL
@@ -22,7 +23,7 @@ KERNEL_CONFIG = """\
 c = get_config()  # noqa: F821
 c.InteractiveShellApp.exec_lines = [
     "import truss_lab as _truss_lab",
-    "{var} = _truss_lab.load({path!r})",
+    "{var} = _truss_lab.load({path!r}, process='worker')  # this kernel stays free for the truss you load",
     "{var}.watch()",
     "del _truss_lab",
 ]

@@ -197,6 +197,36 @@ def test_failure_keeps_old_code_and_next_good_save_recovers(model, name, breakit
     assert tr.predict(1).output["label"] == "ok:1"
 
 
+def test_a_config_edit_whose_reload_failed_is_applied_by_the_next_reload(live):
+    """The reload that read the new config.yaml failed (load() raised for another reason); the next
+    one, with config.yaml as it is, must build with it - not with the config the model still serves."""
+    tr = live("""
+    from pathlib import Path
+
+
+    class Model:
+        def __init__(self, config, data_dir, **kwargs):
+            self.k = config["model_metadata"]["k"]
+            self.data_dir = data_dir
+
+        def load(self):
+            if (self.data_dir / "broken").exists():
+                raise RuntimeError("the weights are being copied")
+
+        def predict(self, x):
+            return x * self.k
+    """, config={"model_metadata": {"k": 1}})
+    config = tr.path / "config.yaml"
+    assert tr.predict(3).output == 3
+    (tr.path / "data" / "broken").write_text("")
+    config.write_text(config.read_text().replace("k: 1", "k: 2"))
+    assert tr.reload().kind == "failed"
+    (tr.path / "data" / "broken").unlink()
+    event = tr.reload()
+    assert event.kind == "full", event
+    assert tr.predict(3).output == 6
+
+
 def test_helper_modules_in_model_folder_and_packages(live):
     tr = live(
         """

@@ -224,14 +224,17 @@ class Reloader:
         return ReloadEvent(live.version, kind, names + reasons or ["forced"])
 
     def _bundle(self, serving: Bundle) -> Bundle:
-        """The folder read again - unless config.yaml and the examples are as they were, when the
-        serving bundle still says it all (parsing YAML is a millisecond of every save)."""
+        """The folder read again - unless config.yaml and the examples are as they were when it was
+        last read (parsing YAML is a millisecond of every save). That read's bundle, not the serving
+        one: a reload that failed read a config the model does not serve yet."""
         files = (serving.config_path, serving.examples_path)
         now = tuple(p.read_bytes() if p.is_file() else None for p in files)
-        if now != getattr(self, "_read", None):
-            serving = read_bundle(serving.path)
-            self._read = now
-        return serving
+        read = getattr(self, "_read", None)
+        if read is not None and read[0] == now:
+            return read[1]
+        bundle = read_bundle(serving.path)
+        self._read = (now, bundle)
+        return bundle
 
     def _without_model_writes(self, d: Diff, new: Snapshot) -> Diff:
         """`d` without the data/ files the model itself wrote (their mtime falls while its code ran:

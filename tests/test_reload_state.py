@@ -122,8 +122,8 @@ def test_what_import_builds_comes_from_the_new_import(tmp_path):
         assert event.kind == "methods", event
         assert tr.predict("a").output == {**expected, "v": 2, "greet": "hi a", "plugin": "A!"}
         (root / "model" / "labels.json").write_text('["cat", "dog", "bird"]')  # a file model.py reads at import
-        event = tr.reload()
-        assert event.kind == "methods" and "model/labels.json" in event.changed, event
+        event = tr.reload()  # read at import or by load(): either way, both run again
+        assert event.kind == "full" and "model/labels.json" in event.changed, event
         assert tr.predict("a").output["labels"] == ["cat", "dog", "bird"]
         save(mf, 'return f"hi {x}"', 'return f"hey {x}"')  # a later swap keeps the new labels
         assert tr.reload().kind == "methods"
@@ -321,3 +321,152 @@ def test_a_function_the_model_holds_whose_code_changed_makes_the_reload_full(tmp
         event = tr.reload()
         assert event.kind == "full" and any("self.forward holds Model._forward" in c for c in event.changed), event
         assert tr.predict(1).output == 3  # never the old code through the stored method
+
+
+# ------------------------------------------------------------------ what the model holds, wherever it holds it
+
+FEATURES = """
+import enum
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+
+
+class Mode(enum.Enum):
+    FAST = 1
+    SLOW = 2
+
+
+class Scale(BaseEstimator, TransformerMixin):
+    def __init__(self, k=2.0):
+        self.k = k
+
+    def fit(self, X, y=None):
+        self.n_features_in_ = np.asarray(X).shape[1]
+        return self
+
+    def transform(self, X):
+        return np.asarray(X, dtype=float) * self.k
+
+
+class Cache:
+    def __init__(self):
+        self.hits = 0
+
+    def lookup(self, key):
+        self.hits += 1
+        return f"v1:{key}"
+"""
+
+HOLDS = """
+import pickle
+
+from sklearn.pipeline import Pipeline
+
+from model.features import Cache, Mode, Scale
+
+CACHES = {}  # a module-level cache load() fills, as many models keep one
+
+
+class Model:
+    def load(self):
+        CACHES["main"] = Cache()
+        self.mode = Mode.SLOW  # an Enum member held by the model
+        self.modes = {Mode.FAST: "fast", Mode.SLOW: "slow"}
+        blob = pickle.dumps(Pipeline([("scale", Scale(3.0))]).fit([[0.0]]))  # a pickled artifact, as real models ship them
+        self.pipe = pickle.loads(blob)
+
+    def predict(self, x):
+        return {
+            "cache": CACHES["main"].lookup(x),
+            "hits": CACHES["main"].hits,
+            "mode": self.mode is Mode.SLOW and self.modes[Mode.SLOW] == "slow",
+            "scaled": self.pipe.transform([[x]]).tolist(),
+        }
+"""
+
+
+def test_objects_held_by_module_caches_and_library_containers_and_enum_members_move_to_the_new_code(tmp_path):
+    pytest.importorskip("sklearn")
+    root = write_truss(tmp_path / "holds", HOLDS, files={"model/features.py": FEATURES})
+    features = root / "model" / "features.py"
+    with truss_lab.load(root) as tr:
+        assert tr.predict(1).output == {"cache": "v1:1", "hits": 1, "mode": True, "scaled": [[3.0]]}
+        pipe, cache = tr.model.pipe, tr.model.modes
+        save(features, 'return f"v1:{key}"', 'return f"v2:{key}"')  # the cached object's method
+        save(features, "return np.asarray(X, dtype=float) * self.k", "return np.asarray(X, dtype=float) * self.k + 1")  # inside the Pipeline
+        save(features, "    SLOW = 2\n", "    SLOW = 2\n    OFF = 3\n")  # a new Enum class
+        event = tr.reload()
+        assert event.kind == "methods", event
+        out = tr.predict(1).output
+        assert out == {"cache": "v2:1", "hits": 2, "mode": True, "scaled": [[4.0]]}, out  # state kept, new code everywhere
+        assert tr.model.pipe is pipe and tr.model.modes is cache
+
+
+def test_an_enum_member_held_where_it_cannot_be_replaced_makes_the_reload_full(tmp_path):
+    model = """
+    import enum
+
+
+    class Mode(enum.Enum):
+        FAST = 1
+
+
+    class Model:
+        def load(self):
+            self.modes = (Mode.FAST,)  # a tuple: no slot to put the new member in
+
+        def predict(self, x):
+            return self.modes[0] is Mode.FAST
+    """
+    root = write_truss(tmp_path / "tup", model)
+    with truss_lab.load(root) as tr:
+        assert tr.predict(None).output is True
+        save(root / "model" / "model.py", "FAST = 1", "FAST = 1\n    SLOW = 2")
+        event = tr.reload()
+        assert event.kind == "full" and any("tuple holds Mode.FAST" in c for c in event.changed), event
+        assert tr.predict(None).output is True
+
+
+LOKY_SWAP = """
+from joblib import Parallel, delayed
+
+from model.items import square
+
+
+class Model:
+    def predict(self, xs):
+        return Parallel(n_jobs=2)(delayed(square)(x) for x in xs)
+"""
+
+
+def test_a_reload_reaches_joblibs_reused_workers_and_a_held_process_pool_rebuilds(tmp_path):
+    pytest.importorskip("joblib")
+    items = "def square(x):\n    return x * x\n"
+    root = write_truss(tmp_path / "loky", LOKY_SWAP, files={"model/items.py": items})
+    with truss_lab.load(root) as tr:
+        assert tr.predict([2, 3]).output == [4, 9]  # loky's workers start and import model.items
+        save(root / "model" / "items.py", "x * x", "x * x * x")
+        assert tr.reload().kind == "methods"
+        assert tr.predict([2, 3]).output == [8, 27]  # not the old square a reused worker imported
+    pooled = """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from model.items import square
+
+
+    class Model:
+        def load(self):
+            self.pool = ProcessPoolExecutor(1)
+
+        def predict(self, xs):
+            return list(self.pool.map(square, xs))
+    """
+    root = write_truss(tmp_path / "pool", pooled, files={"model/items.py": items})
+    with truss_lab.load(root) as tr:
+        assert tr.predict([2]).output == [4]
+        save(root / "model" / "items.py", "x * x", "x + 100")
+        event = tr.reload()
+        assert event.kind == "full" and any("self.pool is a process pool" in c for c in event.changed), event
+        assert tr.predict([2]).output == [102]
+        tr.model.pool.shutdown()

@@ -19,14 +19,12 @@ The rules, first match wins (like IPython autoreload's update table):
 
 from __future__ import annotations
 
-import ast
-import functools
 import hashlib
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .statements import FileKeys, Statements, parsed
+from .statements import FileKeys, Statements
 
 NEW, CARRY, FULL = "new", "carry", "full"
 
@@ -227,12 +225,13 @@ def _is_data(value: Any) -> bool:
 class Plan:
     carried: list[str]  # "model.model:CACHE", ...
     full: list[str]  # why a method swap cannot keep the state: a full reload's reasons
+    roots: list[tuple[str, Any, Any, str]] = field(default_factory=list)  # (where, value, new module dict or class, name): held.py looks inside
 
 
 def plan(old_module: types.ModuleType, new_module: types.ModuleType, old_state: ImportState,
          old_statements: Statements, new_statements: Statements) -> Plan:
     """Apply the rules to every name of one module (and of the classes it defines); carry what they say."""
-    carried, full = [], []
+    carried, full, roots = [], [], []
     module = old_module.__name__
     star = "*" in old_statements.code or "*" in new_statements.code  # `from x import *`: names no statement shows
     for name, value in list(vars(old_module).items()):
@@ -247,17 +246,19 @@ def plan(old_module: types.ModuleType, new_module: types.ModuleType, old_state: 
         if outcome == CARRY:
             setattr(new_module, name, value)
             carried.append(f"{module}:{name}")
+            roots.append((f"{module}.{name}", value, vars(new_module), name))
         elif outcome == FULL:
             full.append(f"{module}.{name}: {why}")
         if isinstance(value, type) and value.__module__ == module and name in old_statements.code:
             new_cls = vars(new_module).get(name)
             if isinstance(new_cls, type) and new_cls is not value:
-                _plan_class(value, new_cls, f"{name}", module, old_state, old_statements, new_statements, carried, full)
-    return Plan(carried, full)
+                _plan_class(value, new_cls, f"{name}", module, old_state, old_statements, new_statements, carried, full, roots)
+    return Plan(carried, full, roots)
 
 
 def _plan_class(old_cls: type, new_cls: type, cls_name: str, module: str, old_state: ImportState,
-                old_statements: Statements, new_statements: Statements, carried: list[str], full: list[str]) -> None:
+                old_statements: Statements, new_statements: Statements, carried: list[str], full: list[str],
+                roots: list[tuple[str, Any, Any, str]]) -> None:
     for attr, value in list(vars(old_cls).items()):
         if _is_dunder(attr) or not _is_data(value):
             continue
@@ -272,6 +273,7 @@ def _plan_class(old_cls: type, new_cls: type, cls_name: str, module: str, old_st
             try:
                 setattr(new_cls, attr, value)
                 carried.append(f"{module}:{qual}")
+                roots.append((f"{module}.{qual}", value, new_cls, attr))
             except (AttributeError, TypeError):
                 pass
         elif outcome == FULL:
@@ -281,11 +283,10 @@ def _plan_class(old_cls: type, new_cls: type, cls_name: str, module: str, old_st
 # ------------------------------------------------------------------------------ a whole version
 
 
-def carry_version(old: Any, new: Any) -> tuple[list[str], list[str]]:
-    """Carry run-time state from every module of `old` (a loader.Version) that `new` has too, by the
-    rules. Returns (what was carried, why a full reload is needed instead - empty if it is not)."""
-    carried: list[str] = []
-    full: list[str] = []
+def carry_version(old: Any, new: Any) -> Plan:
+    """Carry run-time state from every module of `old` (a loader.Code) that `new` has too, by the
+    rules: what was carried, and why a full reload is needed instead (empty if it is not)."""
+    total = Plan([], [], [])
     old_keys = FileKeys(old.source_of, old.package_of)
     new_keys = FileKeys(new.source_of, new.package_of)
     for name, old_module in list(old.modules.items()):
@@ -299,130 +300,7 @@ def carry_version(old: Any, new: Any) -> tuple[list[str], list[str]]:
         except SyntaxError:
             continue
         p = plan(old_module, new_module, old.import_state[name], before, after)
-        carried += p.carried
-        full += p.full
-    return carried, full
-
-
-# ------------------------------------------------------------------------------ objects the model holds
-
-STATE_BUILDERS = ("__init__", "__new__", "__post_init__", "__setstate__")
-MAX_HELD = 2_000  # objects looked at per reload (attributes, one level of containers, followed through)
-
-
-def reclass_held(instance: Any, old: Any, new: Any) -> Callable[[], list[str]]:
-    """Objects the model holds (`self.tok = Tokenizer()` in load(), followed through their own
-    attributes) whose class a truss module of `old` defines: after a method swap they answer with the
-    new version's class, in place (identity kept: a thread or cache holding one sees it too).
-
-    Raises NeedsFullReload when such an object's state was built by code that changed (its class's
-    __init__ / __new__ / __post_init__ / __setstate__, its fields, its bases), or its class is gone.
-    Returns `apply`, which swaps the classes (undoing them all if one refuses) and says what it moved."""
-    moves: list[tuple[Any, type, str]] = []
-    full: list[str] = []
-    seen: set[int] = set()
-    budget = [MAX_HELD]
-    decided: dict[type, tuple[type | None, str | None]] = {}
-
-    def visit(obj: Any, path: str, depth: int) -> None:
-        if id(obj) in seen or budget[0] <= 0 or depth > MAX_DEPTH:
-            return
-        seen.add(id(obj))
-        budget[0] -= 1
-        if isinstance(obj, (list, tuple, set, frozenset)) and depth:
-            for i, item in enumerate(list(obj)[:100]):
-                visit(item, f"{path}[{i}]", depth + 1)
-            return
-        if isinstance(obj, dict) and depth:
-            for k, item in list(obj.items())[:100]:
-                visit(item, f"{path}[{k!r}]", depth + 1)
-            return
-        cls = type(obj)
-        if cls not in decided:
-            decided[cls] = _new_class(cls, old, new)
-        target, why = decided[cls]
-        if why is not None:
-            full.append(f"{path} ({cls.__module__}.{cls.__qualname__}): {why}")
-            return
-        if target is None and depth:
-            return  # not a truss class: its attributes are not the truss's to follow
-        if target is not None:
-            moves.append((obj, target, path))
-        fields = getattr(obj, "__dict__", None)
-        if isinstance(fields, dict):
-            for name, value in list(fields.items()):
-                if not isinstance(value, _CODE_TYPES) and type(value) not in _SCALARS:
-                    visit(value, f"{path}.{name}", depth + 1)
-
-    visit(instance, "self", 0)
-    moves = [m for m in moves if m[2] != "self"]  # the model itself: swap.py swaps its class
-    if full:
-        raise NeedsFullReload(full)
-
-    def apply() -> list[str]:
-        done: list[tuple[Any, type]] = []
-        for obj, target, path in moves:
-            try:
-                done.append((obj, type(obj)))
-                object.__setattr__(obj, "__class__", target)
-            except (TypeError, AttributeError) as exc:
-                done.pop()
-                for o, cls in reversed(done):
-                    object.__setattr__(o, "__class__", cls)
-                raise NeedsFullReload([f"{path}: cannot move it to the new {target.__qualname__} ({exc})"]) from None
-        return [f"{path} -> {t.__module__}.{t.__qualname__}" for _, t, path in moves]
-
-    return apply
-
-
-def _new_class(cls: type, old: Any, new: Any) -> tuple[type | None, str | None]:
-    """(the new version's class for an old version's `cls`, or None if `cls` is no truss class of
-    `old`; why a full reload is needed instead, or None)."""
-    module = old.modules.get(cls.__module__)
-    if module is None or _resolve(module, cls.__qualname__) is not cls:
-        return None, None
-    new_module = new.modules.get(cls.__module__)
-    target = _resolve(new_module, cls.__qualname__) if new_module is not None else None
-    if not isinstance(target, type):
-        return None, f"its class is gone from {cls.__module__}"
-    changed = []
-    for base in cls.__mro__:
-        if base.__module__ in old.modules and base.__module__ in old.compiled and base.__module__ in new.compiled:
-            a = _builders(old.compiled[base.__module__], base.__qualname__)
-            b = _builders(new.compiled[base.__module__], base.__qualname__)
-            changed += [f"{base.__qualname__}.{k}" if not k.startswith("<") else f"{base.__qualname__} {k[1:-1]}"
-                        for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    if changed:
-        return target, f"built by code that changed ({', '.join(changed)})"
-    return target, None
-
-
-def _resolve(module: Any, qualname: str) -> Any:
-    obj = module
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-@functools.lru_cache(maxsize=256)
-def _builders(source: bytes, qualname: str) -> dict[str, str]:
-    """What builds an instance's state in class `qualname` of `source`: its state-building methods,
-    its fields (annotated class-level names: dataclasses, pydantic), its bases and decorators."""
-    body: list[ast.stmt] = parsed(source).body
-    node: ast.ClassDef | None = None
-    for part in qualname.split("."):
-        node = next((s for s in body if isinstance(s, ast.ClassDef) and s.name == part), None)
-        if node is None:
-            return {"<missing>": ""}
-        body = node.body
-    assert node is not None
-    out = {"<bases>": "|".join(ast.dump(e) for e in [*node.bases, *node.keywords, *node.decorator_list])}
-    fields = [s for s in node.body if isinstance(s, ast.AnnAssign)]
-    if fields:
-        out["<fields>"] = "|".join(ast.dump(s) for s in fields)
-    for stmt in node.body:
-        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name in STATE_BUILDERS:
-            out[stmt.name] = ast.dump(stmt)
-    return out
+        total.carried += p.carried
+        total.full += p.full
+        total.roots += p.roots
+    return total

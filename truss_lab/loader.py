@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import carry
+from . import carry, held
 from .bundle import Bundle
 from .errors import LoadError, TrussLabError
 
@@ -89,6 +89,7 @@ class Code:
     modules: dict[str, types.ModuleType]
     compiled: dict[str, bytes] = field(default_factory=dict)  # module name -> the source its body ran
     import_state: dict[str, carry.ImportState] = field(default_factory=dict)  # module name -> values right after import
+    baseline: "held.Baseline | None" = None  # its classes' reference counts right after the import (held.py)
 
     def source_of(self, name: str) -> bytes | None:
         if name in self.compiled:
@@ -119,8 +120,15 @@ class TrussLoader(importlib.machinery.SourceFileLoader):
         return compile(source, self.path, "exec", dont_inherit=True)
 
     def exec_module(self, module):
-        super().exec_module(module)
+        nesting = self.resident._nesting
+        nesting.depth = getattr(nesting, "depth", 0) + 1
+        try:
+            super().exec_module(module)
+        finally:
+            nesting.depth -= 1
         self.resident._record(module.__name__, getattr(self, "_source", b""), module)
+        if nesting.depth == 0:  # the outermost import is done: nothing built at run time exists yet
+            self.resident.baseline = held.Baseline.take(self.resident.code().modules)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -179,6 +187,8 @@ class Resident:
         self.known: set[str] = set()  # every name the truss's code was imported under (what a reload looks at)
         self.sources: dict[str, bytes] = {}  # resolved path -> the bytes the serving version imports (snapshot.Snapshot)
         self.before_import: list[Callable[[], None]] = []  # what forgets the last import's registrations (a chainlet's)
+        self.baseline: held.Baseline | None = None  # after the latest import: what held.py compares reference counts to
+        self._nesting = threading.local()  # how deep in the truss's imports each thread is
         self._finder = _Finder(self)
         self.env = EnvironmentVariables()
         sys.meta_path.insert(0, self._finder)
@@ -225,7 +235,7 @@ class Resident:
             record = self._records.get(name)
             if record is not None and record[2] == id(module):
                 compiled[name], state[name] = record[0], record[1]
-        return Code(modules, compiled, state)
+        return Code(modules, compiled, state, self.baseline)
 
     def evict(self, everywhere: bool = False) -> Code:
         """Take the truss's modules out of sys.modules (Truss's hot_reload does this for model/; here
@@ -251,6 +261,7 @@ class Resident:
             if module is not None and self._is_ours(module) and old.modules.get(name) is not module:
                 del sys.modules[name]
         sys.modules.update(old.modules)
+        self.baseline = old.baseline
         for name, module in old.modules.items():
             if name in old.compiled:
                 self._records[name] = (old.compiled[name], old.import_state[name], id(module))
@@ -297,6 +308,7 @@ class Resident:
         self.evict(everywhere=True)
         self._records.clear()
         self.known.clear()
+        self.baseline = None
         with _resident_lock:
             if _resident is self:
                 _resident = None

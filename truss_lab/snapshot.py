@@ -104,7 +104,7 @@ class Snapshot:
             for p in sorted(folder.rglob("*")):
                 if _ignored(p) or not p.is_file():
                     continue
-                if p.suffix != ".py":  # a label file read at import is code's input: an edit reloads
+                if p.suffix != ".py":  # a label file read at import or by load(): an edit reloads fully
                     st = p.stat()
                     assets[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
                     continue
@@ -136,15 +136,16 @@ class Diff:
     methods: list[str]  # model class methods changed/added/removed
     module_level: bool  # model.py changed outside the model class
     state_builders: list[str] = field(default_factory=list)  # e.g. "Base.load", "dataclass fields": need a full reload
+    assets: list[str] = field(default_factory=list)  # other files under model/ and packages/: read at import or by load()
 
     @property
     def needs_full(self) -> bool:
-        return (self.config or bool(self.data) or any(m in FULL_RELOAD_METHODS for m in self.methods)
+        return (self.config or bool(self.data) or bool(self.assets) or any(m in FULL_RELOAD_METHODS for m in self.methods)
                 or bool(self.state_builders))
 
     @property
     def any(self) -> bool:
-        return self.config or bool(self.data) or bool(self.files)
+        return self.config or bool(self.data) or bool(self.files) or bool(self.assets)
 
     def names(self, model_rel: str) -> list[str]:
         out = ["config.yaml"] if self.config else []
@@ -154,7 +155,7 @@ class Diff:
         if self.module_level:
             out.append("module-level code")
         out += [f for f in self.files if f != model_rel]
-        return out
+        return out + self.assets
 
 
 def diff(old: Snapshot, new: Snapshot, model_rel: str) -> Diff:
@@ -163,7 +164,7 @@ def diff(old: Snapshot, new: Snapshot, model_rel: str) -> Diff:
         return snapshot.py[rel].module if rel in snapshot.py else None
 
     files = sorted(k for k in set(old.py) | set(new.py) if module_fp(old, k) != module_fp(new, k))
-    files += sorted(k for k in set(old.assets) | set(new.assets) if old.assets.get(k) != new.assets.get(k))
+    assets = sorted(k for k in set(old.assets) | set(new.assets) if old.assets.get(k) != new.assets.get(k))
     methods: list[str] = []
     module_level = False
     if model_rel in files and model_rel in old.py and model_rel in new.py:
@@ -174,7 +175,7 @@ def diff(old: Snapshot, new: Snapshot, model_rel: str) -> Diff:
             module_level = True  # class attributes (constants) count as code around the methods
         module_level = module_level or old.py[model_rel].outside_class != new.py[model_rel].outside_class
     return Diff(config=old.config != new.config, data=data, files=files, methods=methods, module_level=module_level,
-                state_builders=_state_builders(old, new, model_rel))
+                state_builders=_state_builders(old, new, model_rel), assets=assets)
 
 
 def _state_builders(old: Snapshot, new: Snapshot, model_rel: str) -> list[str]:

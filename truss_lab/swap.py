@@ -18,17 +18,14 @@ gate (no request in flight, none starting), and:
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from . import carry, owned, wrapper
+from . import carry, held, owned, wrapper
 from .bundle import Bundle
 from .carry import NeedsFullReload
-from .statements import parsed
 
 
 def apply(live: Any, bundle: Bundle, full: bool, sources: dict[str, bytes], bump: bool = True) -> tuple[str, list[str]]:
@@ -59,6 +56,7 @@ def apply(live: Any, bundle: Bundle, full: bool, sources: dict[str, bytes], bump
         current.code.imported.reinstate()
         raise
     live._switch(serving, bundle)
+    held.shut_down_loky()  # joblib's reused workers imported the old code: the next call starts new ones
     if kind == "full":
         current.code.imported.drop()
         current.code.loaded.drop()
@@ -80,12 +78,11 @@ def _rebind(live: Any, bundle: Bundle, version: int, old: Any) -> wrapper.Servin
         new = live.resident.code()
         model_cls = wrapper.model_class(bundle, module)
         methods = wrapper.ModelMethods.check(bundle, model_cls)
-        _, full = carry.carry_version(old, new)
-        full += threads_on_changed_code(old, new) + held_changed_code(current.instance, old, new)
+        carried = carry.carry_version(old, new)
+        full = carried.full + threads_on_changed_code(old, new)
         if full:
             raise NeedsFullReload(full)
-        move_held = carry.reclass_held(current.instance, old, new)
-        move_held()  # objects load() built from truss classes answer with the new class (undone if one refuses)
+        held.plan(current.instance, carried.roots, old, new).apply()  # what the model holds moves (undone if one refuses)
         try:
             object.__setattr__(current.instance, "__class__", model_cls)  # Truss's own hot reload does this
         except TypeError as exc:  # a layout __class__ assignment refuses (__slots__ that differ)
@@ -112,37 +109,9 @@ def threads_on_changed_code(old: Any, new: Any) -> list[str]:
             name = files.get(frame.f_code.co_filename)
             if name is not None and name in old.compiled and name in new.compiled:
                 qualname = frame.f_code.co_qualname
-                if _def_digest(old.compiled[name], qualname) != _def_digest(new.compiled[name], qualname):
+                if held.def_digest(old.compiled[name], qualname) != held.def_digest(new.compiled[name], qualname):
                     where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
                     found.append(f"thread {names.get(ident, ident)!r} runs {qualname} ({where}), which changed")
                     break
             frame = frame.f_back
     return found
-
-
-def held_changed_code(instance: Any, old: Any, new: Any) -> list[str]:
-    """Functions of the truss the model holds as attributes (`self.fn = self._forward`, a callback
-    `load()` stored) whose code the save changed: a swap would leave them calling the old code."""
-    files = {getattr(m, "__file__", None): name for name, m in old.modules.items()}
-    found = []
-    for attr, value in list(getattr(instance, "__dict__", {}).items()):
-        fn = getattr(value, "__func__", value)
-        code = getattr(fn, "__code__", None)
-        name = files.get(getattr(code, "co_filename", None))
-        if name is None or name not in old.compiled or name not in new.compiled:
-            continue
-        if _def_digest(old.compiled[name], code.co_qualname) != _def_digest(new.compiled[name], code.co_qualname):
-            found.append(f"self.{attr} holds {code.co_qualname}, which changed")
-    return found
-
-
-def _def_digest(source: bytes, qualname: str) -> str | None:
-    """A fingerprint of the function `qualname` in `source` (no line numbers, no comments)."""
-    body: list[ast.stmt] = parsed(source).body
-    node = None
-    for part in qualname.replace(".<locals>", "").split("."):
-        node = next((s for s in body if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and s.name == part), None)
-        if node is None:
-            return None
-        body = node.body
-    return hashlib.sha1(ast.dump(node).encode()).hexdigest()

@@ -328,12 +328,13 @@ def test_a_worker_never_outlives_its_kernel_even_one_killed_with_sigkill(tmp_pat
         import time, truss_lab
         a = truss_lab.load({str(kernel)!r})
         b = truss_lab.load({str(other)!r})
-        print(b.pid, flush=True)
+        print(b.pid, b._dir, flush=True)
         time.sleep(600)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        worker = int(proc.stdout.readline())
+        worker, folder = proc.stdout.readline().split()
+        worker = int(worker)
         group = [int(p) for p in subprocess.run(["pgrep", "-g", str(worker)], capture_output=True, text=True).stdout.split()]
         assert worker in group and len(group) >= 2  # the worker and its pool's process
     finally:
@@ -349,6 +350,7 @@ def test_a_worker_never_outlives_its_kernel_even_one_killed_with_sigkill(tmp_pat
             except ProcessLookupError:
                 pass
         if not alive:
+            assert not os.path.exists(folder)  # its socket's folder went with it
             return
         time.sleep(0.05)  # waiting for the kernel's death to reach them, with a deadline
     pytest.fail(f"{alive} outlived their kernel")
@@ -370,3 +372,58 @@ def test_a_worker_reloads_on_save_and_tells_the_kernel(tmp_path):
         while not seen and time.monotonic() < deadline:
             time.sleep(0.02)  # the event crosses from the worker
         assert [e.kind for e in seen] == ["methods"] and tr.version == 2
+
+
+def _gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)  # a deadline, not a guess
+    return False
+
+
+def test_a_pool_the_model_terminates_ends_its_own_children_not_the_worker(tmp_path):
+    """multiprocessing's terminate() sends SIGTERM: in a forked child that is the child's end, never
+    the worker's whole process group."""
+    model = ("import multiprocessing as mp, time\nclass Model:\n    def load(self):\n"
+             "        self.ctx = mp.get_context('fork')\n"
+             "    def predict(self, x):\n        pool = self.ctx.Pool(2)\n        pool.map(abs, [-1, -2])\n"
+             "        pool.terminate()\n        pool.join()\n"
+             "        p = self.ctx.Process(target=time.sleep, args=(30,))\n        p.start()\n        p.terminate()\n"
+             "        p.join()\n        return p.exitcode\n")
+    kernel = write_truss(tmp_path / "kernel", "class Model:\n    def predict(self, x):\n        return x\n")
+    root = write_truss(tmp_path / "pools", model)
+    with truss_lab.load(kernel), truss_lab.load(root) as tr:
+        assert tr.predict(1).output == -signal.SIGTERM
+        assert tr.predict(2).output == -signal.SIGTERM  # the worker is still there
+
+
+def test_a_worker_truss_the_notebook_drops_ends_its_worker(tmp_path):
+    """Re-running `tr = truss_lab.load(...)` drops the previous object: its worker and socket folder go."""
+    import gc
+
+    kernel = write_truss(tmp_path / "kernel", "class Model:\n    def predict(self, x):\n        return x\n")
+    root = write_truss(tmp_path / "dropped", "class Model:\n    def predict(self, x):\n        return x\n")
+    with truss_lab.load(kernel):
+        tr = truss_lab.load(root)
+        tr.on_reload(lambda event: None)
+        pid, folder = tr.pid, tr._dir
+        assert tr.predict(1).output == 1
+        tr = truss_lab.load(root)  # the cell again
+        gc.collect()
+        assert _gone(pid) and not os.path.exists(folder) and tr.predict(2).output == 2
+        tr.close()
+
+
+def test_a_closed_worker_truss_says_closed(tmp_path):
+    kernel = write_truss(tmp_path / "kernel", "class Model:\n    def predict(self, x):\n        return x\n")
+    root = write_truss(tmp_path / "closing", "class Model:\n    def predict(self, x):\n        return x\n")
+    with truss_lab.load(kernel):
+        tr = truss_lab.load(root)
+        tr.close()
+        for call in (lambda: tr.predict(1), lambda: tr.version, tr.restart):
+            with pytest.raises(truss_lab.TrussLabError, match="closed"):
+                call()

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -89,7 +90,10 @@ class WorkerModel:
             raise error_from_state(message[1])
         self.pid = message[1]["pid"]
         self._bundle = self._get("bundle")
-        self._events = threading.Thread(target=self._listen, name=f"truss-lab-worker[{self._bundle.model_name}]", daemon=True)
+        # the process ends with this object: a notebook that drops it (re-runs the cell) leaves no worker
+        self._reaper = weakref.finalize(self, _reap, self._proc, self._dir)
+        self._events = threading.Thread(target=_listen, args=(weakref.ref(self), self._control),
+                                        name=f"truss-lab-worker[{self._bundle.model_name}]", daemon=True)
         self._events.start()
         self._rpc("subscribe", "reload")  # keeps the bundle here fresh, and feeds on_reload callbacks
         if self._on_examples:
@@ -115,7 +119,9 @@ class WorkerModel:
         except (EOFError, OSError):
             raise self._death() from None
 
-    def _death(self) -> WorkerDied:
+    def _death(self) -> TrussLabError:
+        if self._closed:  # a call that was in flight when close() stopped the process
+            return self._closed_error()
         try:
             code = self._proc.wait(5)
         except subprocess.TimeoutExpired:
@@ -135,12 +141,15 @@ class WorkerModel:
     def _conn(self) -> Any:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            if self._closed:
-                raise TrussLabError(f"{self._bundle.model_name}: closed (tr.close() was called); load it again")
             conn = self._local.conn = self._connect()
         return conn
 
+    def _closed_error(self) -> TrussLabError:
+        return TrussLabError(f"{self._bundle.model_name}: closed (tr.close() was called); load it again")
+
     def _rpc(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        if self._closed:
+            raise self._closed_error()
         if self._proc.poll() is not None:
             raise self._death()
         conn = self._conn()
@@ -162,41 +171,18 @@ class WorkerModel:
     def _get(self, name: str) -> Any:
         return self._rpc("get", name)
 
-    def _listen(self) -> None:
-        """The worker's pushes: reload events and examples diffs, for the callbacks registered here."""
-        control = self._control
-        while True:
-            try:
-                message = control.recv()
-            except (EOFError, OSError):
-                return
-            if message[0] != "event":
-                return
-            _, kind, payload = message
-            if kind == "reload":
-                try:
-                    self._bundle = self._get("bundle")
-                except TrussLabError:
-                    pass
-            for callback in list(self._on_reload if kind == "reload" else self._on_examples):
-                try:
-                    callback(payload)
-                except Exception as exc:  # a display callback must never stop the listener
-                    warnings.warn(f"truss_lab {kind} callback {callback!r} raised {exc}", RuntimeWarning)
-
     def _kill(self) -> None:
         """The worker and whatever it started (a pool its model left running): its process group."""
-        try:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self._proc.wait()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        reaper = getattr(self, "_reaper", None)
+        if reaper is not None:
+            reaper.detach()
+        _reap(self._proc, self._dir)
 
     def restart(self) -> "WorkerModel":
         """Start the worker again (after it died, or to begin fresh): a new process, load() again."""
+        if self._closed:
+            raise TrussLabError(f"{self.name}: closed (tr.close() was called); load it again with truss_lab.load")
         self._stop_process()
-        self._closed = False
         self._start()
         return self
 
@@ -426,6 +412,42 @@ class WorkerModel:
 
         worker, here = process_cpu_s(self._proc.pid), process_cpu_s()
         return None if worker is None else worker + here
+
+
+def _reap(proc: subprocess.Popen, folder: str) -> None:
+    """End a worker and whatever it started (a pool its model left running: its process group), and
+    remove its socket's folder."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _listen(ref: "weakref.ref[WorkerModel]", control: Any) -> None:
+    """The worker's pushes (reload events, examples diffs) for the callbacks registered in the kernel;
+    holding the WorkerModel only while it handles one, so a dropped one is collected and its worker ends."""
+    while True:
+        try:
+            message = control.recv()
+        except (EOFError, OSError):
+            return
+        tr = ref()
+        if tr is None or message[0] != "event":
+            return
+        _, kind, payload = message
+        if kind == "reload":
+            try:
+                tr._bundle = tr._get("bundle")
+            except TrussLabError:
+                pass
+        for callback in list(tr._on_reload if kind == "reload" else tr._on_examples):
+            try:
+                callback(payload)
+            except Exception as exc:  # a display callback must never stop the listener
+                warnings.warn(f"truss_lab {kind} callback {callback!r} raised {type(exc).__name__}: {exc}", RuntimeWarning)
+        del tr
 
 
 def _rewarn(caught: list[tuple]) -> None:

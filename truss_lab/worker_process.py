@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import sys
 import threading
@@ -222,9 +223,21 @@ def _close_in_child(listener: Any) -> None:
         pass
 
 
+_WORKER_PID = [os.getpid()]
+_FOLDER: list[str] = []  # the socket's folder, which the kernel would remove: here when the kernel died
+
+
 def _end_all(*_: Any) -> None:
     """This process and every process it started (its process group: the kernel starts it in a session
-    of its own), at once: a pool the model left running never outlives it."""
+    of its own), at once: a pool the model left running never outlives it. Its socket's folder goes
+    too (a kernel killed with SIGKILL cannot remove it). In a forked child (which inherits this
+    handler) SIGTERM is SIGTERM: a pool's terminate() ends that child, not the worker's process group."""
+    if os.getpid() != _WORKER_PID[0]:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    for folder in _FOLDER:
+        shutil.rmtree(folder, ignore_errors=True)
     os.killpg(0, signal.SIGKILL)
 
 
@@ -254,6 +267,7 @@ def _exit_when_parent_goes(fd: int) -> None:
 
 def main() -> None:
     opts = pickle.load(sys.stdin.buffer)
+    _FOLDER.append(os.path.dirname(opts["socket"]))
     _die_with_parent()
     if os.getppid() != opts["parent"]:  # the kernel died before the line above took effect
         _end_all()

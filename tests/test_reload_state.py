@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 import time
 
@@ -300,6 +301,48 @@ def test_failed_full_reloads_hold_no_instance_and_loggers_keep_one_handler(tmp_p
         gc.collect()
         assert len(held) >= 3 and all(r() is None for r in held), "a failed reload kept its instance (and its weights) alive"
         assert tr.predict(None).output == 1  # the old code keeps serving, one handler
+
+
+def test_logging_configured_in_load_keeps_working_across_full_reloads_and_prints_once(tmp_path):
+    """load() calls basicConfig() (a no-op while the replaced version's handler is there) or adds its
+    own handler: after each full reload one handler prints each line once; a failed one keeps the old."""
+    import io
+
+    model = """
+    import logging, sys
+
+    log = logging.getLogger("configured")
+
+
+    class Model:
+        def load(self):
+            logging.basicConfig(level=logging.INFO, stream=sys.modules["configured_stream"], format="%(message)s")
+            log.info("loading")
+
+        def predict(self, x):
+            log.info("predicting %s", x)
+            return x
+    """
+    stream = sys.modules["configured_stream"] = io.StringIO()
+    root = write_truss(tmp_path / "logcfg", model)
+    mf = root / "model" / "model.py"
+    root_logger = logging.getLogger()
+    before, root_logger.handlers = root_logger.handlers, []  # a fresh process's (pytest's capture is one)
+    try:
+        with truss_lab.load(root) as tr:
+            for i in range(3):
+                tr.predict(i)
+                assert tr.reload(full=True).kind == "full"
+            tr.predict(3)
+            save(mf, 'log.info("loading")', 'log.info("loading")\n        1 / 0')  # tried twice, as Truss does
+            assert tr.reload().kind == "failed"
+            tr.predict(4)
+        assert stream.getvalue().splitlines() == ["loading", "predicting 0", "loading", "predicting 1", "loading",
+                                                  "predicting 2", "loading", "predicting 3", "loading", "loading", "predicting 4"]
+        assert root_logger.handlers == []  # closed: what load() configured went with it
+    finally:
+        del sys.modules["configured_stream"]
+        root_logger.handlers = before
 
 
 def test_a_function_the_model_holds_whose_code_changed_makes_the_reload_full(tmp_path):

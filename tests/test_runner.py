@@ -124,6 +124,12 @@ def test_stage_errors_name_stage_and_line_and_release_lock(live, stage, error_ty
     err = info.value
     assert str(err).startswith(f"{stage} failed at t/model/model.py:10: KeyError")
     assert isinstance(err.__cause__, KeyError)
+    import traceback
+
+    # what the user reads starts at their own code: the cause's frames are the model's stage, and the
+    # error itself is raised from the call, not from the runner's insides
+    assert [f.name for f in traceback.extract_tb(err.__cause__.__traceback__)] == [stage]
+    assert [f.name for f in traceback.extract_tb(err.__traceback__)][-2:] == ["predict", "raise_for_error"]
     assert err.trace.error_stage == stage and err.trace.location == "t/model/model.py:10"
     assert tr.lock_available == 1
     # non-raising form keeps the error on the Result

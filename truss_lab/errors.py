@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import traceback
 from pathlib import Path
+from typing import Any
 
 
 class TrussLabError(Exception):
@@ -47,7 +48,7 @@ class ModelError(TrussLabError):
         location = user_location(exc, roots)
         where = f" at {location}" if location else ""
         err = cls(f"{what or cls.stage} failed{where}: {describe(exc)}", location=location, trace=trace, roots=roots)
-        err.__cause__ = exc
+        err.__cause__ = exc.with_traceback(_from_model_frames(exc.__traceback__))
         return err
 
     def model_traceback(self) -> str | None:
@@ -56,6 +57,18 @@ class ModelError(TrussLabError):
         if cause is None or cause.__traceback__ is None or not self.roots:
             return self.remote_traceback
         return user_traceback(cause, self.roots)
+
+
+_PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+
+
+def _from_model_frames(tb: Any) -> Any:
+    """A traceback from the first frame that is not truss_lab's (the runner that called the stage):
+    what a user reads, and what `%debug` walks, starts at their own code."""
+    first = tb
+    while first is not None and first.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+        first = first.tb_next
+    return first or tb
 
 
 class LoadError(ModelError):

@@ -367,6 +367,15 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
 
         return check(self, inputs, **kwargs)  # check() takes this LiveModel duck-typed: no import of live
 
+    def restart(self) -> "LiveModel":
+        """Start the model afresh in this process: import its code again and run load() on a new
+        instance (`reload(full=True)`, raising if that fails; the old one keeps serving then). A worker's
+        restart() starts a new process."""
+        event = self.reload(full=True)
+        if event.kind == "failed":
+            raise event.exception or TrussLabError(f"{self.name}: restart failed: {event.error}")
+        return self
+
     def on_retire(self, callback: Callable[[Any], None]) -> None:
         """Call `callback(instance)` with the model instance a full reload replaced (no request runs on
         it any more). A method swap keeps the instance: its class changes in place."""
@@ -441,8 +450,13 @@ def load(
             process = "worker"
     options = {"concurrency": concurrency, "secrets": secrets, "environment": environment,
                "trace_capacity": trace_capacity, "guard": guard}
-    if process == "worker":
-        from .worker import WorkerModel
+    if process != "worker":
+        try:
+            return LiveModel(bundle, **options)
+        except loader.ProcessTaken:
+            if process == "kernel":
+                raise
+            # auto, and another thread's load took this process meanwhile: a worker, as if it had been first
+    from .worker import WorkerModel
 
-        return WorkerModel(bundle.path, **options)
-    return LiveModel(bundle, **options)
+    return WorkerModel(bundle.path, **options)

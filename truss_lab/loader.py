@@ -162,6 +162,10 @@ _resident_lock = threading.Lock()
 _resident: "Resident | None" = None
 
 
+class ProcessTaken(TrussLabError):
+    """This process already holds a truss (another thread's load won the race, or one is loaded)."""
+
+
 def resident() -> "Resident | None":
     """The truss this process holds, if any."""
     return _resident
@@ -176,7 +180,7 @@ class Resident:
         global _resident
         with _resident_lock:
             if _resident is not None:
-                raise TrussLabError(f"this process already holds the truss {_resident.bundle.model_name!r} "
+                raise ProcessTaken(f"this process already holds the truss {_resident.bundle.model_name!r} "
                                     f"({_resident.bundle.path}); one truss per process, as in Truss's image")
             _resident = self
         self.bundle = bundle

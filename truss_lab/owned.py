@@ -10,7 +10,9 @@ registries - one truss per process, nothing else registers meanwhile), and:
 * before the next import, the import's collectors leave the registry; a failed import puts them back;
 * after a method swap, a collector the swap rule carried (the same object, its counts) is the one
   registered, in place of the fresh one; the import's old handlers go, `load()`'s stay with the model;
-* a replaced version (a full reload) or a closed model takes its collectors and handlers with it.
+* a full reload withdraws the replaced version's collectors and handlers while the new `load()` runs
+  (`basicConfig()` in it configures logging again, no line prints twice), then drops them - or puts
+  them back if the new code fails; a closed model takes its collectors and handlers with it.
 """
 
 from __future__ import annotations
@@ -55,25 +57,31 @@ class Owned:
             self.handlers += [h for h in _handlers() - handlers]
 
     def withdraw(self) -> None:
-        """Unregister the collectors (kept, to `reinstate` them if the import that replaces them fails)."""
+        """Unregister the collectors and take the handlers off their loggers while the code that replaces
+        them runs (its `basicConfig()` configures logging afresh, nothing prints twice); kept, to
+        `reinstate` them if that code fails."""
         registry = _registry()
         for c in self.collectors if registry is not None else ():
             with contextlib.suppress(KeyError):
                 registry.unregister(c)
+        for logger, handler in self.handlers:
+            logger.removeHandler(handler)
 
     def reinstate(self) -> None:
         registry = _registry()
         for c in self.collectors if registry is not None else ():
             with contextlib.suppress(ValueError):
                 registry.register(c)
+        for logger, handler in self.handlers:
+            logger.addHandler(handler)
 
     def drop(self) -> None:
         """This version is gone: its collectors leave the registry, its handlers their loggers."""
         self.withdraw()
         self.collectors.clear()
         for logger, handler in self.handlers:
-            if handler in logger.handlers:
-                logger.removeHandler(handler)
+            logger.removeHandler(handler)
+            if not any(handler in lg.handlers for lg, _ in self.handlers):
                 with contextlib.suppress(Exception):
                     handler.close()
         self.handlers.clear()

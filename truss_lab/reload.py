@@ -12,9 +12,10 @@ The rules (what a user sees):
 What changed is decided from file contents (a fingerprint of each .py file's syntax tree: no line
 numbers, no comments), not from the watcher's events.
 
-Atomic switch: a method swap makes a new instance of the new class that shares the live instance's
-`__dict__` (the weights, any state), so a request that started on version k runs version k's class
-to the end, `self.helper()` calls included, and the next request gets version k+1.
+Atomic switch: a reload waits at the gate (lock.Gate) until no request runs, then swaps the live
+instance's `__class__` in place (swap.py; the weights and any state stay) or builds a new instance
+(a full reload), so a request that started on version k runs version k's code to the end,
+`self.helper()` calls included, and the next request gets version k+1.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ def apply(live: Any, bundle: Bundle, full: bool, sources: dict[str, bytes], bump
                 reasons, full = why.reasons, True
                 live.resident.evict()
         if full:
+            current.code.loaded.withdraw()
             serving, _ = live._build(bundle, version)
             kind = "full"
     except BaseException:
@@ -54,6 +55,8 @@ def apply(live: Any, bundle: Bundle, full: bool, sources: dict[str, bytes], bump
         live.resident.restore(old)
         live.resident.sources = old_sources
         current.code.imported.reinstate()
+        if full:
+            current.code.loaded.reinstate()
         raise
     live._switch(serving, bundle)
     held.shut_down_loky()  # joblib's reused workers imported the old code: the next call starts new ones

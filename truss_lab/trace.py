@@ -472,8 +472,11 @@ class Result:
         return self.trace.version
 
     def raise_for_error(self) -> "Result":
+        """Raise the request's error (a ModelError naming the stage and file:line; its cause is the
+        model's own exception, with the model's frames); else return this Result."""
+        __tracebackhide__ = True  # pytest: the failure is the model's, not this line's
         if self.error is not None:
-            raise self.error
+            raise self.error.with_traceback(None)  # from here: the runner's frames are not the user's story
         return self
 
     def __repr__(self) -> str:

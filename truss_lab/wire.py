@@ -33,15 +33,25 @@ class RemoteError(Exception):
 _REMOTE_TYPES: dict[str, type] = {}
 
 
-def remote_exception(module: str, name: str, message: str) -> BaseException:
-    """An exception like the worker's: a builtin one as itself (`except KeyError:` works), any other as
-    a RemoteError subclass of that name."""
+def _plain_args(exc: BaseException) -> tuple | None:
+    """The exception's args when they are plain values (an OSError's errno, strerror and filename)."""
+    plain = (str, int, float, bool, bytes, type(None))
+    args = exc.args
+    if isinstance(exc, OSError) and len(args) == 2 and exc.filename is not None:  # not in args: OSError's own
+        args += (exc.filename,) + ((None, exc.filename2) if exc.filename2 is not None else ())
+    return args if all(isinstance(a, plain) for a in args) else None
+
+
+def remote_exception(module: str, name: str, message: str, args: tuple | None = None) -> BaseException:
+    """An exception like the worker's: a builtin one as itself, with its args (`except KeyError:`,
+    `err.errno`, `err.filename` work), any other as a RemoteError subclass of that name."""
     builtin = getattr(builtins, name, None) if module == "builtins" else None
     if isinstance(builtin, type) and issubclass(builtin, BaseException):
-        try:
-            return builtin(message)
-        except Exception:
-            pass
+        for attempt in ((args,) if args is not None else ()) + ((message,),):
+            try:
+                return builtin(*attempt)
+            except Exception:
+                pass
     cls = _REMOTE_TYPES.get(name)
     if cls is None:
         cls = _REMOTE_TYPES[name] = type(name, (RemoteError,), {"remote_type": f"{module}.{name}", "__module__": "truss_lab.remote"})
@@ -87,7 +97,7 @@ def error_state(err: BaseException) -> dict:
         "message": str(err),
         "location": getattr(err, "location", None),
         "traceback": err.model_traceback() if isinstance(err, ModelError) else None,
-        "cause": (type(cause).__module__, type(cause).__name__, str(cause)) if cause is not None else None,
+        "cause": (type(cause).__module__, type(cause).__name__, str(cause), _plain_args(cause)) if cause is not None else None,
     }
     return state
 

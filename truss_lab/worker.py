@@ -332,9 +332,30 @@ class WorkerModel:
         self._rpc("set", "guard", on)
 
     @property
+    def reload_drain_timeout(self) -> float:
+        return self._get("reload_drain_timeout")
+
+    @reload_drain_timeout.setter
+    def reload_drain_timeout(self, seconds: float) -> None:
+        self._rpc("set", "reload_drain_timeout", float(seconds))
+
+    def _in_kernel_only(self, what: str) -> TrussLabError:
+        return TrussLabError(f"{self.name} runs in a worker process (pid {self.pid}): {what} lives there. "
+                             f"Load it with process='kernel' (close the truss the kernel holds first) to reach it")
+
+    @property
     def model(self) -> Any:
-        raise TrussLabError(f"{self.name} runs in a worker process (pid {self.pid}): its model object lives there. "
-                            f"Load it with process='kernel' (close the truss the kernel holds first) to reach it")
+        raise self._in_kernel_only("its model object")
+
+    @property
+    def serving(self) -> Any:
+        raise self._in_kernel_only("its serving version (model instance, modules)")
+
+    def on_retire(self, callback: Callable[[Any], None]) -> None:
+        raise self._in_kernel_only("the model instance a full reload replaces")
+
+    def run_stage(self, stage: str, x: Any) -> Any:
+        raise self._in_kernel_only("running one stage alone (a split deployment's)")
 
     def methods(self) -> list[str]:
         return self._rpc("call", "methods")

@@ -31,9 +31,9 @@ CALLS = frozenset({
 })
 GETS = frozenset({
     "name", "bundle", "version", "load_ms", "concurrency", "guard", "lock_available", "traces", "watching",
-    "reload_history", "reload_count", "examples", "examples_diff", "pid", "path",
+    "reload_history", "reload_count", "examples", "examples_diff", "pid", "path", "reload_drain_timeout",
 })
-SETS = frozenset({"concurrency", "guard"})
+SETS = frozenset({"concurrency", "guard", "reload_drain_timeout"})
 
 
 def portable(value: Any) -> Any:
@@ -223,6 +223,24 @@ def _close_in_child(listener: Any) -> None:
         pass
 
 
+def _hold_sigterm() -> None:
+    """Around a fork: SIGTERM blocked in the forking thread (the child inherits the mask), so that one
+    sent to a child before it let go of this process's handler waits for the default instead of being
+    caught by the handler - whose pending flag the child's Python clears, losing it (a pool's
+    terminate() right after its start would then never end that child)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _release_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _default_sigterm() -> None:
+    """In a forked child: SIGTERM is SIGTERM again (a pool's terminate() ends that child alone)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _release_sigterm()
+
+
 _WORKER_PID = [os.getpid()]
 _FOLDER: list[str] = []  # the socket's folder, which the kernel would remove: here when the kernel died
 
@@ -281,7 +299,8 @@ def main() -> None:
     for quiet in (OutputWarning, LockMisuseWarning):  # the kernel gives them, from each request's trace
         warnings.filterwarnings("ignore", category=quiet)
     listener = Listener(opts["socket"], family="AF_UNIX", authkey=opts["authkey"])
-    os.register_at_fork(after_in_child=lambda: _close_in_child(listener))
+    os.register_at_fork(before=_hold_sigterm, after_in_parent=_release_sigterm,
+                        after_in_child=lambda: (_close_in_child(listener), _default_sigterm()))
     control = listener.accept()
     _CONNECTIONS.add(control)
     from .errors import describe

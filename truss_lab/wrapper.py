@@ -150,11 +150,10 @@ class ModelMethods:
                 )
         if pred and pred.is_generator and post:
             # Truss loads this model and answers every request with a 500: so do we, but say so now.
-            warnings.warn(
+            warn_at(
                 f"{bundle.model_file}{_def_line(model_cls, 'postprocess')}: predict is a generator (streaming) and "
                 f"postprocess is defined: every request will fail, here as on a Truss server ({STREAM_WITH_POSTPROCESS})",
-                ModelDefinitionWarning,
-                stacklevel=2,
+                ModelDefinitionWarning, bundle, model_cls, "postprocess",
             )
         input_type = None
         if pred and not ws:
@@ -219,6 +218,18 @@ def _def_line(cls: type, name: str) -> str:
         return f":{inspect.getsourcelines(getattr(cls, name))[1]}"
     except (OSError, TypeError):
         return ""
+
+
+def warn_at(message: str, category: type[Warning], bundle: Bundle, cls: type, name: str) -> None:
+    """Warn at the model's own `def name` (where the user looks, and where the filter's once-per-place
+    applies), never at the truss_lab line that noticed."""
+    target = inspect.unwrap(getattr(cls, name, None) or cls)
+    try:
+        path, line = inspect.getsourcefile(target), inspect.getsourcelines(target)[1]
+    except (OSError, TypeError):
+        path, line = None, 1
+    warnings.warn_explicit(message, category, path or str(bundle.model_file), line,
+                           module=getattr(cls, "__module__", None))
 
 
 # Every config key the Truss server's model gets, with its default: TrussConfig (truss 0.18.36) writes
@@ -377,12 +388,11 @@ def run_load(bundle: Bundle, instance: Any, run_coroutine: Callable[[Any], Any],
     if load is None:
         return (time.perf_counter() - t0) * 1000.0
     if inspect.iscoroutinefunction(load):
-        warnings.warn(
+        warn_at(
             f"{bundle.model_file}{_def_line(type(instance), 'load')}: load() is `async def`: the Truss server "
             f"calls it without awaiting it, so its body never runs there - and truss_lab does not run it "
             f"either. Make it a plain `def load(self)`.",
-            ModelDefinitionWarning,
-            stacklevel=3,
+            ModelDefinitionWarning, bundle, type(instance), "load",
         )
     for attempt in range(LOAD_RETRIES + 1):
         try:
@@ -393,7 +403,8 @@ def run_load(bundle: Bundle, instance: Any, run_coroutine: Callable[[Any], Any],
         except (Exception, SystemExit) as exc:
             if attempt == LOAD_RETRIES:
                 raise load_error(exc, bundle, "load()") from exc
-            warnings.warn(f"{bundle.model_name}: load() failed ({describe(exc)}); retrying once, as Truss does", RuntimeWarning, stacklevel=3)
+            warn_at(f"{bundle.model_name}: load() failed ({describe(exc)}); retrying once, as Truss does",
+                    RuntimeWarning, bundle, type(instance), "load")
             time.sleep(1.0)
     return (time.perf_counter() - t0) * 1000.0
 

@@ -1,12 +1,22 @@
 """A chain's trusses, as Truss's own code generation writes them for a push (generate only: nothing
-leaves the machine): one truss per chainlet, its generated `TrussChainletModel`, stubs and pydantic I/O."""
+leaves the machine): one truss per chainlet, its generated `TrussChainletModel`, stubs and pydantic I/O.
+
+Generation imports the chain's source, fills truss_chains' registry, writes under tempfile's folder
+and runs `ruff`: none of that happens in the kernel. It runs in a generator process of its own
+(`python -m truss_lab.chain_gen`), started once and kept warm (the libraries the chain imports stay
+imported there, so a save regenerates in milliseconds), which ends with the kernel (its stdin's
+end-of-file). The kernel never imports the chain's source: `from my_chain import Entry` and
+`chains.run_local()` work next to `load_chain`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import os
+import pickle
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -14,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import TrussLabError
+from .errors import LoadError, TrussLabError, describe, user_location
 
 
 @dataclasses.dataclass
@@ -28,9 +38,118 @@ class _Generated:
     classes: dict[str, tuple[str, str]]  # chainlet -> (module, class name) in the chain root
 
 
+def generate(source: Path, entrypoint: str | None, root: Path, *, link: bool = False) -> _Generated:
+    """Every chainlet's truss under `root`, as a push writes it, generated in the generator process.
+    `link`: files copied from the chain's folder are hard links to them (a scratch generation that is
+    only compared with the live one: a save costs what it changed, not the size of `data/`). A file
+    truss_chains refuses is one TrussLabError line naming it; the chain's code failing to import is a
+    LoadError at its file:line."""
+    return _GENERATOR.run(Path(source), entrypoint, Path(root), link)
+
+
+class _Generator:
+    """The generator process: one per kernel, started on first use, restarted if it died."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+
+    def run(self, source: Path, entrypoint: str | None, root: Path, link: bool) -> _Generated:
+        with self._lock:
+            for attempt in (1, 2):
+                proc = self._start()
+                try:
+                    pickle.dump((source, entrypoint, root, link), proc.stdin)
+                    proc.stdin.flush()
+                    answer = pickle.load(proc.stdout)
+                    break
+                except (EOFError, OSError, pickle.UnpicklingError):
+                    code = self._stop()
+                    if attempt == 2:
+                        raise TrussLabError(f"{source}: the code generation process died (exit code {code})") from None
+                except BaseException:  # interrupted mid-answer: this process's stream is out of step
+                    self._stop()
+                    raise
+        if answer[0] == "ok":
+            return answer[1]
+        _, message, location = answer
+        raise LoadError(message, location=location) if location else TrussLabError(message)
+
+    def _start(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            env = {**os.environ, "RUFF_NO_CACHE": "true"}  # ruff's cache would go into the working directory
+            self._proc = subprocess.Popen([sys.executable, "-m", "truss_lab.chain_gen"], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                                          cwd=tempfile.gettempdir(), start_new_session=True)
+        return self._proc
+
+    def _stop(self) -> int | None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        with contextlib.suppress(OSError):
+            proc.kill()
+        return proc.wait()
+
+
+_GENERATOR = _Generator()
+
+
+def _serve() -> None:
+    """The generator process: requests on stdin, answers on what was stdout (the generation's own
+    prints go nowhere); stdin's end - the kernel gone - ends it."""
+    answers = os.fdopen(os.dup(1), "wb")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    requests = sys.stdin.buffer
+    while True:
+        try:
+            source, entrypoint, root, link = pickle.load(requests)
+        except (EOFError, OSError):
+            return
+        try:
+            with _linking() if link else contextlib.nullcontext():
+                answer = ("ok", _generate(source, entrypoint, root))
+        except TrussLabError as exc:
+            answer = ("err", str(exc), getattr(exc, "location", None))
+        except BaseException as exc:  # the chain's own code raised while it was imported: its file:line
+            location = user_location(exc, [source.parent])
+            where = f" at {location}" if location else ""
+            answer = ("err", f"importing {source.name} failed{where}: {describe(exc)}", location)
+        pickle.dump(answer, answers)
+        answers.flush()
+
+
+@contextlib.contextmanager
+def _linking():
+    """Truss's copies (shutil.copy2, in the generator process only) made as hard links where possible."""
+    copy2 = shutil.copy2
+
+    def link(src: Any, dst: Any, *, follow_symlinks: bool = True) -> Any:
+        if os.path.isdir(dst):
+            dst = os.path.join(dst, os.path.basename(src))
+        try:
+            os.link(src, dst)
+            return dst
+        except OSError:
+            return copy2(src, dst, follow_symlinks=follow_symlinks)
+
+    copytree = shutil.copytree
+
+    def tree(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("copy_function", link)  # copytree's default is bound at its definition
+        return copytree(src, dst, *args, **kwargs)
+
+    shutil.copy2, shutil.copytree = link, tree
+    try:
+        yield
+    finally:
+        shutil.copy2, shutil.copytree = copy2, copytree
+
+
 def _generate(source: Path, entrypoint: str | None, root: Path) -> _Generated:
     """Import the chain's source and write every chainlet's truss under `root` as a push does (generate
-    only). A file truss_chains refuses is one TrussLabError line naming it."""
+    only), in this process (the generator's). A file truss_chains refuses is one TrussLabError line naming it."""
     from truss_chains import framework, private_types
     from truss_chains.deployment import deployment_client
 
@@ -43,6 +162,8 @@ def _generate(source: Path, entrypoint: str | None, root: Path) -> _Generated:
             deployment_client.push(entry, options)
             loaded = dict(sys.modules)
     except (ValueError, TypeError, AttributeError, ImportError) as exc:  # ChainsUsageError is a TypeError
+        if user_location(exc, [source.parent]) is not None:
+            raise  # the chain's own line raised it: its file:line (_serve)
         raise TrussLabError(f"{source}: {' '.join(str(exc).split())}") from None
     finally:
         _keep_libraries(loaded, source.parent)
@@ -109,3 +230,9 @@ def _swapped(root: Path):
     finally:
         tempfile.tempdir = old_tempdir
         os.environ["PATH"] = old_path
+
+
+if __name__ == "__main__":
+    from truss_lab import chain_gen  # its classes under their own name (what the kernel unpickles), not __main__'s
+
+    chain_gen._serve()

@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .chain_gen import _Generated, _generate
-from .errors import LoadError, TrussLabError
+from .chain_gen import _Generated, generate
+from .errors import TrussLabError
 from .reload import Reloader, ReloadEvent
 from .statements import FileKeys, Statements
 
@@ -20,9 +20,22 @@ if TYPE_CHECKING:
     from .chains import Chain
 
 
-def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and "__pycache__" not in p.parts}
+def _files(folder: Path) -> dict[str, Path]:
+    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+
+
+def _same(a: Path | None, b: Path | None) -> bool:
+    """Whether two files hold the same bytes: by their size and modification time where Truss's copy
+    kept it (a data file copied or linked from the chain's folder is never read to be compared), else
+    by their contents (the generated model.py and config.yaml, written afresh each time)."""
+    if a is None or b is None:
+        return a is b
+    sa, sb = a.stat(), b.stat()
+    if sa.st_size != sb.st_size:
+        return False
+    if sa.st_mtime_ns == sb.st_mtime_ns or (sa.st_ino, sa.st_dev) == (sb.st_ino, sb.st_dev):
+        return True
+    return a.read_bytes() == b.read_bytes()
 
 
 def _module_source(packages: Path, dotted: str) -> bytes | None:
@@ -67,13 +80,28 @@ class _ChainletStatements(Statements):
         return f"chainlet:{name}" if name in self.opaque else super().key(name)
 
 
-def _sync(dst: Path, new: dict[str, bytes], old: dict[str, bytes]) -> None:
-    """Make folder `dst`, which holds `old` (its `_files`), hold `new` (only the files that differ are written)."""
-    for rel, data in new.items():
-        if old.get(rel) != data:
+def _named_in_code(root: Path) -> set[str]:
+    """The file names (`greeting.txt`) that string literals in the chain's Python files (under `root`) mention."""
+    import ast
+
+    names: set[str] = set()
+    for path in root.rglob("*.py"):
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError, OSError):
+            continue
+        names.update(Path(node.value).name for node in ast.walk(tree)
+                     if isinstance(node, ast.Constant) and isinstance(node.value, str) and 0 < len(node.value) < 300)
+    return names
+
+
+def _sync(dst: Path, new: dict[str, Path], old: dict[str, Path]) -> None:
+    """Make folder `dst`, which holds `old` (its `_files`), hold `new` (only the files that differ are copied)."""
+    for rel, path in new.items():
+        if not _same(path, old.get(rel)):
             target = dst / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+            shutil.copy2(path, target)  # a copy of its own (the scratch one may be a link to the chain's file)
     for rel in set(old) - set(new):
         (dst / rel).unlink(missing_ok=True)
 
@@ -126,9 +154,25 @@ class ChainReloader(Reloader):
         return self.live.source.parent  # the chain root: what a push copies into every chainlet
 
     def watch_filter(self, watchfiles: Any) -> Any:
-        """Python files and YAML (the chain's examples): the chain root is often the notebook's folder,
-        whose autosaves and exported traces are no code of the chain's."""
-        return watchfiles.PythonFilter(ignore_paths=(), extra_extensions=(".yaml", ".yml"))
+        """Every file of the chain's folder its ignore rules keep (`.truss_ignore` there, else Truss's
+        own list), data files included: what a push copies into the chainlets, and what `truss chains
+        push --watch` watches."""
+        import warnings
+
+        import pathspec
+        from truss.util import path as truss_path
+
+        root = self.watch_path
+        with warnings.catch_warnings():  # truss's pattern flavour, which pathspec deprecates: built once, not per event
+            warnings.simplefilter("ignore", DeprecationWarning)
+            spec = pathspec.PathSpec.from_lines(pathspec.patterns.GitWildMatchPattern,
+                                                truss_path.load_trussignore_patterns_from_truss_dir(root))
+
+        def keep(change: Any, path: str) -> bool:  # truss.util.path.is_ignored, with its spec compiled once
+            p = Path(path)
+            return p.is_relative_to(root) and not spec.match_file(p.relative_to(root))
+
+        return keep
 
     def _reload(self, full: bool) -> ChainReloadEvent | None:
         chain: Chain = self.live
@@ -140,14 +184,12 @@ class ChainReloader(Reloader):
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
-    def _reload_from(self, chain: Chain, root: Path, full: bool) -> ChainReloadEvent:
-        try:
-            gen = _generate(chain.source, chain._entrypoint_arg, root)
-        except TrussLabError as exc:
-            return ChainReloadEvent(chain.version, "failed", error=str(exc), exception=exc)
-        except (Exception, SystemExit) as exc:  # what the chain's source raised on import: file:line
-            err = LoadError.from_exception(exc, [chain.source.parent], what=f"importing {chain.source.name}")
-            return ChainReloadEvent(chain.version, "failed", error=str(err), location=err.location, exception=err)
+    def _reload_from(self, chain: Chain, root: Path, full: bool) -> ChainReloadEvent | None:
+        try:  # a scratch generation, linked to the chain's files: only what differs reaches the live folders
+            gen = generate(chain.source, chain._entrypoint_arg, root, link=True)
+        except TrussLabError as exc:  # the chain's code failing to import: its file:line
+            return ChainReloadEvent(chain.version, "failed", error=str(exc), location=getattr(exc, "location", None),
+                                    exception=exc)
         was = chain._gen
         if gen.name != was.name or gen.order[-1] != was.order[-1]:
             return ChainReloadEvent(chain.version, "failed", ["entrypoint"],
@@ -158,16 +200,25 @@ class ChainReloader(Reloader):
         base = next(iter(was.folders.values())).parent  # .chains_generated/<chain>: where the live chainlet trusses are
         folders = {n: was.folders.get(n) or base / f"chainlet_{n}" for n in gen.order}
         keys = _chainlet_keys(gen)
+        named = _named_in_code(next(iter(gen.folders.values())) / "packages")  # the chain's files a push copies
         todo = []
         for name in gen.order:
             if name in added:  # its generated truss, where the chain's live chainlet trusses are
                 shutil.copytree(gen.folders[name], folders[name])
                 continue
             new, old = _files(gen.folders[name]), _files(folders[name])
-            own = [rel for rel in sorted(set(new) | set(old)) if not rel.startswith("packages" + os.sep) and new.get(rel) != old.get(rel)]
+            # its own generated files (stubs, config, data/), and a file of the chain's folder its code
+            # names (a template read through make_abs_path_here("greeting.txt")); its .py files are judged
+            # by the statements each chainlet uses (keys); a file no code names (a notebook, an exported
+            # trace) is copied into its packages/ as a push would, and reloads nothing
+            differ = [rel for rel in sorted(set(new) | set(old)) if not _same(new.get(rel), old.get(rel))]
+            own = [rel for rel in differ if not rel.startswith("packages" + os.sep)
+                   or (not rel.endswith(".py") and Path(rel).name in named)]
             if full or own or keys[name] is None or keys[name] != self.keys.get(name) or name in self.pending:
                 todo.append(name)  # its own generated files (stubs, config, data) or its code changed, or it failed last time
             _sync(folders[name], new, old)  # its truss as a push would write it now (a later full reload reads it)
+        if not (todo or added or removed):
+            return None  # no chainlet's code or files changed: nothing to reload, nothing to report
         events: dict[str, ReloadEvent] = {}
         not_added: list[str] = []
         for name in gen.order:  # dependencies first: a new chainlet is served before the ones calling it reload

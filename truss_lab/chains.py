@@ -26,11 +26,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from .chain_gen import _generate, examples_file
+from .chain_gen import examples_file, generate
 from .chain_reload import ChainReloader, ChainReloadEvent
 from .errors import TrussLabError
 
@@ -45,12 +45,17 @@ def _require_truss_chains():
 class Chain:
     """A chain's chainlets, each a LiveModel, wired to each other over 127.0.0.1 as deployed."""
 
-    def __init__(self, source: str | os.PathLike, entrypoint: str | None = None, *, guard: bool = True):
+    def __init__(self, source: str | os.PathLike, entrypoint: str | None = None, *, guard: bool = True,
+                 secrets: Mapping[str, str] | None = None):
         _require_truss_chains()
         self.source = Path(source).resolve()
         if not self.source.is_file():
             raise TrussLabError(f"{self.source}: no such chain source file")
-        self.root = Path(tempfile.mkdtemp(prefix="truss-lab-chain-"))
+        from .worker import scratch_dir
+
+        self.root = Path(scratch_dir("chain"))  # its generated trusses; gone on close, at exit, or at the next start
+        weakref.finalize(self, shutil.rmtree, str(self.root), True)
+        self._secrets = dict(secrets or {})
         self.mount = self.root / "dynamic-config"  # the platform's dynamic config mount, for this chain's chainlets
         self.mount.mkdir()
         self.urls: dict[str, dict[str, str]] = {}
@@ -58,7 +63,7 @@ class Chain:
         self._on_close: list[Any] = []
         self._key = os.urandom(16).hex()  # the chain's API key its stubs send each other
         try:
-            gen = _generate(self.source, entrypoint, self.root)
+            gen = generate(self.source, entrypoint, self.root)
         except BaseException:
             shutil.rmtree(self.root, ignore_errors=True)
             raise
@@ -72,6 +77,13 @@ class Chain:
         except BaseException:
             self.close()
             raise
+        unused = sorted(set(self._secrets) - {k for c in self.chainlets.values() for k in c.bundle.secrets})
+        if unused:
+            import warnings
+
+            warnings.warn(f"{self.source}: secrets {', '.join(map(repr, unused))} passed to load_chain are named by no "
+                          f"chainlet's remote_config (chains.Assets(secret_keys=[...])), so none gets them (as deployed)",
+                          UserWarning, stacklevel=3)
         self.entrypoint = gen.order[-1]
         self.version = 1
         self.reloader = ChainReloader(self)
@@ -83,8 +95,12 @@ class Chain:
 
         self._write_mount()  # what it reads at start: the URLs of the chainlets it depends on (started first)
         # a chainlet that calls others does so from predict by design: the guard watches the others
+        from .bundle import read_bundle
+
+        declared = read_bundle(folder).secrets  # a chainlet gets the secrets its Assets(secret_keys=...) name, as deployed
         live = WorkerModel(folder, guard=self._guard and not calls_others, chainlet=True,
-                           secrets={"baseten_chain_api_key": self._key},
+                           secrets={**{k: v for k, v in self._secrets.items() if k in declared},
+                                    "baseten_chain_api_key": self._key},
                            env={"TRUSS_LAB_DYNAMIC_CONFIG_DIR": str(self.mount)})
         self.chainlets[display] = live
         if not entrypoint:  # the worker stops the server it started when it closes
@@ -253,9 +269,11 @@ class Chain:
         return f"<Chain {self.name!r} from {self.source}: {', '.join(self.chainlets)} (entrypoint {self.entrypoint})>"
 
 
-def load_chain(source: str | os.PathLike, entrypoint: str | None = None, *, guard: bool = True) -> Chain:
-    """Load the Truss Chain in `source` as it deploys (see the module docstring)."""
-    return Chain(source, entrypoint, guard=guard)
+def load_chain(source: str | os.PathLike, entrypoint: str | None = None, *, guard: bool = True,
+               secrets: Mapping[str, str] | None = None) -> Chain:
+    """Load the Truss Chain in `source` as it deploys (see the module docstring). `secrets`: what each
+    chainlet's `depends_context()` finds in `context.secrets` (as `secrets=` of `truss_lab.load`)."""
+    return Chain(source, entrypoint, guard=guard, secrets=secrets)
 
 
 @dataclasses.dataclass

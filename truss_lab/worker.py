@@ -67,7 +67,7 @@ class WorkerModel:
     # ------------------------------------------------------------------ the process
 
     def _start(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="truss-lab-worker-")  # 0700: only this user reaches the socket
+        self._dir = scratch_dir("worker")  # 0700: only this user reaches the socket
         self._socket = os.path.join(self._dir, "s")
         self._key = os.urandom(32)
         self._local = threading.local()
@@ -433,6 +433,27 @@ class WorkerModel:
 
         worker, here = process_cpu_s(self._proc.pid), process_cpu_s()
         return None if worker is None else worker + here
+
+
+def scratch_dir(kind: str) -> str:
+    """A new folder of this process's (`truss-lab-<kind>-<pid>-*` in the temporary folder, 0700), after
+    removing those of processes that are gone (a kernel killed with SIGKILL removes nothing)."""
+    prefix = f"truss-lab-{kind}-"
+    for folder in Path(tempfile.gettempdir()).glob(prefix + "*-*"):
+        pid = folder.name[len(prefix):].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 def _reap(proc: subprocess.Popen, folder: str) -> None:

@@ -1,0 +1,169 @@
+"""Issue 32: a chain as deployed - each chainlet in a process of its own, the code generation out of
+the kernel, a save that costs what it changed, watching what `truss chains push --watch` watches."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("truss_chains")
+
+import truss_lab  # noqa: E402
+from truss_lab.chains import load_chain  # noqa: E402
+
+CHAIN = '''
+import truss_chains as chains
+from helpers import shout  # a helper module next to the chain
+
+GREETING = chains.make_abs_path_here("greeting.txt")  # a file next to the chain its code reads
+
+
+class Weights(chains.ChainletBase):
+    remote_config = chains.RemoteConfig(
+        docker_image=chains.DockerImage(data_dir=chains.make_abs_path_here("data")),
+        assets=chains.Assets(secret_keys=["hf_token"]),
+    )
+
+    def __init__(self, context: chains.DeploymentContext = chains.depends_context()):
+        self._weights = (context.data_dir / "weights.txt").read_text().strip()
+        self._token = context.secrets["hf_token"]
+
+    def run_remote(self) -> str:
+        return f"{self._weights}/{self._token}"
+
+
+@chains.mark_entrypoint
+class Hello(chains.ChainletBase):
+    def __init__(self, weights: Weights = chains.depends(Weights)):
+        self._weights = weights
+
+    def run_remote(self, name: str) -> str:
+        greeting = open(GREETING.abs_path).read().strip()
+        return shout(f"{greeting} {name} ({self._weights.run_remote()})")
+'''
+
+OTHER_CHAIN = '''
+import truss_chains as chains
+
+
+@chains.mark_entrypoint
+class Other(chains.ChainletBase):
+    def run_remote(self) -> str:
+        return "other"
+'''
+
+
+def _write(folder: Path) -> Path:
+    (folder / "data").mkdir()
+    (folder / "data" / "weights.txt").write_text("w1\n")
+    (folder / "data" / "big.bin").write_bytes(os.urandom(4 << 20))
+    (folder / "greeting.txt").write_text("hello\n")
+    (folder / "helpers.py").write_text("def shout(text):\n    return text.upper()\n")
+    marker = folder / "script-ran"
+    # a script next to the chain, which nothing imports: it must never run
+    (folder / "script.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nwhile True:\n    pass\n")
+    (folder / "other_chain.py").write_text(textwrap.dedent(OTHER_CHAIN))  # a second chain in the same folder
+    path = folder / "hello_chain.py"
+    path.write_text(textwrap.dedent(CHAIN))
+    return path
+
+
+def _run_local(path: Path, **kwargs):
+    """What `python hello_chain.py` with `chains.run_local()` does, in this (the kernel's) process."""
+    import truss_chains as chains
+    from truss_chains import framework
+
+    registry = framework._global_chainlet_registry
+    getattr(registry, "_default", registry).clear()  # each run is a script of its own (`python hello_chain.py`)
+    spec = importlib.util.spec_from_file_location("hello_chain", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    sys.modules["hello_chain"] = module
+    try:
+        spec.loader.exec_module(module)
+        with chains.run_local(secrets={"hf_token": "t0"}, data_dir=path.parent / "data"):
+            return module.Hello().run_remote(**kwargs)
+    finally:
+        sys.path.remove(str(path.parent))
+        for name in ("hello_chain", "helpers"):
+            sys.modules.pop(name, None)
+
+
+def test_a_chain_runs_a_process_per_chainlet_and_never_enters_the_kernel(tmp_path, monkeypatch):
+    folder = tmp_path / "chain"
+    folder.mkdir()
+    path = _write(folder)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = set(sys.modules)
+    local = _run_local(path, name="ada")  # run_local first, then load_chain, in one kernel
+    with load_chain(path, secrets={"hf_token": "t0"}) as chain:
+        assert chain.run(name="ada") == local == "HELLO ADA (W1/T0)"
+        pids = {name: c.pid for name, c in chain.chainlets.items()}
+        assert len(set(pids.values()) | {os.getpid()}) == 3  # each chainlet in a process of its own
+        assert _run_local(path, name="bo") == "HELLO BO (W1/T0)"  # and run_local after it
+        new = set(sys.modules) - before
+        assert not {"hello_chain", "helpers", "script", "other_chain"} & new  # the kernel never imported them
+        assert not (folder / "script-ran").exists()  # a file the chain does not import never runs
+    with load_chain(folder / "other_chain.py") as other:  # the folder's second chain
+        assert other.run() == "other"
+    assert list(cwd.iterdir()) == []  # nothing written into the working directory (no .ruff_cache)
+
+
+def test_a_chain_whose_code_fails_to_import_names_its_file_and_line(tmp_path):
+    path = tmp_path / "pk_chain.py"
+    path.write_text("import truss_chains as chains\nimport lib\n\n\n@chains.mark_entrypoint\nclass E(chains.ChainletBase):\n"
+                    "    def run_remote(self) -> str:\n        return 'x'\n")
+    with pytest.raises(truss_lab.TrussLabError) as info:
+        load_chain(path)
+    message = str(info.value)
+    assert "pk_chain.py:2" in message and "ModuleNotFoundError: No module named 'lib'" in message, message
+    assert "\n" not in message and "chainlet_" not in message  # one line, never generated code
+
+
+def test_a_save_costs_what_it_changed_and_every_file_of_the_folder_reloads_its_users(tmp_path):
+    folder = tmp_path / "chain"
+    folder.mkdir()
+    path = _write(folder)
+    with load_chain(path, secrets={"hf_token": "t0"}) as chain:
+        chain.watch()
+        big = chain.chainlets["Weights"].bundle.data_dir / "big.bin"
+        stamp = (big.stat().st_ino, big.stat().st_mtime_ns)
+        n = chain.reload_count
+        path.write_text(path.read_text().replace("return shout(", "return '! ' + shout("))
+        event = chain.wait_for_reload(since=n, timeout=60)
+        assert event.ok and list(event.chainlets) == ["Hello"], event
+        assert chain.run(name="ada") == "! HELLO ADA (W1/T0)"
+        assert (big.stat().st_ino, big.stat().st_mtime_ns) == stamp  # the 4 MB data file was not copied again
+        n = chain.reload_count
+        (folder / "greeting.txt").write_text("bonjour\n")  # a text file next to the chain: watched too
+        event = chain.wait_for_reload(since=n, timeout=60)
+        assert event.ok and chain.run(name="ada") == "! BONJOUR ADA (W1/T0)", event
+        n = chain.reload_count
+        (folder / "data" / "weights.txt").write_text("w2\n")  # the data_dir: its chainlet rebuilt
+        event = chain.wait_for_reload(since=n, timeout=60)
+        assert event.ok and "Weights" in event.chainlets and chain.run(name="ada") == "! BONJOUR ADA (W2/T0)", event
+        root = chain.root
+    assert not root.exists()  # closed: its scratch folder went
+
+
+def test_a_scratch_folder_of_a_process_that_is_gone_is_removed_at_the_next_start(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid no process has now (a kernel killed with SIGKILL)
+    stale = [Path(tempfile.mkdtemp(prefix=f"truss-lab-{kind}-{gone.pid}-")) for kind in ("chain", "worker")]
+    path = tmp_path / "one.py"
+    path.write_text(textwrap.dedent(OTHER_CHAIN))
+    with load_chain(path) as chain:
+        assert chain.run() == "other"
+        assert not any(p.exists() for p in stale)
+        assert chain.root.name.startswith(f"truss-lab-chain-{os.getpid()}-")

@@ -180,7 +180,11 @@ def test_the_magics_and_the_panel_on_a_chain(tmp_path):
             ip.run_line_magic("truss", "predict example:long")
             ip.run_line_magic("truss", "timeline")
             ip.run_line_magic("truss", "reload")
+            ip.run_line_magic("truss", "status --model wc")
         chain = ip.user_ns["wc"]
+        status = cap.outputs[-1].data["text/plain"]  # the chain's watching and reloads, not its entrypoint worker's
+        assert status.startswith("chain     Entry v1: Upper, Count, Spell, Entry") and "watching  yes" in status, status
+        assert "reload    chain v1: no chainlet's code changed" in status, status
         assert "as `wc`" in cap.stdout and isinstance(chain, truss_lab.chains.Chain) and chain.watching
         texts = [o.data["text/plain"] for o in cap.outputs]
         assert any('"upper": "OK"' in t for t in texts) and any('"count": "18"' in t for t in texts), texts
@@ -297,7 +301,8 @@ def test_the_watcher_reloads_a_saved_chain_and_a_broken_save_keeps_the_old_code(
     n = chain.reload_count
     path.with_name("06.ipynb").write_text("{}")  # the notebook next to the chain, saved: no code names it
     path.with_name("chain.json").write_text("{}")  # an exported trace
-    assert chain.reload().kind == "unchanged" and chain.reload_count == n  # nothing reloaded, nothing reported
+    assert chain.reload().kind == "unchanged" and chain.reload_count == n + 1  # asked: told nothing changed
+    n = chain.reload_count
     path.write_text(good.replace("return text.upper()", "return text.upper() + '?'"))
     event = chain.wait_for_reload(n, timeout=60)
     assert event.ok and event.changed == ["Upper"] and event.trigger == "watch", event
@@ -505,6 +510,8 @@ def test_the_cli_predicts_and_benches_a_chain(tmp_path, capsys):
     assert "request tree:" in err and "└─ Spell" in err  # where the time went, chainlet by chainlet
     assert main(["predict", str(path), "--example", "long"]) == 0
     assert json.loads(capsys.readouterr()[0])["count"] == "18"
+    assert main(["profile", str(path), "--input", '{"text": "ab", "n": 2}', "-n", "2"]) == 0  # its entrypoint's stages
+    assert "predict" in capsys.readouterr()[0]
     assert main(["bench", str(path), "-n", "4", "--no-progress"]) == 0
     out, _ = capsys.readouterr()
     assert "4 requests, 4 ok" in out and "chain Entry: 4 requests" in out and "Spell" in out
@@ -581,7 +588,7 @@ def test_truss_lab_serve_of_a_chain_answers_and_reloads_on_save(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "truss_lab.cli", "serve", str(path), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "truss_lab.cli", "serve", str(path), "--port", str(port), "--max-body-mb", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             preexec_fn=sigint_default_in_child)
     url = f"http://127.0.0.1:{port}/v1/models/model:predict"
@@ -602,6 +609,7 @@ def test_truss_lab_serve_of_a_chain_answers_and_reloads_on_save(tmp_path):
 
     try:
         wait_for({"upper": "AB", "count": "2", "spelled": "A.B."})
+        assert httpx.post(url, json={"text": "a" * (2 << 20), "n": 1}, timeout=30).status_code == 413  # --max-body-mb 1
         path.write_text(path.read_text().replace("return text.upper()", "return text.upper() + '?'"))
         wait_for({"upper": "AB?", "count": "3", "spelled": "A.B.?."})
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,7 +148,12 @@ class ChainReloader(Reloader):
         self._setup(chain)
         self.keys = _chainlet_keys(chain._gen)
         self.pending: set[str] = set()  # chainlets whose last reload failed
+        self._trigger = threading.local()
         self._generation = 0
+
+    def reload(self, full: bool = False, trigger: str = "manual") -> ReloadEvent:
+        self._trigger.name = trigger  # this thread's: a save that changed nothing the chain uses is reported only when asked
+        return super().reload(full, trigger)
 
     @property
     def watch_path(self) -> Path:
@@ -217,8 +223,8 @@ class ChainReloader(Reloader):
             if full or own or keys[name] is None or keys[name] != self.keys.get(name) or name in self.pending:
                 todo.append(name)  # its own generated files (stubs, config, data) or its code changed, or it failed last time
             _sync(folders[name], new, old)  # its truss as a push would write it now (a later full reload reads it)
-        if not (todo or added or removed):
-            return None  # no chainlet's code or files changed: nothing to reload, nothing to report
+        if not (todo or added or removed):  # no chainlet's code or files changed (a notebook saved beside it)
+            return None if getattr(self._trigger, "name", "") == "watch" else ChainReloadEvent(chain.version, "unchanged", untouched=list(gen.order))
         events: dict[str, ReloadEvent] = {}
         not_added: list[str] = []
         for name in gen.order:  # dependencies first: a new chainlet is served before the ones calling it reload

@@ -51,7 +51,7 @@ class Chain:
         self.source = Path(source).resolve()
         if not self.source.is_file():
             raise TrussLabError(f"{self.source}: no such chain source file")
-        from .worker import scratch_dir
+        from .wire import scratch_dir
 
         self.root = Path(scratch_dir("chain"))  # its generated trusses; gone on close, at exit, or at the next start
         weakref.finalize(self, shutil.rmtree, str(self.root), True)
@@ -155,10 +155,11 @@ class Chain:
         """`chain.run(text="hi")`: the entrypoint's `run_remote(**kwargs)`, as the deployed chain runs it."""
         return self.predict(kwargs).output
 
-    def serve(self, host: str = "127.0.0.1", port: int = 0):
+    def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None):
         """The entrypoint over HTTP with the Truss server's routes, as the deployed chain answers
-        (`POST /v1/models/model:predict` with the entrypoint's JSON body); `truss-lab serve my_chain.py`."""
-        return self.entry.serve(host=host, port=port)
+        (`POST /v1/models/model:predict` with the entrypoint's JSON body); `truss-lab serve my_chain.py`.
+        `max_body`: bigger request bodies are refused with 413 (`--max-body-mb`; default 16 MB)."""
+        return self.entry.serve(host=host, port=port, max_body=max_body)
 
     def trees(self, last: int | None = None, traces: dict[str, list] | None = None) -> list["Call"]:
         """The request trees, oldest first: per request to the entrypoint, which chainlet called which,

@@ -122,9 +122,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from .live import load
-
-    with load(args.path, concurrency=args.lock) as live:
+    with _opened(args.path, args.lock) as (live, _):  # a chain: its entrypoint's stages, as `%truss profile`
         inputs = _inputs(args, live)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -155,7 +153,7 @@ def cmd_serve(args) -> int:
             if not args.no_watch:
                 chain.watch()  # a save reloads the chainlets whose code changed
                 chain.on_reload(lambda event: print(event.summary(), flush=True))
-            server = chain.serve(host=args.host, port=args.port)
+            server = chain.serve(host=args.host, port=args.port, max_body=max_body)
             print(f"serving the chain {chain.name} ({', '.join(chain.chainlets)}) at {server.url}/v1/models/model:predict "
                   "(Ctrl-C stops)", flush=True)
             try:

@@ -14,8 +14,12 @@ import builtins
 import dataclasses
 import json
 import os
+import shutil
 import socket
-from typing import Any
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
 
 from .errors import STAGE_ERRORS, LoadError, ModelError, TrussLabError, describe
 from .serialization import is_pydantic, truss_json, truss_json_check
@@ -157,3 +161,60 @@ def widen(conn: Any) -> Any:
 def _widen(s: socket.socket) -> None:
     for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         s.setsockopt(socket.SOL_SOCKET, option, BUFFER)
+
+
+# ------------------------------------------------------------------------------ the kernel's side
+
+
+def scratch_dir(kind: str) -> str:
+    """A new folder of this process's (`truss-lab-<kind>-<pid>-*` in the temporary folder, 0700), after
+    removing those of processes that are gone (a kernel killed with SIGKILL removes nothing)."""
+    prefix = f"truss-lab-{kind}-"
+    for folder in Path(tempfile.gettempdir()).glob(prefix + "*-*"):
+        pid = folder.name[len(prefix):].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
+
+
+def rewarn(caught: list[tuple]) -> None:
+    """The warnings the worker's load gave, given here (a builtin or truss_lab category as itself)."""
+    import builtins
+    import importlib
+
+    for module, name, message, filename, lineno in caught:
+        category = getattr(builtins, name, None) if module == "builtins" else None
+        if category is None and module.startswith("truss_lab"):
+            category = getattr(importlib.import_module(module), name, None)
+        if not (isinstance(category, type) and issubclass(category, Warning)):
+            category = UserWarning
+        warnings.warn_explicit(message, category, filename, lineno)
+
+
+class RemoteServer:
+    """A server a worker started (`tr.serve()`): its URL, and stop()."""
+
+    def __init__(self, url: str, stop: Callable[[], Any]):
+        self.url, self._stop = url, stop
+
+    def stop(self) -> None:
+        self._stop()
+
+    def __enter__(self) -> "RemoteServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<truss_lab server at {self.url} (in a worker process)>"

@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -35,7 +34,7 @@ from .bundle import read_bundle
 from .errors import TrussLabError
 from .runner import DEFAULT_TRACE_CAPACITY
 from .trace import Result
-from .wire import decode, dial, error_from_state
+from .wire import RemoteServer, decode, dial, error_from_state, rewarn, scratch_dir
 
 
 class WorkerDied(TrussLabError):
@@ -84,7 +83,7 @@ class WorkerModel:
         except BaseException:
             self._kill()
             raise
-        _rewarn(message[2])
+        rewarn(message[2])
         if message[0] != "ready":
             self._kill()
             raise error_from_state(message[1])
@@ -435,27 +434,6 @@ class WorkerModel:
         return None if worker is None else worker + here
 
 
-def scratch_dir(kind: str) -> str:
-    """A new folder of this process's (`truss-lab-<kind>-<pid>-*` in the temporary folder, 0700), after
-    removing those of processes that are gone (a kernel killed with SIGKILL removes nothing)."""
-    prefix = f"truss-lab-{kind}-"
-    for folder in Path(tempfile.gettempdir()).glob(prefix + "*-*"):
-        pid = folder.name[len(prefix):].partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's
-    return True
-
-
 def _reap(proc: subprocess.Popen, folder: str) -> None:
     """End a worker and whatever it started (a pool its model left running: its process group), and
     remove its socket's folder."""
@@ -490,36 +468,3 @@ def _listen(ref: "weakref.ref[WorkerModel]", control: Any) -> None:
             except Exception as exc:  # a display callback must never stop the listener
                 warnings.warn(f"truss_lab {kind} callback {callback!r} raised {type(exc).__name__}: {exc}", RuntimeWarning)
         del tr
-
-
-def _rewarn(caught: list[tuple]) -> None:
-    """The warnings the worker's load gave, given here (a builtin or truss_lab category as itself)."""
-    import builtins
-    import importlib
-
-    for module, name, message, filename, lineno in caught:
-        category = getattr(builtins, name, None) if module == "builtins" else None
-        if category is None and module.startswith("truss_lab"):
-            category = getattr(importlib.import_module(module), name, None)
-        if not (isinstance(category, type) and issubclass(category, Warning)):
-            category = UserWarning
-        warnings.warn_explicit(message, category, filename, lineno)
-
-
-class RemoteServer:
-    """A server a worker started (`tr.serve()`): its URL, and stop()."""
-
-    def __init__(self, url: str, stop: Callable[[], Any]):
-        self.url, self._stop = url, stop
-
-    def stop(self) -> None:
-        self._stop()
-
-    def __enter__(self) -> "RemoteServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"<truss_lab server at {self.url} (in a worker process)>"

@@ -245,7 +245,7 @@ class TrussMagics(Magics):
 
     def cmd_status(self, args, cell):
         live = self.model(args.model)
-        display(Status(live))
+        display(Status(live, self.chain_of(live)))
 
     def cmd_bench(self, args, cell):
         live = self.model(args.model)
@@ -388,12 +388,16 @@ def _schema_line(live) -> list[tuple[str, str]]:
 
 
 class Status(LoadSummary):
-    def __init__(self, live):
+    """`%truss status`: a model's, or - for a chain's entrypoint - the chain's watching and reloads."""
+
+    def __init__(self, live, chain=None):
         super().__init__(live, "")
+        self.chain = chain
 
     def lines(self) -> list[tuple[str, str]]:
-        live = self.live
-        last = live.reload_history[-1].summary() if live.reload_history else "none"
+        live, chain = self.live, self.chain
+        reloads = chain if chain is not None else live  # a chain's saves are the chain's reloads
+        last = reloads.reload_history[-1].summary() if reloads.reload_history else "none"
         report = live.report()
         summary = (
             f"{report.count} requests, p50 {report.stages['total'].p50:.1f} ms, "
@@ -401,10 +405,11 @@ class Status(LoadSummary):
             if report.count
             else "no requests yet"
         )
-        return [
+        rows = [("chain", f"{chain.name} v{chain.version}: {', '.join(chain.chainlets)} (entrypoint below)")] if chain else []
+        return rows + [
             ("model", f"{live.name} v{live.version}"),
             ("lock", str(live.concurrency)),
-            ("watching", "yes" if live.watching else "no"),
+            ("watching", "yes" if reloads.watching else "no"),
             ("guard", "on" if live.guard else "off"),
             ("reload", last),
             ("traces", f"{len(live.traces)} kept"),

@@ -167,3 +167,25 @@ def test_a_scratch_folder_of_a_process_that_is_gone_is_removed_at_the_next_start
         assert chain.run() == "other"
         assert not any(p.exists() for p in stale)
         assert chain.root.name.startswith(f"truss-lab-chain-{os.getpid()}-")
+
+
+def test_hot_reload_on_a_served_chain_reloads_the_chain(tmp_path):
+    """POST /hot-reload on the chain's server (its entrypoint's process) regenerates the chain and
+    reloads the chainlets whose code changed - here one that is not the entrypoint."""
+    httpx = pytest.importorskip("httpx")
+    folder = tmp_path / "chain"
+    folder.mkdir()
+    path = _write(folder)
+    with load_chain(path, secrets={"hf_token": "t0"}) as chain:
+        server = chain.serve()
+        predict = server.url + "/v1/models/model:predict"
+        assert httpx.post(predict, json={"name": "ada"}, timeout=60).json() == "HELLO ADA (W1/T0)"
+        path.write_text(path.read_text().replace('return f"{self._weights}/{self._token}"', 'return "swapped"'))
+        r = httpx.post(server.url + "/hot-reload", timeout=120)
+        assert r.status_code == 200 and r.json() == {"msg": "Hot reload complete"}, r.text
+        assert httpx.post(predict, json={"name": "ada"}, timeout=60).json() == "HELLO ADA (SWAPPED)"
+        assert chain.reload_history[-1].chainlets["Weights"].kind == "methods"
+        path.write_text(path.read_text().replace('return "swapped"', 'return "swapped" +'))  # broken
+        r = httpx.post(server.url + "/hot-reload", timeout=120)
+        assert r.status_code == 422 and "hello_chain.py" in r.json()["error"], r.text
+        assert httpx.post(predict, json={"name": "ada"}, timeout=60).json() == "HELLO ADA (SWAPPED)"

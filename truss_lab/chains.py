@@ -158,8 +158,9 @@ class Chain:
     def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None):
         """The entrypoint over HTTP with the Truss server's routes, as the deployed chain answers
         (`POST /v1/models/model:predict` with the entrypoint's JSON body); `truss-lab serve my_chain.py`.
-        `max_body`: bigger request bodies are refused with 413 (`--max-body-mb`; default 16 MB)."""
-        return self.entry.serve(host=host, port=port, max_body=max_body)
+        `max_body`: bigger request bodies are refused with 413 (`--max-body-mb`; default 16 MB).
+        `POST /hot-reload` reloads the chain (regenerates it, reloads the chainlets whose code changed)."""
+        return self.entry.serve(host=host, port=port, max_body=max_body, on_hot_reload=self.reload)
 
     def trees(self, last: int | None = None, traces: dict[str, list] | None = None) -> list["Call"]:
         """The request trees, oldest first: per request to the entrypoint, which chainlet called which,

@@ -56,6 +56,7 @@ class WorkerModel:
         self._on_reload: list[Callable] = []
         self._on_examples: list[Callable] = []
         self._on_close: list[Callable] = []
+        self._on_ask: dict[str, Callable[[], Any]] = {}  # the worker's questions to the kernel (serve(on_hot_reload=))
         self._closed = False
         from .guard import Warner
 
@@ -411,8 +412,18 @@ class WorkerModel:
         kwargs.pop("note", None)
         return self._rpc("call", "check", inputs, **kwargs)
 
-    def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None):
-        """HTTP with the Truss server's routes, served by the worker itself: `.url`, `.stop()`."""
+    def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None,
+              on_hot_reload: Callable[[], Any] | None = None):
+        """HTTP with the Truss server's routes, served by the worker itself: `.url`, `.stop()`.
+        `on_hot_reload`: what POST /hot-reload runs here in the kernel (a chain's reload) - it returns a
+        ReloadEvent - instead of the worker's own reload."""
+        if on_hot_reload is not None:
+            self._on_ask["reload"] = on_hot_reload
+            from .serving.server import DEFAULT_MAX_BODY
+
+            url, ident = self._rpc("serve", host, port, DEFAULT_MAX_BODY if max_body is None else max_body,
+                                   reload_in_kernel=True)
+            return RemoteServer(url, lambda: self._rpc("stop_server", ident) if self._proc.poll() is None else None)
         url, ident = self._rpc("serve", host, port, max_body)
         return RemoteServer(url, lambda: self._rpc("stop_server", ident) if self._proc.poll() is None else None)
 
@@ -445,6 +456,17 @@ def _reap(proc: subprocess.Popen, folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def _answer(tr: WorkerModel, ident: int, kind: str) -> None:
+    """The kernel's answer to a worker's question: (ok, error) of what `on_ask[kind]` returned."""
+    try:
+        event = tr._on_ask[kind]()
+        answer = (bool(event.ok), event.error)
+    except Exception as exc:
+        answer = (False, f"{type(exc).__name__}: {exc}")
+    with contextlib.suppress(TrussLabError):
+        tr._rpc("answer", ident, answer)
+
+
 def _listen(ref: "weakref.ref[WorkerModel]", control: Any) -> None:
     """The worker's pushes (reload events, examples diffs) for the callbacks registered in the kernel;
     holding the WorkerModel only while it handles one, so a dropped one is collected and its worker ends."""
@@ -457,6 +479,10 @@ def _listen(ref: "weakref.ref[WorkerModel]", control: Any) -> None:
         if tr is None or message[0] != "event":
             return
         _, kind, payload = message
+        if kind == "ask":  # answered on a thread of its own: the question (a chain's reload) may take a while
+            threading.Thread(target=_answer, args=(tr, *payload), name="truss-lab-ask", daemon=True).start()
+            del tr  # not held while waiting for the next message
+            continue
         if kind == "reload":
             try:
                 tr._bundle = tr._get("bundle")

@@ -81,6 +81,19 @@ class Worker:
         self._send_lock = threading.Lock()
         self._servers: dict[int, Any] = {}
         self.subscribed: set[str] = set()
+        self._asks: dict[int, list] = {}  # questions to the kernel (a chain's /hot-reload): id -> [Event, answer]
+
+    def ask_kernel(self, kind: str, timeout: float = 3600.0) -> Any:
+        """Ask the kernel (its WorkerModel's on_ask) and wait for its answer."""
+        ident, done = id(threading.current_thread()), threading.Event()
+        self._asks[ident] = [done, None]
+        self.push("ask", (ident, kind))
+        try:
+            if not done.wait(timeout):
+                raise TrussLabError(f"the kernel did not answer {kind!r} within {timeout:.0f} s")
+            return self._asks[ident][1]
+        finally:
+            self._asks.pop(ident, None)
 
     def push(self, kind: str, payload: Any) -> None:
         with self._send_lock:
@@ -129,8 +142,25 @@ class Worker:
         if op == "set" and args[0] in SETS:
             setattr(live, args[0], args[1])
             return None
+        if op == "answer":  # the kernel's answer to ask_kernel
+            ask = self._asks.get(args[0])
+            if ask is not None:
+                ask[1] = args[1]
+                ask[0].set()
+            return None
         if op == "serve":
-            server = live.serve(*args, **kwargs)
+            if kwargs.pop("reload_in_kernel", False):  # a chain's entrypoint: /hot-reload reloads the chain
+                from .reload import ReloadEvent
+                from .serving.server import serve
+
+                def reload() -> Any:
+                    ok, error = self.ask_kernel("reload")
+                    return ReloadEvent(live.version, "methods" if ok else "failed", error=error)
+
+                server = serve(live, *args, **kwargs, reload=reload)
+                live._servers.append(server)
+            else:
+                server = live.serve(*args, **kwargs)
             self._servers[id(server)] = server
             return server.url, id(server)
         if op == "stop_server":

@@ -87,10 +87,11 @@ class Backend(Protocol):
 class LiveBackend:
     """A LiveModel (or one still loading) behind the routes; model calls run on worker threads."""
 
-    def __init__(self, live=None, name: str = "model"):
+    def __init__(self, live=None, name: str = "model", reload: Any = None):
         self.live = live
         self.name = live.name if live is not None else name
         self.load_error: str | None = None
+        self._reload = reload  # what /hot-reload reloads, when it is more than this model (a chain's entrypoint)
 
     def ready(self) -> bool:
         return self.live is not None
@@ -118,7 +119,7 @@ class LiveBackend:
 
     def reload(self):
         """POST /hot-reload: reload the edited code now (a ReloadEvent)."""
-        return self.live.reload()
+        return self._reload() if self._reload is not None else self.live.reload()
 
     async def healthy(self) -> bool | None:
         """The model's is_healthy() as the Truss server asks it: None without one; an exception is False."""

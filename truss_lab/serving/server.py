@@ -89,9 +89,10 @@ def listen(name: str, host: str, port: int) -> socket.socket:
         raise TrussLabError(f"{name}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def serve(live, host: str = "127.0.0.1", port: int = 0, max_body: int = DEFAULT_MAX_BODY) -> Server:
-    """Serve `live` over HTTP from a background thread (port 0: a free one); returns the running Server."""
-    return Server(LiveBackend(live), host, port, max_body).start()
+def serve(live, host: str = "127.0.0.1", port: int = 0, max_body: int = DEFAULT_MAX_BODY, reload: Any = None) -> Server:
+    """Serve `live` over HTTP from a background thread (port 0: a free one); returns the running Server.
+    `reload`: what POST /hot-reload calls instead of `live.reload` (a chain's reload, for its entrypoint)."""
+    return Server(LiveBackend(live, reload=reload), host, port, max_body).start()
 
 
 def serve_path(

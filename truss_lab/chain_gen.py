@@ -137,7 +137,8 @@ def _linking():
     copytree = shutil.copytree
 
     def tree(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("copy_function", link)  # copytree's default is bound at its definition
+        if len(args) < 3:  # (symlinks, ignore, copy_function) not given by position
+            kwargs.setdefault("copy_function", link)  # copytree's default is bound at its definition
         return copytree(src, dst, *args, **kwargs)
 
     shutil.copy2, shutil.copytree = link, tree

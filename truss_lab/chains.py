@@ -42,6 +42,9 @@ def _require_truss_chains():
         raise TrussLabError("load_chain() needs truss_chains (the `truss` package): pip install 'truss_lab[chains]'") from None
 
 
+_PRELOAD = ("truss_chains", "fastapi", "uvicorn", "truss_lab.live", "truss_lab.serving.server")  # what every chainlet imports
+
+
 class Chain:
     """A chain's chainlets, each a LiveModel, wired to each other over 127.0.0.1 as deployed."""
 
@@ -71,10 +74,19 @@ class Chain:
         self._gen = gen
         folders = gen.folders
         self._guard = guard
+        from .worker import spawn
+
+        # every chainlet's process at once (as a deployed chain's start), importing truss_chains and its web
+        # server side by side; each then loads in turn, dependencies first (a load() may call them)
+        spawned = {display: spawn(_PRELOAD) for display in gen.order}
         try:
-            for display in gen.order:  # dependencies first: a chainlet's load() may call the ones it depends on
-                self._start_chainlet(display, folders[display], bool(gen.depends[display]), display == gen.order[-1])
+            for display in gen.order:
+                self._start_chainlet(display, folders[display], bool(gen.depends[display]), display == gen.order[-1],
+                                     spawned.pop(display))
         except BaseException:
+            for proc in spawned.values():
+                proc.kill()
+                proc.wait()
             self.close()
             raise
         unused = sorted(set(self._secrets) - {k for c in self.chainlets.values() for k in c.bundle.secrets})
@@ -88,7 +100,7 @@ class Chain:
         self.version = 1
         self.reloader = ChainReloader(self)
 
-    def _start_chainlet(self, display: str, folder: Path, calls_others: bool, entrypoint: bool) -> Any:
+    def _start_chainlet(self, display: str, folder: Path, calls_others: bool, entrypoint: bool, spawned: Any = None) -> Any:
         """Start one chainlet's generated truss in a worker process of its own, as deployed; serve it on
         127.0.0.1 unless it is the entrypoint, and give its URL to the chainlets that call it."""
         from .worker import WorkerModel
@@ -101,7 +113,7 @@ class Chain:
         live = WorkerModel(folder, guard=self._guard and not calls_others, chainlet=True,
                            secrets={**{k: v for k, v in self._secrets.items() if k in declared},
                                     "baseten_chain_api_key": self._key},
-                           env={"TRUSS_LAB_DYNAMIC_CONFIG_DIR": str(self.mount)})
+                           env={"TRUSS_LAB_DYNAMIC_CONFIG_DIR": str(self.mount)}, spawned=spawned)
         self.chainlets[display] = live
         if not entrypoint:  # the worker stops the server it started when it closes
             self.urls[display] = {"predict_url": f"{live.serve().url}/v1/models/model:predict"}

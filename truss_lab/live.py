@@ -346,17 +346,19 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
             profile.ops = framework.ops()
         return profile
 
-    def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None):
+    def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None,
+              reload: Callable[[], Any] | None = None):
         """Serve this model over HTTP with the Truss server's routes, from a background thread.
 
         Returns the running server (`.url`, `.stop()`); port 0 picks a free port. Same lock, traces and
-        hot reload as in the notebook. Needs the `serve` extra (FastAPI, uvicorn).
+        hot reload as in the notebook (`reload`: what POST /hot-reload runs instead - a chain's reload,
+        for its entrypoint). Needs the `serve` extra (FastAPI, uvicorn).
         """
         try:
             from .serving.server import DEFAULT_MAX_BODY, serve
         except ImportError as exc:
             raise TrussLabError(f"serve() needs FastAPI and uvicorn: pip install 'truss_lab[serve]' ({exc})") from None
-        server = serve(self, host, port, DEFAULT_MAX_BODY if max_body is None else max_body)
+        server = serve(self, host, port, DEFAULT_MAX_BODY if max_body is None else max_body, reload=reload)
         self._servers.append(server)
         return server
 

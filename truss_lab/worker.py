@@ -48,7 +48,7 @@ class WorkerModel:
 
     def __init__(self, path: str | os.PathLike, *, concurrency: int | None = None, secrets: Mapping[str, str] | None = None,
                  environment: Any = None, trace_capacity: int = DEFAULT_TRACE_CAPACITY, guard: bool = True,
-                 chainlet: bool = False, env: Mapping[str, str] | None = None):
+                 chainlet: bool = False, env: Mapping[str, str] | None = None, spawned: subprocess.Popen | None = None):
         self.path = Path(path).resolve()
         self._load = {"concurrency": concurrency, "secrets": dict(secrets or {}), "environment": environment,
                       "trace_capacity": trace_capacity, "guard": guard}
@@ -62,18 +62,16 @@ class WorkerModel:
 
         self._warner = Warner()
         self._bundle = read_bundle(self.path)
-        self._start()
+        self._start(spawned)
 
     # ------------------------------------------------------------------ the process
 
-    def _start(self) -> None:
+    def _start(self, spawned: subprocess.Popen | None = None) -> None:
         self._dir = scratch_dir("worker")  # 0700: only this user reaches the socket
         self._socket = os.path.join(self._dir, "s")
         self._key = os.urandom(32)
         self._local = threading.local()
-        # a session of its own: the worker and what it starts are one process group, ended together
-        self._proc = subprocess.Popen([sys.executable, "-m", "truss_lab.worker_process"], stdin=subprocess.PIPE,
-                                      start_new_session=True)
+        self._proc = spawned or spawn()
         opts = {"socket": self._socket, "authkey": self._key, "path": str(self.path), "load": self._load,
                 "parent": os.getpid(), "chainlet": self._chainlet, "env": self._env}
         try:
@@ -419,12 +417,7 @@ class WorkerModel:
         ReloadEvent - instead of the worker's own reload."""
         if on_hot_reload is not None:
             self._on_ask["reload"] = on_hot_reload
-            from .serving.server import DEFAULT_MAX_BODY
-
-            url, ident = self._rpc("serve", host, port, DEFAULT_MAX_BODY if max_body is None else max_body,
-                                   reload_in_kernel=True)
-            return RemoteServer(url, lambda: self._rpc("stop_server", ident) if self._proc.poll() is None else None)
-        url, ident = self._rpc("serve", host, port, max_body)
+        url, ident = self._rpc("serve", host, port, max_body, reload_in_kernel=on_hot_reload is not None)
         return RemoteServer(url, lambda: self._rpc("stop_server", ident) if self._proc.poll() is None else None)
 
     def predict_batch(self, inputs: Any, workers: int = 8) -> list[Result]:
@@ -443,6 +436,16 @@ class WorkerModel:
 
         worker, here = process_cpu_s(self._proc.pid), process_cpu_s()
         return None if worker is None else worker + here
+
+
+def spawn(preload: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A worker process, waiting for the truss it will hold (its options, on stdin); it imports
+    `preload` (a chainlet's truss_chains and web server) meanwhile, so that a chain's chainlets import
+    side by side, as a deployed chain's start at once. A session of its own: the worker and what it
+    starts are one process group, ended together."""
+    env = {**os.environ, "TRUSS_LAB_PRELOAD": ",".join(preload)} if preload else None
+    return subprocess.Popen([sys.executable, "-m", "truss_lab.worker_process"], stdin=subprocess.PIPE,
+                            start_new_session=True, env=env)
 
 
 def _reap(proc: subprocess.Popen, folder: str) -> None:

@@ -151,16 +151,13 @@ class Worker:
         if op == "serve":
             if kwargs.pop("reload_in_kernel", False):  # a chain's entrypoint: /hot-reload reloads the chain
                 from .reload import ReloadEvent
-                from .serving.server import serve
 
                 def reload() -> Any:
                     ok, error = self.ask_kernel("reload")
                     return ReloadEvent(live.version, "methods" if ok else "failed", error=error)
 
-                server = serve(live, *args, **kwargs, reload=reload)
-                live._servers.append(server)
-            else:
-                server = live.serve(*args, **kwargs)
+                kwargs["reload"] = reload
+            server = live.serve(*args, **kwargs)
             self._servers[id(server)] = server
             return server.url, id(server)
         if op == "stop_server":
@@ -314,7 +311,15 @@ def _exit_when_parent_goes(fd: int) -> None:
 
 
 def main() -> None:
-    opts = pickle.load(sys.stdin.buffer)
+    for name in filter(None, os.environ.pop("TRUSS_LAB_PRELOAD", "").split(",")):  # while the kernel starts others
+        try:
+            __import__(name)
+        except Exception:
+            pass  # the model's own import says what is wrong, at its line
+    try:
+        opts = pickle.load(sys.stdin.buffer)
+    except EOFError:  # spawned for a truss the kernel no longer starts
+        return
     _FOLDER.append(os.path.dirname(opts["socket"]))
     _die_with_parent()
     if os.getppid() != opts["parent"]:  # the kernel died before the line above took effect

@@ -189,3 +189,23 @@ def test_hot_reload_on_a_served_chain_reloads_the_chain(tmp_path):
         r = httpx.post(server.url + "/hot-reload", timeout=120)
         assert r.status_code == 422 and "hello_chain.py" in r.json()["error"], r.text
         assert httpx.post(predict, json={"name": "ada"}, timeout=60).json() == "HELLO ADA (SWAPPED)"
+
+
+def test_a_chainlets_error_names_the_chains_own_file_not_its_generated_copy(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    path = folder / "ie_chain.py"
+    path.write_text("import truss_chains as chains\n\n\nclass Lookup(chains.ChainletBase):\n"
+                    "    def run_remote(self, key: str) -> str:\n        return {'a': 'alpha'}[key]\n\n\n"
+                    "@chains.mark_entrypoint\nclass Ask(chains.ChainletBase):\n"
+                    "    def __init__(self, lookup: Lookup = chains.depends(Lookup)):\n        self._lookup = lookup\n\n"
+                    "    def run_remote(self, key: str) -> str:\n        return self._lookup.run_remote(key)\n")
+    with load_chain(path) as chain:
+        error = chain.chainlets["Lookup"].run({"key": "b"}).error  # the chainlet's own request
+        assert error.location == "mine/ie_chain.py:6", error
+        text = path.read_text()
+        path.write_text(text.replace("    def run_remote(self, key: str) -> str:\n        return {",
+                                     "    def __init__(self):\n        self.n = 1 / 0\n\n    def run_remote(self, key: str) -> str:\n        return {"))
+        event = chain.reload()
+        assert event.kind == "failed" and event.location == "mine/ie_chain.py:6", event
+        assert "chainlet_" not in event.error and "mine/ie_chain.py:6: ZeroDivisionError" in event.error, event.error

@@ -15,8 +15,16 @@ import os
 from typing import Any
 
 
-def mount() -> None:
-    """Before the chainlet loads: the platform's /etc/b10_dynamic_config mount is the chain's folder."""
+def mount(packages: str | None = None) -> None:
+    """Before the chainlet loads: the platform's /etc/b10_dynamic_config mount is the chain's folder;
+    a file:line in its `packages/` (the chain's folder, copied) names the chain's own file."""
+    source = os.environ.get("TRUSS_LAB_CHAIN_FOLDER")
+    if packages and source:
+        from pathlib import Path
+
+        from .errors import SHOWN_AS
+
+        SHOWN_AS[Path(packages).resolve()] = Path(source).name
     folder = os.environ.get("TRUSS_LAB_DYNAMIC_CONFIG_DIR")
     if folder:
         for name in ("_truss_shared.dynamic_config_resolver", "truss.templates.shared.dynamic_config_resolver"):

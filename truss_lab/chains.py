@@ -113,7 +113,8 @@ class Chain:
         live = WorkerModel(folder, guard=self._guard and not calls_others, chainlet=True,
                            secrets={**{k: v for k, v in self._secrets.items() if k in declared},
                                     "baseten_chain_api_key": self._key},
-                           env={"TRUSS_LAB_DYNAMIC_CONFIG_DIR": str(self.mount)}, spawned=spawned)
+                           env={"TRUSS_LAB_DYNAMIC_CONFIG_DIR": str(self.mount), "TRUSS_LAB_CHAIN_FOLDER": str(self.source.parent)},
+                           spawned=spawned)
         self.chainlets[display] = live
         if not entrypoint:  # the worker stops the server it started when it closes
             self.urls[display] = {"predict_url": f"{live.serve().url}/v1/models/model:predict"}

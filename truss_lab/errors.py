@@ -151,16 +151,34 @@ def user_location(exc: BaseException, roots: list[Path]) -> str | None:
     A SyntaxError names its own file and line, not a frame, so it is asked first.
     """
     roots = [Path(r).resolve() for r in roots]
+    found = _deepest(exc, roots)
+    if len(roots) > 1 and (found is None or found[1] > 0):  # a chainlet: its generated code re-raised
+        inner = exc.__cause__ or exc.__context__  # what the chain's own code raised (roots[0]), if anything
+        while inner is not None:
+            mine = _deepest(inner, roots)
+            if mine is not None and mine[1] == 0:
+                return mine[0]
+            inner = inner.__cause__ or inner.__context__
+    return found[0] if found else None
+
+
+def _deepest(exc: BaseException, roots: list[Path]) -> tuple[str, int] | None:
+    """('rel/path.py:LINE', index of its root) of the deepest frame of `exc` in one of `roots`."""
     if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
         rel = _relative(Path(exc.filename), roots)
         if rel:
-            return f"{rel}:{exc.lineno}"
+            return f"{rel}:{exc.lineno}", _root_index(Path(exc.filename), roots)
     found = None
     for frame in traceback.extract_tb(exc.__traceback__):
         rel = _relative(Path(frame.filename), roots)
         if rel:
-            found = f"{rel}:{frame.lineno}"
+            found = f"{rel}:{frame.lineno}", _root_index(Path(frame.filename), roots)
     return found
+
+
+def _root_index(path: Path, roots: list[Path]) -> int:
+    resolved = path.resolve()
+    return next((i for i, root in enumerate(roots) if resolved.is_relative_to(root)), len(roots))
 
 
 def user_traceback(exc: BaseException, roots: list[Path]) -> str:
@@ -172,6 +190,9 @@ def user_traceback(exc: BaseException, roots: list[Path]) -> str:
     return "".join(lines)
 
 
+SHOWN_AS: dict[Path, str] = {}  # a root shown under another name: a chainlet's packages/ as the chain's folder
+
+
 def _relative(path: Path, roots: list[Path]) -> str | None:
     try:
         resolved = path.resolve()
@@ -179,5 +200,5 @@ def _relative(path: Path, roots: list[Path]) -> str | None:
         return None
     for root in roots:
         if resolved.is_relative_to(root):
-            return os.path.join(root.name, str(resolved.relative_to(root)))
+            return os.path.join(SHOWN_AS.get(root, root.name), str(resolved.relative_to(root)))
     return None

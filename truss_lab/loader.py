@@ -35,7 +35,7 @@ from typing import Callable
 
 from . import carry, held
 from .bundle import Bundle
-from .errors import LoadError, TrussLabError
+from .errors import SHOWN_AS, LoadError, TrussLabError
 
 
 def model_package(bundle: Bundle) -> str:
@@ -56,8 +56,10 @@ def truss_root(bundle: Bundle) -> Path:
 
 
 def user_roots(bundle: Bundle) -> list[Path]:
-    """Where the user's own code lives (for file:line in errors and filtered tracebacks)."""
-    return [bundle.path]
+    """Where the user's own code lives (for file:line in errors and filtered tracebacks). A chainlet's
+    `packages/` first: it is the chain's folder, copied, and shown as it (errors.SHOWN_AS, chainlet.py)."""
+    packages = bundle.packages_dir.resolve()
+    return [packages, bundle.path] if packages in SHOWN_AS else [bundle.path]
 
 
 def load_error(exc: BaseException, bundle: Bundle, what: str) -> LoadError:

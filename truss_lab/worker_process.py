@@ -345,7 +345,7 @@ def main() -> None:
     if opts.get("chainlet"):
         from .chainlet import mount
 
-        mount()
+        mount(os.path.join(opts["path"], "packages"))
     with warnings.catch_warnings(record=True) as caught:  # what load() warns: the kernel gives it
         warnings.simplefilter("default")
         try:

@@ -209,3 +209,26 @@ def test_a_chainlets_error_names_the_chains_own_file_not_its_generated_copy(tmp_
         event = chain.reload()
         assert event.kind == "failed" and event.location == "mine/ie_chain.py:6", event
         assert "chainlet_" not in event.error and "mine/ie_chain.py:6: ZeroDivisionError" in event.error, event.error
+
+
+def test_a_data_dir_outside_the_chains_folder_is_watched_too(tmp_path):
+    """`data_dir=make_abs_path_here("../weights")` (the example chain shares the digits truss's data):
+    the chain's folders are its root and such data_dirs; a save there rebuilds the chainlet."""
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "w.txt").write_text("w1")
+    folder = tmp_path / "chain"
+    folder.mkdir()
+    path = folder / "dd_chain.py"
+    path.write_text("import truss_chains as chains\n\n\n@chains.mark_entrypoint\nclass W(chains.ChainletBase):\n"
+                    "    remote_config = chains.RemoteConfig(docker_image=chains.DockerImage(\n"
+                    "        data_dir=chains.make_abs_path_here('../weights')))\n\n"
+                    "    def __init__(self, context: chains.DeploymentContext = chains.depends_context()):\n"
+                    "        self._w = (context.data_dir / 'w.txt').read_text()\n\n"
+                    "    def run_remote(self) -> str:\n        return self._w\n")
+    with load_chain(path) as chain:
+        assert chain.run() == "w1"
+        chain.watch()
+        n = chain.reload_count
+        (tmp_path / "weights" / "w.txt").write_text("w2")
+        event = chain.wait_for_reload(since=n, timeout=60)
+        assert event.ok and chain.run() == "w2", event

@@ -36,6 +36,7 @@ class _Generated:
     depends: dict[str, tuple[str, ...]]  # chainlet -> the chainlets it calls
     folders: dict[str, Path]  # chainlet -> its generated truss
     classes: dict[str, tuple[str, str]]  # chainlet -> (module, class name) in the chain root
+    data_dirs: dict[str, Path] = dataclasses.field(default_factory=dict)  # chainlet -> its remote_config's data_dir
 
 
 def generate(source: Path, entrypoint: str | None, root: Path, *, link: bool = False) -> _Generated:
@@ -185,6 +186,8 @@ def _generate(source: Path, entrypoint: str | None, root: Path) -> _Generated:
         depends={d.display_name: tuple(sorted(dep.display_name for dep in d.dependencies.values())) for d in descriptors},
         folders=folders,
         classes={d.display_name: (d.chainlet_cls.__module__, d.chainlet_cls.__name__) for d in descriptors},
+        data_dirs={d.display_name: Path(d.chainlet_cls.remote_config.docker_image.data_dir.abs_path).resolve()
+                   for d in descriptors if getattr(d.chainlet_cls.remote_config.docker_image, "data_dir", None)},
     )
 
 

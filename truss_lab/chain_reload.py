@@ -159,6 +159,12 @@ class ChainReloader(Reloader):
     def watch_path(self) -> Path:
         return self.live.source.parent  # the chain root: what a push copies into every chainlet
 
+    @property
+    def watch_paths(self) -> tuple[Path, ...]:
+        """The chain's folders: its root, and each chainlet's data_dir that lies outside it."""
+        root = self.watch_path
+        return (root, *sorted({d for d in self.live._gen.data_dirs.values() if d.is_dir() and not d.is_relative_to(root)}))
+
     def watch_filter(self, watchfiles: Any) -> Any:
         """Every file of the chain's folder its ignore rules keep (`.truss_ignore` there, else Truss's
         own list), data files included: what a push copies into the chainlets, and what `truss chains
@@ -174,9 +180,13 @@ class ChainReloader(Reloader):
             spec = pathspec.PathSpec.from_lines(pathspec.patterns.GitWildMatchPattern,
                                                 truss_path.load_trussignore_patterns_from_truss_dir(root))
 
+        data_dirs = self.watch_paths[1:]
+
         def keep(change: Any, path: str) -> bool:  # truss.util.path.is_ignored, with its spec compiled once
             p = Path(path)
-            return p.is_relative_to(root) and not spec.match_file(p.relative_to(root))
+            if p.is_relative_to(root):
+                return not spec.match_file(p.relative_to(root))
+            return any(p.is_relative_to(d) for d in data_dirs)  # a data_dir outside the root: all of it
 
         return keep
 
@@ -259,6 +269,7 @@ class ChainReloader(Reloader):
             depends={**{n: was.depends[n] for n in kept}, **{n: gen.depends[n] for n in order if n not in kept}},
             folders={**{n: was.folders[n] for n in kept}, **{n: folders[n] for n in order if n not in kept}},
             classes={**{n: was.classes[n] for n in kept}, **{n: gen.classes[n] for n in order if n not in kept}},
+            data_dirs=gen.data_dirs,
         )
         chain.chainlets = {n: chain.chainlets[n] for n in order}
         gone = [n for n in removed if n not in kept]

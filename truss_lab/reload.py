@@ -289,7 +289,7 @@ class Reloader:
         self._stop = threading.Event()
         ready = threading.Event()
         stop = self._stop
-        path = self.watch_path
+        paths = getattr(self, "watch_paths", None) or (self.watch_path,)
 
         watch_filter = self.watch_filter(watchfiles)
 
@@ -298,7 +298,7 @@ class Reloader:
                 # yield_on_timeout: an empty set every `rust_timeout` ms of quiet; the first one
                 # tells us the OS watch is in place, so watch() can return knowing no save is missed.
                 for changes in watchfiles.watch(
-                    path,
+                    *paths,
                     watch_filter=watch_filter,
                     step=step_ms,
                     debounce=debounce_ms,
@@ -329,7 +329,7 @@ class Reloader:
         self._watcher.start()
         _WATCHING.add(self)
         if not ready.wait(10):
-            warnings.warn(f"truss_lab: the file watcher on {path} took over 10 s to start", RuntimeWarning)
+            warnings.warn(f"truss_lab: the file watcher on {', '.join(map(str, paths))} took over 10 s to start", RuntimeWarning)
 
     def unwatch(self, timeout: float = 5.0) -> None:
         self._stop.set()

@@ -236,6 +236,39 @@ def data_save(mb: int, saves: int) -> dict:
     return {"mb": mb, "save_ms": round(statistics.median(durations), 1), "target_ms": 300}
 
 
+def example_save(saves: int) -> dict:
+    """examples/digits-chain (Classify holds the Keras model): a one-line edit of Digits -> serving it."""
+    import base64
+    import io
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    repo = Path(__file__).resolve().parent.parent / "examples"
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(repo, Path(tmp) / "examples")  # its data_dir is ../digits/data: the layout kept
+        source = Path(tmp) / "examples" / "digits-chain" / "digits_chain.py"
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(buf, format="PNG")
+        b64 = base64.b64encode(buf.getvalue()).decode()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            chain = truss_lab.load_chain(source)
+        with chain:
+            chain.run(image_b64=b64, top_k=1)
+            text, durations = source.read_text(), []
+            marker = "return {LABELS[i]: round(100 * probabilities[i], 2) for i in best}"
+            for i in range(saves):
+                source.write_text(text.replace(marker, marker.replace(", 2)", f", {3 + i % 2})")))  # each save a change
+                t0 = time.perf_counter()
+                event = chain.reload()
+                chain.run(image_b64=b64, top_k=1)
+                assert event.ok and event.changed == ["Digits"] and event.kind == "methods", event
+                durations.append((time.perf_counter() - t0) * 1000)
+    return {"save_ms": round(statistics.median(durations), 1), "target_ms": 300}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
@@ -246,6 +279,8 @@ def main(argv=None) -> dict:
     four = four_chainlets(100 if args.quick else 500, 1 if args.quick else 3)
     data = data_save(20 if args.quick else 200, 3 if args.quick else 7)
     out = {"span": spans, "chain": chain, "four": four, "data": data}
+    if not args.quick:  # TensorFlow in a chainlet: only the full run pays for it
+        out["example"] = example_save(5)
     if args.json:
         print(json.dumps(out, indent=2))
         return out
@@ -256,6 +291,10 @@ def main(argv=None) -> dict:
           f"of which the Echo call {chain['echo_ms']:.2f} ms -> the HTTP hop and stub {chain['hop_ms']:.2f} ms (medians)")
     print(f"trees() over {chain['trees']} requests: {chain['trees_ms']:.1f} ms")
     print(f"a save that changes one chainlet -> reloaded: {chain['reload_ms']:.0f} ms median (code generation + its swap)")
+    if "example" in out:
+        met = "met" if out["example"]["save_ms"] <= out["example"]["target_ms"] else "NOT met"
+        print(f"examples/digits-chain: a one-line edit of Digits -> the new code answering: {out['example']['save_ms']:.0f} ms "
+              f"median (target <= {out['example']['target_ms']} ms: {met})")
     met = "met" if data["save_ms"] <= data["target_ms"] else "NOT met"
     print(f"the same with {data['mb']} MB in a chainlet's data_dir -> the new code serving: {data['save_ms']:.0f} ms median "
           f"(target <= {data['target_ms']} ms: {met})")

@@ -24,11 +24,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--update-readme", action="store_true")
     ap.add_argument("--quick", action="store_true", help="small counts: a smoke run, never written to README")
+    ap.add_argument("--only", nargs="+", metavar="NAME", choices=MODULES,
+                    help="run these (bench_chain ...) and, with --update-readme, replace only their figures")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
-    blocks = []
+    blocks = _blocks() if args.only else {}
     for name in MODULES:
-        if not (HERE / f"{name}.py").exists():
+        if not (HERE / f"{name}.py").exists() or (args.only and name not in args.only):
             continue
         module = importlib.import_module(name)
         buf = io.StringIO()
@@ -36,10 +38,12 @@ def main(argv=None) -> None:
             module.main(["--quick"] if args.quick else [])
         text = buf.getvalue().rstrip()
         print(f"## {name}\n{text}\n", flush=True)
-        blocks.append(f"`benchmarks/{name}.py`\n```\n{text}\n```")
+        blocks[name] = f"`benchmarks/{name}.py`\n```\n{text}\n```"
     if args.update_readme and not args.quick:
         stamp = f"Measured {datetime.date.today()} on {platform.machine()}, Python {platform.python_version()}, {_cpus()} CPUs."
-        body = "\n".join([START, stamp, "", *blocks, END])
+        if args.only:
+            stamp += f" ({', '.join(args.only)} measured again alone on that day.)"
+        body = "\n".join([START, stamp, "", *(blocks[n] for n in MODULES if n in blocks), END])
         text = README.read_text()
         if START not in text or END not in text:
             sys.exit(f"{README}: no {START} ... {END} block to update")
@@ -47,6 +51,19 @@ def main(argv=None) -> None:
         tail = rest.split(END, 1)[1]
         README.write_text(head + body + tail)
         print(f"updated {README}")
+
+
+def _blocks() -> dict[str, str]:
+    """The README's current figures, per benchmark module (what --only leaves as they are)."""
+    text = README.read_text()
+    if START not in text or END not in text:
+        return {}
+    inner = text.split(START, 1)[1].split(END, 1)[0]
+    out = {}
+    for part in inner.split("`benchmarks/")[1:]:
+        name = part.split(".py`", 1)[0]
+        out[name] = ("`benchmarks/" + part).rstrip()
+    return out
 
 
 def _cpus() -> int:

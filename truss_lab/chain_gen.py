@@ -155,14 +155,24 @@ def _generate(source: Path, entrypoint: str | None, root: Path) -> _Generated:
     from truss_chains import framework, private_types
     from truss_chains.deployment import deployment_client
 
+    from truss_chains.deployment import code_gen
+
     loaded: dict[str, Any] = {}
     try:
-        with _generating(root), framework.ChainletImporter.import_target(source, entrypoint) as entry:
-            name = entry.name
-            descriptors = list(deployment_client._get_ordered_dependencies([entry]))
-            options = private_types.PushOptionsLocalDocker(chain_name=name, only_generate_trusses=True, use_local_src=False)
-            deployment_client.push(entry, options)
-            loaded = dict(sys.modules)
+        if entrypoint is None and is_model_file(source):  # `truss push my_model.py`: one truss, as the CLI makes it
+            with _generating(root), framework.ModelImporter.import_target(source) as entry:
+                name = entry.display_name
+                descriptors = [framework.get_descriptor(entry)]  # code_gen.gen_truss_model_from_source, in its steps
+                code_gen.gen_truss_model(model_root=source.absolute().parent, model_name=name,
+                                         model_descriptor=descriptors[0], use_local_src=False)
+                loaded = dict(sys.modules)
+        else:
+            with _generating(root), framework.ChainletImporter.import_target(source, entrypoint) as entry:
+                name = entry.name
+                descriptors = list(deployment_client._get_ordered_dependencies([entry]))
+                options = private_types.PushOptionsLocalDocker(chain_name=name, only_generate_trusses=True, use_local_src=False)
+                deployment_client.push(entry, options)
+                loaded = dict(sys.modules)
     except (ValueError, TypeError, AttributeError, ImportError) as exc:  # ChainsUsageError is a TypeError
         if user_location(exc, [source.parent]) is not None:
             raise  # the chain's own line raised it: its file:line (_serve)
@@ -170,7 +180,8 @@ def _generate(source: Path, entrypoint: str | None, root: Path) -> _Generated:
     finally:
         _keep_libraries(loaded, source.parent)
     generated = root / private_types.GENERATED_CODE_DIR
-    folders = {p.name.removeprefix("chainlet_"): p for p in generated.glob(f"{name}/chainlet_*")}
+    base = generated / code_gen._name_to_dirname(name)  # where Truss's generation put each (code_gen._make_chainlet_dir)
+    folders = {d.display_name: base / f"chainlet_{d.name}" for d in descriptors}
     for display, folder in folders.items():  # a push suffixes each model name with a random id: here the name is enough
         config = folder / "config.yaml"
         text = config.read_text()
@@ -189,6 +200,20 @@ def _generate(source: Path, entrypoint: str | None, root: Path) -> _Generated:
         data_dirs={d.display_name: Path(d.chainlet_cls.remote_config.docker_image.data_dir.abs_path).resolve()
                    for d in descriptors if getattr(d.chainlet_cls.remote_config.docker_image, "data_dir", None)},
     )
+
+
+def is_model_file(source: Path) -> bool:
+    """A single-file model (`class Model(truss_chains.ModelBase)`, what `truss init --python-config`
+    writes) rather than a chain: a ModelBase subclass and no `@chains.mark_entrypoint`."""
+    import ast
+
+    try:
+        tree = ast.parse(Path(source).read_bytes())
+    except (SyntaxError, ValueError, OSError):
+        return False
+    names = {n.attr if isinstance(n, ast.Attribute) else getattr(n, "id", None)
+             for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for n in c.bases + c.decorator_list}
+    return "ModelBase" in names and "mark_entrypoint" not in names
 
 
 def examples_file(source: Path) -> Path:

@@ -291,6 +291,42 @@ def load_chain(source: str | os.PathLike, entrypoint: str | None = None, *, guar
     return Chain(source, entrypoint, guard=guard, secrets=secrets)
 
 
+class ModelFile:
+    """A single-file model (`class Model(truss_chains.ModelBase)`, what `truss init --python-config`
+    writes) as `truss push my_model.py` deploys it: the truss Truss's own generation makes of it, run
+    in a worker process, with LiveModel's API (`truss_lab.load("my_model.py")`). Its requests, lock,
+    traces, bench and profile are its truss's; reload, watch and close are its file's (a save
+    regenerates the truss and reloads it: a method edit keeps the loaded state)."""
+
+    _OF_THE_FILE = frozenset({"reload", "watch", "unwatch", "watching", "on_reload", "reload_history", "reload_count",
+                              "wait_for_reload", "close", "check", "chain", "source"})
+    _SETTABLE = frozenset({"concurrency", "guard", "reload_drain_timeout"})
+
+    def __init__(self, chain: Chain):
+        object.__setattr__(self, "chain", chain)
+        object.__setattr__(self, "source", chain.source)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.chain if name in self._OF_THE_FILE else self.chain.entry, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self._SETTABLE:
+            raise AttributeError(f"{name!r} cannot be set on a single-file model")
+        setattr(self.chain.entry, name, value)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None):
+        return self.chain.serve(host, port, max_body)  # POST /hot-reload regenerates it from the file
+
+    def __enter__(self) -> "ModelFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.chain.close()
+
+    def __repr__(self) -> str:
+        return f"<LiveModel {self.chain.name!r} from {self.source} (its generated truss, in a worker process)>"
+
+
 @dataclasses.dataclass
 class Call:
     """One chainlet's part of a request: its trace, and the calls it made (in the order they started)."""

@@ -439,6 +439,8 @@ def load(
     """
     if process not in ("auto", "kernel", "worker"):
         raise TrussLabError(f"process must be 'auto', 'kernel' or 'worker', got {process!r}")
+    if str(path).endswith(".py") and os.path.isfile(path):
+        return _load_model_file(path, process, concurrency, secrets, guard)
     bundle = read_bundle(path)
     held = loader.resident()
     if process != "worker" and held is not None:
@@ -462,3 +464,21 @@ def load(
     from .worker import WorkerModel
 
     return WorkerModel(bundle.path, **options)
+
+
+def _load_model_file(path: str, process: str, concurrency: int | None, secrets: Any, guard: bool) -> Any:
+    """`truss_lab.load("my_model.py")`: a single-file ModelBase model, as `truss push my_model.py` deploys it."""
+    from .chain_gen import is_model_file
+    from .chains import ModelFile, load_chain
+
+    if not is_model_file(Path(path)):
+        raise TrussLabError(f"{path}: no `class ...(truss_chains.ModelBase)` in it - a Truss Chain's source is loaded "
+                            f"with truss_lab.load_chain, a truss is a folder")
+    if process == "kernel":
+        raise TrussLabError(f"{path}: a single-file model runs its generated truss in a worker process "
+                            f"(process='auto' or 'worker')")
+    LiveModel.register(ModelFile)  # it has the LiveModel API (its truss's, in a worker)
+    tr = ModelFile(load_chain(path, guard=guard, secrets=secrets))
+    if concurrency is not None:
+        tr.concurrency = concurrency
+    return tr

@@ -46,8 +46,8 @@ test-under-load: install
 # `truss-lab check` on every example truss: each must behave on the real Truss server as it does here.
 check-examples: install truss-server
 	@for t in examples/*/; do [ -f $$t/config.yaml ] || continue; echo "== truss-lab check $$t"; $(BIN)/truss-lab check $$t || exit 1; done
-	@# and every example chain (a folder with no config.yaml: its chain sources), wired on the real Truss servers
-	@for c in examples/*/*_chain.py; do [ -f $$c ] || continue; echo "== truss-lab check $$c"; $(BIN)/truss-lab check $$c || exit 1; done
+	@# and every example chain and single-file model (*_chain.py, *_model.py), wired on the real Truss servers
+	@for c in examples/*/*_chain.py examples/*/*_model.py; do [ -f $$c ] || continue; echo "== truss-lab check $$c"; $(BIN)/truss-lab check $$c || exit 1; done
 	@# and each example truss's examples as tests, against its snapshot, through truss_lab's pytest plugin
 	@# (rounded percentages: 1e-3 absorbs another CPU's rounding)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --truss-rtol 1e-3 $$(for t in examples/*/; do [ -f $$t/examples.yaml ] && echo --truss $$t; done)

@@ -232,3 +232,54 @@ def test_a_data_dir_outside_the_chains_folder_is_watched_too(tmp_path):
         (tmp_path / "weights" / "w.txt").write_text("w2")
         event = chain.wait_for_reload(since=n, timeout=60)
         assert event.ok and chain.run() == "w2", event
+
+
+LEGACY_CHAIN = '''
+import httpx
+import truss_chains as chains
+from truss_chains.remote_chainlet.truss_chainlet import TrussHandle
+
+
+class Legacy(chains.TrussChainlet):
+    truss_dir = "../legacy"  # an existing truss folder, next to the chain's
+
+
+@chains.mark_entrypoint
+class Entry(chains.ChainletBase):
+    def __init__(self, legacy: TrussHandle = chains.depends(Legacy)):
+        self._legacy = legacy
+
+    async def run_remote(self, n: int) -> int:
+        url, headers = self._legacy.http_call_args()  # as deployed: the sibling's URL and the chain's key
+        async with httpx.AsyncClient() as client:
+            r = await client.post(url, json={"n": n}, headers=headers)
+        r.raise_for_status()
+        return r.json()["doubled"]
+'''
+
+
+def test_a_truss_chainlet_runs_its_truss_folder_as_one_of_the_chains_processes(tmp_path):
+    from conftest import write_truss
+
+    legacy = write_truss(tmp_path / "legacy", "import time\nclass Model:\n    def predict(self, x):\n"
+                         "        time.sleep(0.01)\n        return {'doubled': x['n'] * 2}\n",
+                         config={"runtime": {"predict_concurrency": 3}})
+    folder = tmp_path / "chain"
+    folder.mkdir()
+    path = folder / "legacy_chain.py"
+    path.write_text(textwrap.dedent(LEGACY_CHAIN))
+    with load_chain(path) as chain:
+        assert chain.run(n=5) == 10
+        assert list(chain.chainlets) == ["Legacy", "Entry"]
+        legacy_tr = chain.chainlets["Legacy"]
+        assert legacy_tr.pid not in (os.getpid(), chain.entry.pid) and legacy_tr.concurrency == 3  # its own lock
+        tree = chain.trees()[-1]
+        assert [c.chainlet for c in tree.calls] == ["Legacy"]  # in the request's tree, under its caller
+        assert "Legacy" in chain.report().reports  # and in the per-chainlet report the timeline draws
+        chain.watch()
+        n = chain.reload_count
+        model = legacy / "model" / "model.py"
+        model.write_text(model.read_text().replace("x['n'] * 2", "x['n'] * 3"))  # its folder, outside the chain's
+        event = chain.wait_for_reload(since=n, timeout=60)
+        assert event.ok and list(event.chainlets) == ["Legacy"] and event.chainlets["Legacy"].kind == "methods", event
+        assert chain.run(n=5) == 15

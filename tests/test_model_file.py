@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,20 @@ def test_the_cli_and_the_real_truss_server_take_a_model_file(model_file, truss_e
     report = check_chain(path, [{"input_field": 1}, {"input_field": "x"}], make_chain=load_chain)
     assert report.server_loaded and report.ok, str(report)  # the same answers from the real Truss server
     assert [e.truss_status for e in report.examples] == [200, 400]
+
+
+def test_init_python_config_writes_what_truss_init_writes_and_it_loads(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from truss_lab.cli import main
+
+    assert main(["init", str(tmp_path / "mine"), "--python-config", "--name", "my-model"]) == 0
+    ours = next((tmp_path / "mine").glob("*.py"))
+    truss_cli = Path(sys.executable).with_name("truss")
+    subprocess.run([str(truss_cli), "init", "--python-config", "-n", "my-model", str(tmp_path / "theirs")],
+                   check=True, capture_output=True)
+    theirs = next((tmp_path / "theirs").glob("*.py"))
+    assert ours.name == theirs.name == "my_model.py" and ours.read_text() == theirs.read_text()
+    with truss_lab.load(str(ours)) as tr:
+        assert tr.predict({"input_field": 7}).output == 7

@@ -36,7 +36,7 @@ class _Generated:
     depends: dict[str, tuple[str, ...]]  # chainlet -> the chainlets it calls
     folders: dict[str, Path]  # chainlet -> its generated truss
     classes: dict[str, tuple[str, str]]  # chainlet -> (module, class name) in the chain root
-    data_dirs: dict[str, Path] = dataclasses.field(default_factory=dict)  # chainlet -> its remote_config's data_dir
+    data_dirs: dict[str, Path] = dataclasses.field(default_factory=dict)  # chainlet -> its data_dir, or a TrussChainlet's truss_dir
 
 
 def generate(source: Path, entrypoint: str | None, root: Path, *, link: bool = False) -> _Generated:
@@ -197,9 +197,19 @@ def _generate(source: Path, entrypoint: str | None, root: Path) -> _Generated:
         depends={d.display_name: tuple(sorted(dep.display_name for dep in d.dependencies.values())) for d in descriptors},
         folders=folders,
         classes={d.display_name: (d.chainlet_cls.__module__, d.chainlet_cls.__name__) for d in descriptors},
-        data_dirs={d.display_name: Path(d.chainlet_cls.remote_config.docker_image.data_dir.abs_path).resolve()
-                   for d in descriptors if getattr(d.chainlet_cls.remote_config.docker_image, "data_dir", None)},
+        data_dirs={d.display_name: _source_dir(d) for d in descriptors if _source_dir(d) is not None},
     )
+
+
+def _source_dir(descriptor: Any) -> Path | None:
+    """A folder a chainlet is built from besides the chain's source: a TrussChainlet's truss_dir, a
+    chainlet's data_dir (watched as the chain's own folder is)."""
+    truss_dir = getattr(descriptor, "truss_dir", None)
+    if truss_dir is not None:
+        return Path(truss_dir).resolve()
+    image = getattr(getattr(descriptor.chainlet_cls, "remote_config", None), "docker_image", None)
+    data_dir = getattr(image, "data_dir", None)
+    return Path(data_dir.abs_path).resolve() if data_dir is not None else None
 
 
 def is_model_file(source: Path) -> bool:

@@ -161,7 +161,8 @@ class ChainReloader(Reloader):
 
     @property
     def watch_paths(self) -> tuple[Path, ...]:
-        """The chain's folders: its root, and each chainlet's data_dir that lies outside it."""
+        """The chain's folders: its root, and each chainlet's data_dir (or a TrussChainlet's truss_dir)
+        that lies outside it."""
         root = self.watch_path
         return (root, *sorted({d for d in self.live._gen.data_dirs.values() if d.is_dir() and not d.is_relative_to(root)}))
 
@@ -186,7 +187,7 @@ class ChainReloader(Reloader):
             p = Path(path)
             if p.is_relative_to(root):
                 return not spec.match_file(p.relative_to(root))
-            return any(p.is_relative_to(d) for d in data_dirs)  # a data_dir outside the root: all of it
+            return any(p.is_relative_to(d) for d in data_dirs)  # a data_dir or truss_dir outside the root: all of it
 
         return keep
 

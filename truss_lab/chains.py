@@ -111,9 +111,11 @@ class Chain:
 
         declared = read_bundle(folder).secrets  # a chainlet gets the secrets its Assets(secret_keys=...) name, as deployed
         live = WorkerModel(folder, guard=self._guard and not calls_others, chainlet=True,
-                           secrets={**{k: v for k, v in self._secrets.items() if k in declared},
-                                    "baseten_chain_api_key": self._key},
-                           env={"TRUSS_LAB_DYNAMIC_CONFIG_DIR": str(self.mount), "TRUSS_LAB_CHAIN_FOLDER": str(self.source.parent)},
+                           secrets={k: v for k, v in {**self._secrets, "baseten_chain_api_key": self._key}.items()
+                                    if k in declared},  # a TrussChainlet's own truss declares none of the chain's
+                           env={"TRUSS_LAB_DYNAMIC_CONFIG_DIR": str(self.mount), "TRUSS_LAB_CHAIN_FOLDER": str(self.source.parent),
+                                # what a TrussHandle (a TrussChainlet's caller) reads the chain's key from, as from /secrets
+                                "TRUSS_SECRET_baseten_chain_api_key": self._key},
                            spawned=spawned)
         self.chainlets[display] = live
         if not entrypoint:  # the worker stops the server it started when it closes
@@ -189,8 +191,24 @@ class Chain:
         for call in sorted(calls.values(), key=lambda c: c.trace.start):
             parent = calls.get(call.trace.parent_span_id or "")
             (parent.calls if parent is not None else roots).append(call)
-        roots = [r for r in roots if r.chainlet == self.entrypoint] or roots
+        entry = [r for r in roots if r.chainlet == self.entrypoint]
+        if entry:
+            for orphan in (r for r in roots if r.chainlet != self.entrypoint):
+                self._place(orphan, entry)
+        roots = entry or roots
         return roots if last is None else roots[-last:] if last > 0 else []
+
+    def _place(self, orphan: "Call", entry: list["Call"]) -> None:
+        """A call that came without a trace context (a TrussChainlet's: a TrussHandle sends no
+        `traceparent`) under the one call that depends on its chainlet and was running all through it;
+        none or several (concurrent requests): it stays out of the trees."""
+        start, end = orphan.trace.start, orphan.trace.end or orphan.trace.start
+        callers = [c for root in entry for c in root.walk()
+                   if orphan.chainlet in self._gen.depends.get(c.chainlet, ())
+                   and c.trace.start <= start and end <= (c.trace.end or float("inf"))]
+        if len(callers) == 1:
+            callers[0].calls.append(orphan)
+            callers[0].calls.sort(key=lambda c: c.trace.start)
 
     def _traces(self) -> dict[str, list]:
         """Each chainlet's kept traces, fetched once from its worker."""

@@ -64,7 +64,7 @@ def _json(value: Any) -> str:
 def cmd_init(args) -> int:
     from .scaffold import init
 
-    path = init(args.path, name=args.name)
+    path = init(args.path, name=args.name, python_config=args.python_config)
     print(f"wrote a new Truss at {path}")
     return EXIT_OK
 
@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="write a new Truss scaffold (as `truss init` does)")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--name", help="model_name in config.yaml (default: the folder name)")
+    p.add_argument("--python-config", action="store_true",
+                   help="a single-file ModelBase model, as `truss init --python-config` writes it")
     p.set_defaults(func=cmd_init)
 
     def model_args(p):

@@ -87,14 +87,27 @@ _EXAMPLES_TEMPLATE = """\
 """
 
 
-def init(path: str | os.PathLike, name: str | None = None) -> Path:
-    """Write a new Truss scaffold at `path` (as `truss init` does). Refuses to touch an existing folder."""
+def init(path: str | os.PathLike, name: str | None = None, python_config: bool = False) -> Path:
+    """Write a new Truss scaffold at `path` (as `truss init` does). Refuses to touch an existing folder.
+
+    `python_config=True`: what `truss init --python-config` writes - a folder holding `<name>.py`, a
+    `class Model(truss_chains.ModelBase)` (Truss's own template, written by Truss); returns that file,
+    which `truss_lab.load` takes."""
     root = Path(path).expanduser()
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise BundleError(f"{root}: already exists; refusing to overwrite it (choose a new path)")
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise BundleError(f"model name must be a non-empty string, got {name!r}")
     model_name = name or root.resolve().name
+    if python_config:
+        try:
+            from truss.truss_handle.build import init_directory
+        except ImportError:
+            raise BundleError("init(python_config=True) writes Truss's own template: pip install 'truss_lab[chains]'") from None
+        before = set(root.glob("*.py")) if root.is_dir() else set()
+        init_directory(root, model_name=model_name, python_config=True)
+        written = sorted(set(root.glob("*.py")) - before)
+        return written[0].resolve() if written else root.resolve()
     (root / "model").mkdir(parents=True, exist_ok=True)
     (root / "data").mkdir(exist_ok=True)
     (root / "packages").mkdir(exist_ok=True)

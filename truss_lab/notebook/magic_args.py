@@ -35,6 +35,7 @@ def build_parser() -> _Parser:
     p = sub.add_parser("init", help="write a new Truss scaffold (as `truss init` does)")
     p.add_argument("path")
     p.add_argument("--name")
+    p.add_argument("--python-config", action="store_true", help="a single-file ModelBase model")
     p = sub.add_parser("load", help="load a Truss; binds it to a variable and watches it for edits")
     p.add_argument("path")
     p.add_argument("--as", dest="var", metavar="VAR", help="variable name (default: from the folder name)")

@@ -158,8 +158,11 @@ class TrussMagics(Magics):
     def cmd_init(self, args, cell):
         from ..scaffold import init
 
-        path = init(args.path, name=args.name)
-        print(f"wrote a new Truss at {path} (edit model/model.py, then %truss load {args.path})")
+        path = init(args.path, name=args.name, python_config=args.python_config)
+        if args.python_config:
+            print(f"wrote a single-file model at {path} (edit it, then %truss load {path})")
+        else:
+            print(f"wrote a new Truss at {path} (edit model/model.py, then %truss load {args.path})")
 
     def cmd_load(self, args, cell):
         from ..live import LiveModel, load

@@ -22,7 +22,7 @@ from .truss_server import ServerEnv
 def requirement_sets(paths: Iterable[str | os.PathLike]) -> list[list[str]]:
     """The requirements overlays `check` of these trusses and chains installs (a chain: one per
     chainlet). A folder stands for the trusses in it (folders with a config.yaml) and its chains
-    (`*_chain.py`), as `make check-examples` finds them."""
+    (`*_chain.py`) and single-file models (`*_model.py`), as `make check-examples` finds them."""
     import tempfile
 
     trusses: list[Path] = []
@@ -35,7 +35,7 @@ def requirement_sets(paths: Iterable[str | os.PathLike]) -> list[list[str]]:
             chains.append(path)
         elif path.is_dir():
             trusses += sorted(p.parent for p in path.glob("*/config.yaml"))
-            chains += sorted(path.glob("*/*_chain.py"))
+            chains += sorted(path.glob("*/*_chain.py")) + sorted(path.glob("*/*_model.py"))  # chains, single-file models
         else:
             raise TrussLabError(f"{path}: not a truss folder, a chain source or a folder of them")
     sets = [requirements_of(read_bundle(t)) for t in trusses]

@@ -283,3 +283,18 @@ def test_a_truss_chainlet_runs_its_truss_folder_as_one_of_the_chains_processes(t
         event = chain.wait_for_reload(since=n, timeout=60)
         assert event.ok and list(event.chainlets) == ["Legacy"] and event.chainlets["Legacy"].kind == "methods", event
         assert chain.run(n=5) == 15
+
+
+def test_a_chain_with_a_truss_chainlet_answers_as_on_the_real_truss_server(tmp_path, truss_env):
+    from conftest import write_truss
+
+    from truss_lab.serving.check import check_chain
+
+    write_truss(tmp_path / "legacy", "class Model:\n    def predict(self, x):\n        return {'doubled': x['n'] * 2}\n")
+    folder = tmp_path / "chain"
+    folder.mkdir()
+    path = folder / "legacy_chain.py"
+    path.write_text(textwrap.dedent(LEGACY_CHAIN))
+    report = check_chain(path, [{"n": 2}, {"n": "x"}], make_chain=load_chain)
+    assert report.server_loaded and report.ok, str(report)
+    assert [e.truss_status for e in report.examples] == [200, 400] and [e.lab_status for e in report.examples] == [200, 400]

@@ -118,6 +118,7 @@ def test_a_chain_runs_a_process_per_chainlet_and_never_enters_the_kernel(tmp_pat
     with load_chain(folder / "other_chain.py") as other:  # the folder's second chain
         assert other.run() == "other"
     assert list(cwd.iterdir()) == []  # nothing written into the working directory (no .ruff_cache)
+    assert not (folder / "__pycache__").exists()  # nor into the chain's folder
 
 
 def test_a_chain_whose_code_fails_to_import_names_its_file_and_line(tmp_path):
@@ -139,10 +140,16 @@ def test_a_save_costs_what_it_changed_and_every_file_of_the_folder_reloads_its_u
         chain.watch()
         big = chain.chainlets["Weights"].bundle.data_dir / "big.bin"
         stamp = (big.stat().st_ino, big.stat().st_mtime_ns)
+        (folder / "notes.ipynb").write_text("{}")  # a notebook saved beside the chain: copied, reloads nothing...
         n = chain.reload_count
         path.write_text(path.read_text().replace("return shout(", "return '! ' + shout("))
         event = chain.wait_for_reload(since=n, timeout=60)
         assert event.ok and list(event.chainlets) == ["Hello"], event
+        assert event.chainlets["Hello"].kind == "methods", event  # ...and never makes the next edit a rebuild
+        n = chain.reload_count
+        path.write_text(path.read_text() + "\n# a comment\n")
+        event = chain.wait_for_reload(since=n, timeout=60)  # a comment-only save is said, as for a truss
+        assert event.kind == "unchanged", event
         assert chain.run(name="ada") == "! HELLO ADA (W1/T0)"
         assert (big.stat().st_ino, big.stat().st_mtime_ns) == stamp  # the 4 MB data file was not copied again
         n = chain.reload_count
@@ -268,6 +275,7 @@ def test_a_truss_chainlet_runs_its_truss_folder_as_one_of_the_chains_processes(t
     folder.mkdir()
     path = folder / "legacy_chain.py"
     path.write_text(textwrap.dedent(LEGACY_CHAIN))
+    config = (legacy / "config.yaml").read_bytes()
     with load_chain(path) as chain:
         assert chain.run(n=5) == 10
         assert list(chain.chainlets) == ["Legacy", "Entry"]
@@ -283,6 +291,12 @@ def test_a_truss_chainlet_runs_its_truss_folder_as_one_of_the_chains_processes(t
         event = chain.wait_for_reload(since=n, timeout=60)
         assert event.ok and list(event.chainlets) == ["Legacy"] and event.chainlets["Legacy"].kind == "methods", event
         assert chain.run(n=5) == 15
+        n = chain.reload_count
+        model.write_text(model.read_text().replace("x['n'] * 3", "x['n'] * (3"))  # broken: named in the user's folder
+        event = chain.wait_for_reload(since=n, timeout=60)
+        assert event.kind == "failed" and event.location.startswith("legacy/model/model.py:"), event
+        assert chain.run(n=5) == 15
+    assert (legacy / "config.yaml").read_bytes() == config  # the user's truss folder is never written
 
 
 def test_a_chain_with_a_truss_chainlet_answers_as_on_the_real_truss_server(tmp_path, truss_env):

@@ -4,6 +4,7 @@ import gc
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -312,6 +313,24 @@ def test_watcher_reloads_on_save_and_stops_cleanly(model, how):
         assert tr.predict(3).output["label"] == "fox:3"
     assert not tr.watching
     assert not any(t.is_alive() for t in watchers)
+
+
+def test_a_save_seen_between_truncating_and_writing_the_file_is_one_good_reload(model):
+    """An editor that truncates the file and then writes it, on a machine busy enough for the watcher to
+    see the empty file first: one reload, of what was written - no failed import of an empty file."""
+    tr, mf = model
+    events = []
+    arrived = threading.Event()
+    tr.on_reload(lambda e: (events.append(e), arrived.set()))
+    new = mf.read_text().replace('return f"cat:{x}"', 'return f"gnu:{x}"')
+    with tr.watch():
+        with open(mf, "w") as f:  # truncated...
+            f.flush()
+            time.sleep(0.06)  # the gap under test: longer than the watcher's 12 ms step, as on a busy machine
+            f.write(new)  # ...then written
+        assert arrived.wait(10)
+        assert [e.kind for e in events] == ["methods"], events
+        assert tr.predict(1).output["label"] == "gnu:1"
 
 
 def test_watcher_reports_broken_save_then_recovers(model):

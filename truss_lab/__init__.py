@@ -54,12 +54,13 @@ def check(truss, inputs=None, **kwargs):
     return _check(truss, inputs, make_model=load, **kwargs)
 
 
-def load_chain(source, entrypoint=None, *, guard=True):
+def load_chain(source, entrypoint=None, *, guard=True, secrets=None):
     """A Truss Chain as it deploys: each chainlet its generated truss, a LiveModel, calling the others
-    over 127.0.0.1 (chains.py; needs the `chains` extra)."""
+    over 127.0.0.1 (chains.py; needs the `chains` extra). `secrets`: what the chainlets whose
+    `Assets(secret_keys=[...])` name them find in `context.secrets`."""
     from .chains import load_chain as _load_chain
 
-    return _load_chain(source, entrypoint, guard=guard)
+    return _load_chain(source, entrypoint, guard=guard, secrets=secrets)
 
 
 def unload_ipython_extension(ip):

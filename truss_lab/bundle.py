@@ -168,7 +168,9 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     root = root.resolve()
     config_path = root / "config.yaml"
     if not config_path.is_file():
-        raise BundleError(f"{config_path}: missing (every Truss folder has a config.yaml)")
+        sources = sorted(p.name for p in root.glob("*.py"))
+        hint = f"; to load a single-file model or a chain, give its file: {root / sources[0]}" if sources else ""
+        raise BundleError(f"{config_path}: missing (every Truss folder has a config.yaml){hint}")
     config = _load_yaml(config_path)
     if config is None:
         config = {}

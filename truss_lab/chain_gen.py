@@ -36,7 +36,8 @@ class _Generated:
     depends: dict[str, tuple[str, ...]]  # chainlet -> the chainlets it calls
     folders: dict[str, Path]  # chainlet -> its generated truss
     classes: dict[str, tuple[str, str]]  # chainlet -> (module, class name) in the chain root
-    data_dirs: dict[str, Path] = dataclasses.field(default_factory=dict)  # chainlet -> its data_dir, or a TrussChainlet's truss_dir
+    data_dirs: dict[str, Path] = dataclasses.field(default_factory=dict)  # chainlet -> its remote_config's data_dir
+    truss_dirs: dict[str, Path] = dataclasses.field(default_factory=dict)  # a TrussChainlet -> its truss folder
 
 
 def generate(source: Path, entrypoint: str | None, root: Path, *, link: bool = False) -> _Generated:
@@ -78,7 +79,8 @@ class _Generator:
 
     def _start(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
-            env = {**os.environ, "RUFF_NO_CACHE": "true"}  # ruff's cache would go into the working directory
+            # nothing written into the user's folders: ruff's cache (the working directory), bytecode (the chain's)
+            env = {**os.environ, "RUFF_NO_CACHE": "true", "PYTHONDONTWRITEBYTECODE": "1"}
             self._proc = subprocess.Popen([sys.executable, "-m", "truss_lab.chain_gen"], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
                                           cwd=tempfile.gettempdir(), start_new_session=True)
@@ -121,19 +123,26 @@ def _serve() -> None:
         answers.flush()
 
 
+LINK_FROM = 1 << 20  # files this big are linked, not copied, in a scratch generation: data, weights
+
+
 @contextlib.contextmanager
 def _linking():
-    """Truss's copies (shutil.copy2, in the generator process only) made as hard links where possible."""
+    """Truss's copies (shutil.copy2, in the generator process only) of big files made as hard links.
+    Small ones are copied: Truss rewrites some copies in place (a TrussChainlet's config.yaml), which
+    through a link would write the user's own file."""
     copy2 = shutil.copy2
 
     def link(src: Any, dst: Any, *, follow_symlinks: bool = True) -> Any:
         if os.path.isdir(dst):
             dst = os.path.join(dst, os.path.basename(src))
         try:
-            os.link(src, dst)
-            return dst
+            if os.path.getsize(src) >= LINK_FROM and not os.path.islink(src):
+                os.link(src, dst)
+                return dst
         except OSError:
-            return copy2(src, dst, follow_symlinks=follow_symlinks)
+            pass
+        return copy2(src, dst, follow_symlinks=follow_symlinks)
 
     copytree = shutil.copytree
 
@@ -184,9 +193,11 @@ def _generate(source: Path, entrypoint: str | None, root: Path) -> _Generated:
     folders = {d.display_name: base / f"chainlet_{d.name}" for d in descriptors}
     for display, folder in folders.items():  # a push suffixes each model name with a random id: here the name is enough
         config = folder / "config.yaml"
-        text = config.read_text()
-        config.write_text("\n".join(f"model_name: {display}" if line.startswith("model_name:") else line
-                                    for line in text.splitlines()) + "\n")
+        text = "\n".join(f"model_name: {display}" if line.startswith("model_name:") else line
+                         for line in config.read_text().splitlines()) + "\n"
+        fresh = config.with_name(".config.yaml.new")  # a new file in its place: never written through a link
+        fresh.write_text(text)
+        os.replace(fresh, config)
     order = [d.display_name for d in descriptors]
     examples = examples_file(source)
     if examples.is_file():  # the entrypoint's truss gets the chain's examples (the panel, %truss predict --example)
@@ -197,16 +208,13 @@ def _generate(source: Path, entrypoint: str | None, root: Path) -> _Generated:
         depends={d.display_name: tuple(sorted(dep.display_name for dep in d.dependencies.values())) for d in descriptors},
         folders=folders,
         classes={d.display_name: (d.chainlet_cls.__module__, d.chainlet_cls.__name__) for d in descriptors},
-        data_dirs={d.display_name: _source_dir(d) for d in descriptors if _source_dir(d) is not None},
+        data_dirs={d.display_name: _data_dir(d) for d in descriptors if _data_dir(d) is not None},
+        truss_dirs={d.display_name: Path(d.truss_dir).resolve() for d in descriptors if getattr(d, "truss_dir", None)},
     )
 
 
-def _source_dir(descriptor: Any) -> Path | None:
-    """A folder a chainlet is built from besides the chain's source: a TrussChainlet's truss_dir, a
-    chainlet's data_dir (watched as the chain's own folder is)."""
-    truss_dir = getattr(descriptor, "truss_dir", None)
-    if truss_dir is not None:
-        return Path(truss_dir).resolve()
+def _data_dir(descriptor: Any) -> Path | None:
+    """A chainlet's remote_config data_dir (watched as the chain's own folder is)."""
     image = getattr(getattr(descriptor.chainlet_cls, "remote_config", None), "docker_image", None)
     data_dir = getattr(image, "data_dir", None)
     return Path(data_dir.abs_path).resolve() if data_dir is not None else None

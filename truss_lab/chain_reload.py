@@ -164,7 +164,9 @@ class ChainReloader(Reloader):
         """The chain's folders: its root, and each chainlet's data_dir (or a TrussChainlet's truss_dir)
         that lies outside it."""
         root = self.watch_path
-        return (root, *sorted({d for d in self.live._gen.data_dirs.values() if d.is_dir() and not d.is_relative_to(root)}))
+        gen = self.live._gen
+        extra = {*gen.data_dirs.values(), *gen.truss_dirs.values()}
+        return (root, *sorted({d for d in extra if d.is_dir() and not d.is_relative_to(root)}))
 
     def watch_filter(self, watchfiles: Any) -> Any:
         """Every file of the chain's folder its ignore rules keep (`.truss_ignore` there, else Truss's
@@ -205,6 +207,8 @@ class ChainReloader(Reloader):
         try:  # a scratch generation, linked to the chain's files: only what differs reaches the live folders
             gen = generate(chain.source, chain._entrypoint_arg, root, link=True)
         except TrussLabError as exc:  # the chain's code failing to import: its file:line
+            if getattr(self._trigger, "name", "") == "watch" and chain.source.is_file() and chain.source.stat().st_size == 0:
+                return None  # read between an editor's truncating and writing it: its write comes next
             return ChainReloadEvent(chain.version, "failed", error=str(exc), location=getattr(exc, "location", None),
                                     exception=exc)
         was = chain._gen
@@ -218,7 +222,7 @@ class ChainReloader(Reloader):
         folders = {n: was.folders.get(n) or base / f"chainlet_{n}" for n in gen.order}
         keys = _chainlet_keys(gen)
         named = _named_in_code(next(iter(gen.folders.values())) / "packages")  # the chain's files a push copies
-        todo = []
+        todo, rebuild, python_changed = [], set(), False
         for name in gen.order:
             if name in added:  # its generated truss, where the chain's live chainlet trusses are
                 shutil.copytree(gen.folders[name], folders[name])
@@ -229,13 +233,18 @@ class ChainReloader(Reloader):
             # by the statements each chainlet uses (keys); a file no code names (a notebook, an exported
             # trace) is copied into its packages/ as a push would, and reloads nothing
             differ = [rel for rel in sorted(set(new) | set(old)) if not _same(new.get(rel), old.get(rel))]
-            own = [rel for rel in differ if not rel.startswith("packages" + os.sep)
-                   or (not rel.endswith(".py") and Path(rel).name in named)]
+            packages = [rel for rel in differ if rel.startswith("packages" + os.sep)]
+            named_files = [rel for rel in packages if not rel.endswith(".py") and Path(rel).name in named]
+            own = [rel for rel in differ if rel not in packages] + named_files
+            python_changed = python_changed or any(rel.endswith(".py") for rel in packages)
+            if named_files:  # read at import or in __init__, by whichever of its code: built again
+                rebuild.add(name)
             if full or own or keys[name] is None or keys[name] != self.keys.get(name) or name in self.pending:
                 todo.append(name)  # its own generated files (stubs, config, data) or its code changed, or it failed last time
             _sync(folders[name], new, old)  # its truss as a push would write it now (a later full reload reads it)
-        if not (todo or added or removed):  # no chainlet's code or files changed (a notebook saved beside it)
-            return None if getattr(self._trigger, "name", "") == "watch" else ChainReloadEvent(chain.version, "unchanged", untouched=list(gen.order))
+        if not (todo or added or removed):  # no chainlet's code or files changed: a comment (said), a notebook beside it (not)
+            quiet = getattr(self._trigger, "name", "") == "watch" and not python_changed
+            return None if quiet else ChainReloadEvent(chain.version, "unchanged", untouched=list(gen.order))
         events: dict[str, ReloadEvent] = {}
         not_added: list[str] = []
         for name in gen.order:  # dependencies first: a new chainlet is served before the ones calling it reload
@@ -251,7 +260,7 @@ class ChainReloader(Reloader):
                     events[name] = ReloadEvent(chain.version, "failed", ["added"], error=str(exc),
                                                location=getattr(exc, "location", None), exception=exc)
             elif name in todo:
-                events[name] = chain.chainlets[name].reload(full=full)
+                events[name] = chain.chainlets[name].reload(full=full or name in rebuild)
                 if events[name].ok:
                     self.keys[name] = keys[name]
                     self.pending.discard(name)
@@ -270,7 +279,7 @@ class ChainReloader(Reloader):
             depends={**{n: was.depends[n] for n in kept}, **{n: gen.depends[n] for n in order if n not in kept}},
             folders={**{n: was.folders[n] for n in kept}, **{n: folders[n] for n in order if n not in kept}},
             classes={**{n: was.classes[n] for n in kept}, **{n: gen.classes[n] for n in order if n not in kept}},
-            data_dirs=gen.data_dirs,
+            data_dirs=gen.data_dirs, truss_dirs=gen.truss_dirs,
         )
         chain.chainlets = {n: chain.chainlets[n] for n in order}
         gone = [n for n in removed if n not in kept]

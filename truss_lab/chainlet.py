@@ -18,13 +18,18 @@ from typing import Any
 def mount(packages: str | None = None) -> None:
     """Before the chainlet loads: the platform's /etc/b10_dynamic_config mount is the chain's folder;
     a file:line in its `packages/` (the chain's folder, copied) names the chain's own file."""
+    from pathlib import Path
+
+    from . import snapshot
+    from .errors import SHOWN_AS
+
+    snapshot.PACKAGES_ASSETS = False  # which of the chain folder's files reload it is the chain's to say
     source = os.environ.get("TRUSS_LAB_CHAIN_FOLDER")
     if packages and source:
-        from pathlib import Path
-
-        from .errors import SHOWN_AS
-
         SHOWN_AS[Path(packages).resolve()] = Path(source).name
+    truss_dir = os.environ.get("TRUSS_LAB_TRUSS_DIR")  # a TrussChainlet: its folder is a copy of the user's truss
+    if packages and truss_dir:
+        SHOWN_AS[Path(packages).resolve().parent] = Path(truss_dir).name
     folder = os.environ.get("TRUSS_LAB_DYNAMIC_CONFIG_DIR")
     if folder:
         for name in ("_truss_shared.dynamic_config_resolver", "truss.templates.shared.dynamic_config_resolver"):

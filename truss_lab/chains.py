@@ -115,7 +115,8 @@ class Chain:
                                     if k in declared},  # a TrussChainlet's own truss declares none of the chain's
                            env={"TRUSS_LAB_DYNAMIC_CONFIG_DIR": str(self.mount), "TRUSS_LAB_CHAIN_FOLDER": str(self.source.parent),
                                 # what a TrussHandle (a TrussChainlet's caller) reads the chain's key from, as from /secrets
-                                "TRUSS_SECRET_baseten_chain_api_key": self._key},
+                                "TRUSS_SECRET_baseten_chain_api_key": self._key,
+                                "TRUSS_LAB_TRUSS_DIR": str(self._gen.truss_dirs.get(display, ""))},
                            spawned=spawned)
         self.chainlets[display] = live
         if not entrypoint:  # the worker stops the server it started when it closes
@@ -335,6 +336,11 @@ class ModelFile:
     def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None):
         return self.chain.serve(host, port, max_body)  # POST /hot-reload regenerates it from the file
 
+    @property
+    def model(self) -> Any:
+        raise TrussLabError(f"{self.source}: a single-file model runs its generated truss in a worker process "
+                            f"(pid {self.chain.entry.pid}): its model object lives there")
+
     def __enter__(self) -> "ModelFile":
         return self
 
@@ -357,6 +363,9 @@ class Call:
         yield self
         for call in self.calls:
             yield from call.walk()
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
 
     def edges(self):
         """(caller, call) for every call below this one, callers before their calls."""

@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init)
 
     def model_args(p):
-        p.add_argument("path", metavar="PATH", help="the Truss folder")
+        p.add_argument("path", metavar="PATH", help="a Truss folder, a single-file model (my_model.py) or a chain's source")
         p.add_argument("--input", metavar="JSON|@FILE", help="model input as JSON, or @file (JSON or raw bytes)")
         p.add_argument("--example", metavar="NAME", help="an input from examples.yaml")
         p.add_argument("--lock", type=int, metavar="N", help="override runtime.predict_concurrency")

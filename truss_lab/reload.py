@@ -24,6 +24,7 @@ import atexit
 import collections
 import contextlib
 import dataclasses
+import os
 import threading
 import time
 import warnings
@@ -122,6 +123,18 @@ class Reloadable(Protocol):
 
     def _set_examples(self, bundle: Bundle) -> None:
         """Take `bundle`'s examples (examples.yaml was edited; nothing else changed)."""
+
+
+def _truncated(changes: set) -> bool:
+    """Whether a file of the batch is empty now: a save that truncates the file and then writes it,
+    seen between the two on a busy machine (importing it would fail with a misleading error)."""
+    for _, path in changes:
+        try:
+            if os.path.getsize(path) == 0:
+                return True
+        except OSError:
+            pass
+    return False
 
 
 class Reloader:
@@ -294,6 +307,7 @@ class Reloader:
         watch_filter = self.watch_filter(watchfiles)
 
         def run() -> None:
+            held_back = 0
             try:
                 # yield_on_timeout: an empty set every `rust_timeout` ms of quiet; the first one
                 # tells us the OS watch is in place, so watch() can return knowing no save is missed.
@@ -310,7 +324,14 @@ class Reloader:
                     ready.set()
                     if stop.is_set():
                         break
-                    if changes:
+                    if changes and not held_back and _truncated(changes):
+                        held_back = 1  # an editor's save caught between truncating and writing: its write follows
+                        continue
+                    if held_back and not changes and held_back < 3:
+                        held_back += 1  # quiet ticks of 100 ms; after 0.3 s the file is empty on purpose
+                        continue
+                    if changes or held_back:
+                        held_back = 0
                         try:
                             self.reload(trigger="watch")
                         except Exception as exc:  # never let one save stop the watcher: report it instead

@@ -105,6 +105,8 @@ class Snapshot:
                 if _ignored(p) or not p.is_file():
                     continue
                 if p.suffix != ".py":  # a label file read at import or by load(): an edit reloads fully
+                    if folder == bundle.packages_dir and not PACKAGES_ASSETS:
+                        continue
                     st = p.stat()
                     assets[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
                     continue
@@ -126,6 +128,11 @@ class Snapshot:
 
 def _ignored(path: Path) -> bool:
     return any(part in ("__pycache__", ".ipynb_checkpoints") or part.startswith(".") for part in path.parts[-3:])
+
+
+# A chainlet's packages/ is its chain's whole folder (a notebook, a trace, a script beside the chain):
+# there the chain decides which of those files reload it (chain_reload.py), not its worker.
+PACKAGES_ASSETS = True
 
 
 @dataclass

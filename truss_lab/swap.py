@@ -44,7 +44,7 @@ def apply(live: Any, bundle: Bundle, full: bool, sources: dict[str, bytes], bump
                 serving = _rebind(live, bundle, version, old)
                 kind = "methods"
             except NeedsFullReload as why:  # state built by code that changed: build it again
-                reasons, full = why.reasons, True
+                reasons, full = list(dict.fromkeys(why.reasons)), True  # each reason once (several threads, one cause)
                 live.resident.evict()
         if full:
             current.code.loaded.withdraw()

@@ -52,6 +52,13 @@ class Entry(chains.ChainletBase):
 """
 
 
+def _load(source: Path):
+    """The chain at `source`, its load-time warnings (run_remote not async, ...) kept out of the figures."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return truss_lab.load_chain(source)
+
+
 def span_cost(n: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "noop"
@@ -84,9 +91,7 @@ def chain_numbers(n: int, saves: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "echo_chain.py"
         source.write_text(CHAIN)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            chain = truss_lab.load_chain(source)
+        chain = _load(source)
         with chain:
             for _ in range(50):
                 chain.run(text="warm")  # then n more: each chainlet keeps its last 1,000 traces
@@ -181,9 +186,7 @@ def four_chainlets(n: int, rounds: int) -> dict:
         source.write_text(THREE)
         for _ in range(rounds):
             t0 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                chain = truss_lab.load_chain(source)
+            chain = _load(source)
             ready.append(time.perf_counter() - t0)
             with chain:
                 for _ in range(50):
@@ -221,9 +224,7 @@ def data_save(mb: int, saves: int) -> dict:
         with open(Path(tmp) / "data" / "weights.bin", "wb") as f:
             for _ in range(mb):
                 f.write(os.urandom(1 << 20))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            chain = truss_lab.load_chain(source)
+        chain = _load(source)
         with chain:
             durations = []
             text = source.read_text()
@@ -252,9 +253,7 @@ def example_save(saves: int) -> dict:
         buf = io.BytesIO()
         Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(buf, format="PNG")
         b64 = base64.b64encode(buf.getvalue()).decode()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            chain = truss_lab.load_chain(source)
+        chain = _load(source)
         with chain:
             chain.run(image_b64=b64, top_k=1)
             text, durations = source.read_text(), []

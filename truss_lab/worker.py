@@ -41,6 +41,11 @@ class WorkerDied(TrussLabError):
     """The worker process of a truss is gone (it crashed, ran out of memory, or was killed)."""
 
 
+def _setting(name: str, convert: Callable[[Any], Any] = lambda value: value) -> property:
+    """A setting of the worker's LiveModel, read and set there (worker_process.SETS)."""
+    return property(lambda self: self._get(name), lambda self, value: self._rpc("set", name, convert(value)))
+
+
 class WorkerModel:
     """A truss loaded in a worker process, with LiveModel's API (see the module docstring)."""
 
@@ -313,29 +318,9 @@ class WorkerModel:
     def example(self, name: str) -> Any:
         return self._bundle.example(name)
 
-    @property
-    def concurrency(self) -> int:
-        return self._get("concurrency")
-
-    @concurrency.setter
-    def concurrency(self, value: int) -> None:
-        self._rpc("set", "concurrency", value)
-
-    @property
-    def guard(self) -> bool:
-        return self._get("guard")
-
-    @guard.setter
-    def guard(self, on: bool) -> None:
-        self._rpc("set", "guard", on)
-
-    @property
-    def reload_drain_timeout(self) -> float:
-        return self._get("reload_drain_timeout")
-
-    @reload_drain_timeout.setter
-    def reload_drain_timeout(self, seconds: float) -> None:
-        self._rpc("set", "reload_drain_timeout", float(seconds))
+    concurrency = _setting("concurrency")
+    guard = _setting("guard")
+    reload_drain_timeout = _setting("reload_drain_timeout", float)
 
     def _in_kernel_only(self, what: str) -> TrussLabError:
         return TrussLabError(f"{self.name} runs in a worker process (pid {self.pid}): {what} lives there. "

@@ -272,6 +272,40 @@ def test_an_interrupted_async_call_returns_only_once_its_coroutine_stopped(sigin
         lt.close()
 
 
+@pytest.mark.parametrize("in_context", [False, True], ids=["own-context", "stream-context"])
+def test_an_interrupt_that_lands_as_the_coroutine_starts_still_cancels_and_waits_for_it(sigint_raises, in_context):
+    """The coroutine can start (and the interrupt arrive) before run() has its future in hand; and the
+    steps of an async stream run in a given Context. Either way Ctrl-C cancels the coroutine at once and
+    returns only once it stopped (it used to run on unobserved, or the caller waited STOP_WAIT_S)."""
+    import asyncio
+    import contextvars
+    import signal
+
+    from truss_lab.aio import STOP_WAIT_S, LoopThread
+
+    lt = LoopThread("test-loop")
+    try:
+        for _ in range(40):  # the old code lost about one in three of these
+            order = []
+
+            async def interrupts_its_caller_at_once():
+                try:
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    await asyncio.sleep(0.01)
+                    order.append("coroutine stopped")
+                    raise
+
+            started = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                lt.run(interrupts_its_caller_at_once(), contextvars.copy_context() if in_context else None)
+            assert order == ["coroutine stopped"]
+            assert time.monotonic() - started < STOP_WAIT_S / 2
+    finally:
+        lt.close()
+
+
 def test_a_request_in_flight_keeps_its_versions_helper_modules(make_truss):
     import gc
     import weakref

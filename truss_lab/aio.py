@@ -68,13 +68,10 @@ class LoopThread:
             _discard(awaitable)
             raise RuntimeError(f"{self._name}: a blocking call from the model's own event loop thread would deadlock it")
         loop = self._loop or self._start()
-        stopped = threading.Event()
-        future = None
+        stopped = threading.Event()  # set once the coroutine has stopped, or once it is sure never to start
+        future: concurrent.futures.Future = concurrent.futures.Future()
         try:  # from here on an interrupt (Ctrl-C) anywhere cancels the coroutine and waits for it
-            if context is None:
-                future = asyncio.run_coroutine_threadsafe(_as_coroutine(awaitable, stopped), loop)
-            else:
-                future = _in_context(loop, _as_coroutine(awaitable, stopped), context)
+            _submit(loop, _as_coroutine(awaitable, stopped), context, future, stopped)
             with self._guard:
                 self._running.add(future)
             return future.result()
@@ -83,14 +80,16 @@ class LoopThread:
                 raise LoopClosed(f"{self._name}: closed while this call was running") from None
             raise
         except BaseException:
-            if future is not None:
-                future.cancel()
-                stopped.wait(STOP_WAIT_S)
+            future.cancel()
+            try:  # runs after _submit's start() if that was queued at all: FIFO
+                loop.call_soon_threadsafe(_never_started, future, stopped)
+            except RuntimeError:  # the loop is closed: nothing runs there any more
+                stopped.set()
+            stopped.wait(STOP_WAIT_S)
             raise
         finally:
-            if future is not None:
-                with self._guard:
-                    self._running.discard(future)
+            with self._guard:
+                self._running.discard(future)
 
     def finish(self, awaitable: Awaitable, context: contextvars.Context | None = None) -> None:
         """Run cleanup (an `aclose()`): wait for it, or schedule it when called on the loop thread itself."""
@@ -141,29 +140,48 @@ class LoopThread:
         return self._closed
 
 
-def _in_context(loop: asyncio.AbstractEventLoop, coro: Any, context: contextvars.Context) -> concurrent.futures.Future:
-    """run_coroutine_threadsafe, with the task running in `context`."""
-    future: concurrent.futures.Future = concurrent.futures.Future()
+def _submit(loop: asyncio.AbstractEventLoop, coro: Any, context: contextvars.Context | None,
+            future: concurrent.futures.Future, stopped: threading.Event) -> None:
+    """run_coroutine_threadsafe into a future the caller already holds (so an interrupt at any point
+    of the call can cancel it), with the task in `context` (or a copy of the caller's). The future
+    stays pending until the task is done, so cancelling it always reaches the task."""
+    if context is None:
+        context = contextvars.copy_context()
 
     def start() -> None:
-        if not future.set_running_or_notify_cancel():
+        if future.cancelled():
             coro.close()
+            stopped.set()
             return
         task = loop.create_task(coro, context=context)
+        future.truss_lab_task = task  # type: ignore[attr-defined]
 
         def done(t: asyncio.Task) -> None:
             if t.cancelled():
                 future.cancel()
-            elif t.exception() is not None:
-                future.set_exception(t.exception())
-            else:
-                future.set_result(t.result())
+            elif future.set_running_or_notify_cancel():
+                if t.exception() is not None:
+                    future.set_exception(t.exception())
+                else:
+                    future.set_result(t.result())
 
         task.add_done_callback(done)
-        future.add_done_callback(lambda f: f.cancelled() and loop.call_soon_threadsafe(task.cancel))
+        future.add_done_callback(lambda f: f.cancelled() and not task.done() and _call_soon(loop, task.cancel))
 
     loop.call_soon_threadsafe(start)
-    return future
+
+
+def _never_started(future: concurrent.futures.Future, stopped: threading.Event) -> None:
+    """Queued after an interrupt: when it runs, _submit's start() has run if it was ever queued."""
+    if getattr(future, "truss_lab_task", None) is None:
+        stopped.set()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:  # the loop is closed
+        pass
 
 
 async def _as_coroutine(awaitable: Awaitable, stopped: threading.Event) -> Any:

@@ -3,14 +3,12 @@ the kernel, a save that costs what it changed, watching what `truss chains push 
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import os
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest

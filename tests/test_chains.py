@@ -165,7 +165,6 @@ def test_the_magics_and_the_panel_on_a_chain(tmp_path):
     from IPython.utils.capture import capture_output
 
     from truss_lab.chains import ChainReloadEvent
-    from truss_lab.display.plots import Timeline
     from truss_lab.notebook.widgets import widget
 
     chain_file = _write_chain(tmp_path)

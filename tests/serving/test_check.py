@@ -194,7 +194,6 @@ def test_lints_that_cannot_be_sure_warn_and_never_fail(tmp_path):
 def test_two_checks_at_once_share_the_cache_safely(truss_env, tmp_path):
     """Two processes (two kernels, a kernel and a terminal) preparing the same app folder and the same
     requirements overlay at once: both get a complete folder; the work is done once."""
-    from truss_lab.serving import truss_server
 
     root = write_truss(tmp_path / "twice", "class Model:\n    def predict(self, x):\n        return x\n")
     script = (

@@ -17,6 +17,7 @@ A CheckReport comes back: `ok`, a text table (`str()`), HTML in the notebook, JS
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from ..bundle import Bundle, read_bundle
 from ..errors import TrussLabError
@@ -302,6 +303,61 @@ def chainlet_requirements(bundle: Bundle) -> list[str]:
     return [r for r in _requirements(bundle) if not _TRUSS_REQUIREMENT.match(r)]
 
 
+@dataclass
+class RealChain:
+    """A chain's chainlets on real Truss servers (on_truss_servers): the entrypoint's URL, None when a
+    chainlet failed to load (the findings say which and why)."""
+
+    entry_url: str | None
+    findings: list[Finding]
+    servers: list[Any]
+
+
+@contextlib.contextmanager
+def on_truss_servers(chain: Any, env: Any, note: Callable[[str], None] | None = None) -> Iterator[RealChain]:
+    """Every chainlet's generated truss of a loaded Chain on the real Truss server (each with its own
+    requirements), started dependencies first and wired the way a deployed chain finds its chainlets:
+    the `dynamic_chainlet_config` the platform mounts, here a folder. Stops them all on leaving.
+    `truss-lab check my_chain.py` sends the examples to it; bench_chain times the same requests."""
+    import shutil
+    import tempfile
+
+    from .truss_server import cli_site
+
+    mount = Path(tempfile.mkdtemp(prefix="truss-lab-chain-config-"))
+    site = cli_site(env)
+    real = RealChain(None, [], [])
+    urls: dict[str, dict[str, str]] = {}
+    try:
+        for name, live in chain.chainlets.items():  # dependencies first: a chainlet reads its dependencies' URLs at start
+            bundle = live.bundle
+            requirements = _requirements(bundle)
+            for pin in (r for r in requirements if _TRUSS_REQUIREMENT.match(r)):
+                if pin.replace(" ", "") not in (f"truss=={env.version}", "truss"):
+                    real.findings.append(Finding("warning", "requirement", f"{name}: the chainlet pins {pin}; the check runs Truss {env.version}",
+                                                 f"check with --truss-version matching {pin}"))
+            overlay = env.requirements_overlay(chainlet_requirements(bundle), note=note)
+            (mount / "dynamic_chainlet_config").write_text(json.dumps(urls))
+            server_env = {"TRUSS_LAB_DYNAMIC_CONFIG_DIR": str(mount), "TRUSS_SECRET_baseten_chain_api_key": "truss-lab-local"}
+            if site is not None:
+                server_env["TRUSS_LAB_APPEND_PATH"] = str(site)  # the chainlet's `truss` requirement, after the server's own packages
+            if overlay is not None:
+                server_env["PYTHONPATH"] = str(overlay / "site")
+            server = env.start(bundle.path, env=server_env, timeout=600)
+            real.servers.append(server)
+            if not server.wait_ready(1):
+                real.findings.extend(_named(name, _load_failure(server.output(), requirements, bundle)))
+                break
+            urls[name] = {"predict_url": f"{server.url}{PREDICT}"}
+        else:
+            real.entry_url = real.servers[-1].url if real.servers else None
+        yield real
+    finally:
+        for server in reversed(real.servers):
+            server.stop()
+        shutil.rmtree(mount, ignore_errors=True)
+
+
 def check_chain(
     chain: str | os.PathLike | Any,
     inputs: Iterable[Any] | None = None,
@@ -312,16 +368,13 @@ def check_chain(
     atol: float = ATOL,
     note: Callable[[str], None] | None = None,
 ) -> CheckReport:
-    """`truss-lab check my_chain.py`: every chainlet's generated truss on the real Truss server (each with
-    its own requirements), started dependencies first and wired the way a deployed chain finds its
-    chainlets - the `dynamic_chainlet_config` the platform mounts, here a folder - then the chain's
-    examples (or `inputs`) sent to the real entrypoint and to truss_lab's, and the answers compared.
+    """`truss-lab check my_chain.py`: the chain on real Truss servers, as deployed (on_truss_servers),
+    then the chain's examples (or `inputs`) sent to the real entrypoint and to truss_lab's, and the
+    answers compared.
     `chain`: a loaded Chain, or its source loaded with `make_chain(path)` (the CLI passes load_chain)."""
-    import shutil
-    import tempfile
     import warnings
 
-    from .truss_server import TRUSS_VERSION, ServerEnv, cli_site
+    from .truss_server import TRUSS_VERSION, ServerEnv
 
     t0 = time.perf_counter()
     owned = isinstance(chain, (str, os.PathLike))
@@ -338,40 +391,15 @@ def check_chain(
     if not examples:
         findings.append(Finding("warning", "examples", "no examples to send: only the chainlets' loads were checked",
                                 f"add examples to {chain.examples_file.name} next to the chain, or pass inputs (--input JSON)"))
-    mount = Path(tempfile.mkdtemp(prefix="truss-lab-chain-config-"))
-    site = cli_site(env)
-    servers = []
-    urls: dict[str, dict[str, str]] = {}
     loaded = True
     try:
-        for name, live in chain.chainlets.items():  # dependencies first: a chainlet reads its dependencies' URLs at start
-            bundle = live.bundle
-            requirements = _requirements(bundle)
-            for pin in (r for r in requirements if _TRUSS_REQUIREMENT.match(r)):
-                if pin.replace(" ", "") not in (f"truss=={env.version}", "truss"):
-                    findings.append(Finding("warning", "requirement", f"{name}: the chainlet pins {pin}; the check runs Truss {env.version}",
-                                            f"check with --truss-version matching {pin}"))
-            overlay = env.requirements_overlay(chainlet_requirements(bundle), note=note)
-            (mount / "dynamic_chainlet_config").write_text(json.dumps(urls))
-            server_env = {"TRUSS_LAB_DYNAMIC_CONFIG_DIR": str(mount), "TRUSS_SECRET_baseten_chain_api_key": "truss-lab-local"}
-            if site is not None:
-                server_env["TRUSS_LAB_APPEND_PATH"] = str(site)  # the chainlet's `truss` requirement, after the server's own packages
-            if overlay is not None:
-                server_env["PYTHONPATH"] = str(overlay / "site")
-            server = env.start(bundle.path, env=server_env, timeout=600)
-            servers.append(server)
-            if not server.wait_ready(1):
-                loaded = False
-                findings.extend(_named(name, _load_failure(server.output(), requirements, bundle)))
-                break
-            urls[name] = {"predict_url": f"{server.url}{PREDICT}"}
-        results = _compare_all(examples, servers[-1].url if loaded else None, chain.entry, rtol, atol)
+        with on_truss_servers(chain, env, note=note) as real:
+            findings.extend(real.findings)
+            loaded = real.entry_url is not None
+            results = _compare_all(examples, real.entry_url, chain.entry, rtol, atol)
         for name, live in chain.chainlets.items():
             findings.extend(_named(name, _lock_findings(live, len(examples))))
     finally:
-        for server in reversed(servers):
-            server.stop()
-        shutil.rmtree(mount, ignore_errors=True)
         if owned:
             chain.close()
     return CheckReport(

@@ -108,3 +108,37 @@ def test_init_python_config_writes_what_truss_init_writes_and_it_loads(tmp_path,
     assert ours.name == theirs.name == "my_model.py" and ours.read_text() == theirs.read_text()
     with truss_lab.load(str(ours)) as tr:
         assert tr.predict({"input_field": 7}).output == 7
+
+
+def test_the_panel_takes_a_model_file_with_its_examples_file(tmp_path):
+    pytest.importorskip("ipywidgets")
+    folder = tmp_path / "echo"
+    folder.mkdir()
+    source = folder / "echo_model.py"
+    source.write_text(textwrap.dedent('''
+        import truss_chains as chains
+
+
+        class Model(chains.ModelBase):
+            remote_config = chains.RemoteConfig(name="echo")
+
+            def predict(self, text: str, times: int = 1) -> str:
+                return "<b>" + text * times
+    '''))
+    (folder / "echo_model.examples.yaml").write_text("- name: twice\n  input: {text: ab, times: 2}\n- name: once\n  input: {text: z}\n")
+    with truss_lab.load(str(source)) as tr:
+        panel = truss_lab.widget(tr)
+        try:
+            assert [o[0] for o in panel.examples.options] == ["— example —", "twice", "once"]
+            assert panel.text.value == '{"text": "ab", "times": 2}'
+            panel.run_button.click()
+            assert panel.wait(30)
+            assert "&lt;b&gt;abab" in panel.output.value and "<b>abab" not in panel.output.value  # the model's string, escaped
+            source.write_text(source.read_text().replace('"<b>"', '"<i>"'))
+            assert tr.reload().kind == "methods"
+            assert "v2" in panel.status.value and "echo v2: swapped (echo_model.py; its state kept)" in panel.status.value
+            panel.run_button.click()
+            assert panel.wait(30)
+            assert "&lt;i&gt;abab" in panel.output.value and panel.runs[0].result.trace.version == 2
+        finally:
+            panel.close()

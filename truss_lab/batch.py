@@ -36,7 +36,8 @@ def bench(model: Any, inputs: Iterable[Any] | None, n: int, concurrency: int, *,
     """`n` requests (cycling over `inputs`, or the model's examples) from `concurrency` threads (see LiveModel.bench)."""
     inputs = list(model.examples.values()) if inputs is None else list(inputs)
     if not inputs:
-        raise TrussLabError(f"{model.bundle.examples_path}: no inputs given and no examples to cycle over")
+        where = getattr(model, "examples_source", None) or model.bundle.examples_path
+        raise TrussLabError(f"{where}: no inputs given and no examples to cycle over")
     for name, value in (("n", n), ("concurrency", concurrency)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise TrussLabError(f"{name} must be a positive integer, got {value!r}")

@@ -115,15 +115,18 @@ class ChainReloadEvent(ReloadEvent):
     chainlets: dict[str, ReloadEvent] = dataclasses.field(default_factory=dict)
     untouched: list[str] = dataclasses.field(default_factory=list)
     removed: list[str] = dataclasses.field(default_factory=list)  # chainlets the source no longer has: stopped
+    model_file: str | None = None  # a single-file model's name: its reload reads as a model's, not a chain's
 
     def summary(self) -> str:
+        if self.model_file is not None:
+            return self._model_summary(self.model_file)
         if self.kind == "failed" and not self.chainlets:
             return f"chain reload failed: {self.error} (still serving v{self.version})"
         if not self.chainlets and not self.removed:
             return f"chain v{self.version}: no chainlet's code changed; nothing reloaded"
         parts = []
         for name, event in self.chainlets.items():
-            what = ", ".join(event.changed)
+            what = _users_files(event.changed)
             if event.changed == ["added"]:
                 parts.append(f"{name} added" + (f" FAILED: {event.error}" if event.kind == "failed" else " (loaded, served)"))
             elif event.kind == "methods":
@@ -137,6 +140,25 @@ class ChainReloadEvent(ReloadEvent):
         parts += [f"{name} removed" for name in self.removed]
         kept = f"; untouched: {', '.join(self.untouched)}" if self.untouched else ""
         return f"chain v{self.version}: {'; '.join(parts)}{kept} in {self.duration_ms:.0f} ms"
+
+    def _model_summary(self, name: str) -> str:
+        """`my_model.py` saved: what a truss's reload says (its one chainlet's event, in its file's words)."""
+        if self.kind == "failed":
+            return f"{name}: reload failed: {self.error} (still serving v{self.version})"
+        event = next(iter(self.chainlets.values()), None)
+        if event is None:
+            return f"{name} v{self.version}: no code changed; nothing reloaded"
+        what = _users_files(event.changed)
+        done = "swapped" if event.kind == "methods" else "reloaded" if event.kind == "full" else event.kind
+        kept = "; its state kept" if event.kind == "methods" else ""
+        return f"{name} v{self.version}: {done} ({what}{kept}) in {self.duration_ms:.0f} ms"
+
+
+def _users_files(changed: list[str]) -> str:
+    """A chainlet's changed files as its author knows them: `packages/helpers.py` of its generated truss
+    is the chain folder's `helpers.py`."""
+    prefix = "packages" + os.sep
+    return ", ".join(rel[len(prefix):] if rel.startswith(prefix) else rel for rel in changed)
 
 
 class ChainReloader(Reloader):
@@ -199,9 +221,12 @@ class ChainReloader(Reloader):
         root = chain.root / f"regenerated-{self._generation}"
         root.mkdir()
         try:
-            return self._reload_from(chain, root, full)
+            event = self._reload_from(chain, root, full)
         finally:
             shutil.rmtree(root, ignore_errors=True)
+        if event is not None and chain.model_file:
+            event.model_file = chain.name
+        return event
 
     def _reload_from(self, chain: Chain, root: Path, full: bool) -> ChainReloadEvent | None:
         try:  # a scratch generation, linked to the chain's files: only what differs reaches the live folders

@@ -71,6 +71,7 @@ class Chain:
             shutil.rmtree(self.root, ignore_errors=True)
             raise
         self.name, self._entrypoint_arg = gen.name, entrypoint
+        self.model_file = False  # a single-file model (ModelFile): its reloads read as a model's
         self._gen = gen
         folders = gen.folders
         self._guard = guard
@@ -119,6 +120,8 @@ class Chain:
                                 "TRUSS_LAB_TRUSS_DIR": str(self._gen.truss_dirs.get(display, ""))},
                            spawned=spawned)
         self.chainlets[display] = live
+        if entrypoint:  # its examples.yaml is a copy of the chain's examples file: errors name that one
+            live.examples_source = self.examples_file
         if not entrypoint:  # the worker stops the server it started when it closes
             self.urls[display] = {"predict_url": f"{live.serve().url}/v1/models/model:predict"}
             self._write_mount()
@@ -324,6 +327,7 @@ class ModelFile:
     def __init__(self, chain: Chain):
         object.__setattr__(self, "chain", chain)
         object.__setattr__(self, "source", chain.source)
+        chain.model_file = True
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.chain if name in self._OF_THE_FILE else self.chain.entry, name)
@@ -335,6 +339,11 @@ class ModelFile:
 
     def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None):
         return self.chain.serve(host, port, max_body)  # POST /hot-reload regenerates it from the file
+
+    @property
+    def class_name(self) -> str:
+        """The model's class in its file (`Model`)."""
+        return self.chain._gen.classes[self.chain.entrypoint][1]
 
     @property
     def model(self) -> Any:

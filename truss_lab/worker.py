@@ -50,6 +50,7 @@ class WorkerModel:
     """A truss loaded in a worker process, with LiveModel's API (see the module docstring)."""
 
     process = "worker"
+    examples_source: Path | None = None  # where its examples come from, when not its folder's examples.yaml (a chain's entrypoint)
 
     def __init__(self, path: str | os.PathLike, *, concurrency: int | None = None, secrets: Mapping[str, str] | None = None,
                  environment: Any = None, trace_capacity: int = DEFAULT_TRACE_CAPACITY, guard: bool = True,

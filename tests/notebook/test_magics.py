@@ -346,3 +346,33 @@ def test_timeline_last_zero_is_a_usage_line(ip, make_truss):
     run(ip, "predict 1")
     result, printed = cell_error(ip, "%truss timeline --last 0")
     assert "--last 0: N must be 1 or more" in printed and "Traceback" not in printed
+
+
+def test_init_python_config_then_load_predict_and_save_a_single_file_model(ip, tmp_path):
+    """`%truss init --python-config` writes what `truss init --python-config` writes; `%truss load
+    my_model.py` binds it as a model (not a chain) named after its file, and speaks of the file and its
+    class, never of the truss generated from it - in the summary, a save's reload, an error."""
+    pytest.importorskip("truss_chains")
+    path = tmp_path / "pc"
+    assert "wrote a single-file model at" in run(ip, f"init {path} --python-config --name my-model").stdout
+    source = path / "my_model.py"
+    summary = run(ip, f"load {source}").outputs[0].data["text/plain"]
+    assert "my-model (class Model in my_model.py) as `my_model`" in summary and f"from      {source}" in summary
+    tr = ip.user_ns["my_model"]
+    assert isinstance(tr, truss_lab.LiveModel) and tr.watching
+    assert "output: 3" in run(ip, "predict", '{"input_field": 3}').outputs[0].data["text/plain"]
+    text = source.read_text()
+    n = tr.reload_count
+    source.write_text(text.replace("return input_field", "return input_field * 10"))
+    event = tr.wait_for_reload(since=n, timeout=60)
+    assert event.kind == "methods" and event.summary().startswith("my-model v2: swapped (my_model.py; its state kept)")
+    assert "output: 30" in run(ip, "predict", '{"input_field": 3}').outputs[0].data["text/plain"]
+    n = tr.reload_count
+    source.write_text(text.replace("return input_field", "return input_field *"))
+    event = tr.wait_for_reload(since=n, timeout=60)
+    assert not event.ok and re.search(r"my_model\.py:\d+: SyntaxError", event.summary()), event.summary()
+    status = run(ip, "status").outputs[0].data["text/plain"]
+    assert "reload failed" in status and "still serving v2" in status
+    assert "output: 30" in run(ip, "predict", '{"input_field": 3}').outputs[0].data["text/plain"]  # the old code serves
+    result, printed = cell_error(ip, "%truss bench -n 3")
+    assert f"{path / 'my_model.examples.yaml'}: no inputs given" in printed and "Traceback" not in printed

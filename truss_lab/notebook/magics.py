@@ -167,9 +167,12 @@ class TrussMagics(Magics):
     def cmd_load(self, args, cell):
         from ..live import LiveModel, load
 
-        if args.path.endswith(".py") and Path(args.path).is_file():  # a Truss Chain's source
+        from ..chain_gen import is_model_file
+
+        single = args.path.endswith(".py") and Path(args.path).is_file()
+        if single and not is_model_file(Path(args.path)):  # a Truss Chain's source
             return self.load_chain(args)
-        var = args.var or variable_name(args.path)
+        var = args.var or variable_name(Path(args.path).stem if single else args.path)  # my_model.py: `my_model`
         if not var.isidentifier() or keyword.iskeyword(var):
             raise UsageError(f"--as {var}: not a valid variable name")
         old = self.shell.user_ns.get(var)
@@ -355,10 +358,12 @@ class LoadSummary:
     def lines(self) -> list[tuple[str, str]]:
         live = self.live
         examples = ", ".join(live.examples) or "none"
+        source = getattr(live, "source", None)  # a single-file model: its file and class, not its generated truss's
+        cls = f"{live.class_name} in {source.name}" if source else live.bundle.model_class_name
         return [
-            ("model", f"{live.name} (class {live.bundle.model_class_name}) as `{self.var}`"),
+            ("model", f"{live.name} (class {cls}) as `{self.var}`"),
             ("process", "this kernel" if live.process == "kernel" else f"a worker process (pid {live.pid})"),
-            ("from", str(live.path)),
+            ("from", str(source or live.path)),
             ("load()", f"{live.load_ms:.0f} ms"),
             ("methods", ", ".join(live.methods())),
             ("lock", f"{live.concurrency} (runtime.predict_concurrency)"),

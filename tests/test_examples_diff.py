@@ -170,3 +170,37 @@ def test_wait_for_examples_right_after_a_reload_waits_for_that_reloads_run(tmp_p
             assert d is not None and d.new_version == tr.version, d
     finally:
         tr.close()
+
+
+def test_a_save_during_the_first_run_still_shows_what_it_changed(tmp_path):
+    """`tr.watch(examples=True)` and a save before its first run is over (the model is slow, the user
+    quick): the examples that ran on the old code are the baseline, those that had not are "first run",
+    and the diff comes - none said unchanged when its output changed (it used to show nothing at all)."""
+    gated = TOPK.replace("    def predict(self, x):\n", "    def predict(self, x):\n"
+                                                          "        if x == 'seven':\n"
+                                                          "            self.entered.set()\n"
+                                                          "            assert self.gate.wait(30)\n")
+    examples = [{"name": "first", "input": "zero"}, {"name": "gated", "input": "seven"}, {"name": "last", "input": "zero"}]
+    root = write_truss(tmp_path / "gated", gated, examples=examples)
+    with truss_lab.load(root, process="kernel") as tr:
+        model = tr.model  # the instance outlives a swap
+        model.entered, model.gate = threading.Event(), threading.Event()
+        diffs = []
+        tr.watch_examples(True)  # as watch(examples=True), without the watcher: the test reloads by hand
+        tr.on_examples(diffs.append)
+        assert model.entered.wait(30)  # the first run is inside "gated", on v1
+        mf = root / "model" / "model.py"
+        mf.write_text(gated.replace('"zero": 0.8', '"zero": 0.6').replace('"seven": 0.7}', '"seven": 0.9}'))
+        reloading = threading.Thread(target=tr.reload)
+        reloading.start()  # the swap waits for the request in flight to finish
+        gate = tr._gate
+        with gate._cond:
+            assert gate._cond.wait_for(lambda: gate._waiting, 30)  # the reload is waiting for "gated" now
+        model.gate.set()
+        reloading.join(30)
+        assert tr.reload_count == 1 and tr.wait_for_examples(60)
+        d = tr.examples_diff
+        assert d is not None and diffs == [d] and d.old_version == 1 and d.new_version == 2, d
+        status = {c.name: c.status for c in d.changes}
+        assert status == {"first": "changed", "gated": "changed", "last": "first run"}, d  # the swap came before "last"
+        assert d.summary() == "examples v1 -> v2: 2 changed, 1 first run (3 examples)"

@@ -37,6 +37,7 @@ class ExampleOutcome:
     stage: str | None = None
     location: str | None = None
     stage_ms: dict[str, float] = field(default_factory=dict)
+    version: int | None = None  # the code version that answered it
 
     def to_json(self) -> dict:
         out = {"ok": self.ok, "output": self.output} if self.ok else {"ok": False, "error": self.error, "stage": self.stage}
@@ -49,18 +50,18 @@ class ExampleOutcome:
         stages = {s: ms for s, ms in (("pre", t.pre_ms), ("predict", t.predict_ms), ("post", t.post_ms)) if ran[s] is not None}
         if result.error is not None:
             err = result.error
-            return cls(name, False, error=str(err), stage=err.stage, location=err.location, stage_ms=stages)
+            return cls(name, False, error=str(err), stage=err.stage, location=err.location, stage_ms=stages, version=t.version)
         try:
             output = json.loads(truss_json(result.output))
         except (TypeError, ValueError):
             output = repr(result.output)
-        return cls(name, True, output, stage_ms=stages)
+        return cls(name, True, output, stage_ms=stages, version=t.version)
 
 
 @dataclass
 class ExampleChange:
     name: str
-    status: str  # unchanged | changed | now failing | fixed | still failing | new | removed
+    status: str  # unchanged | changed | now failing | fixed | still failing | new | removed | first run
     paths: list[tuple[str, Any, Any]] = field(default_factory=list)  # changed JSON paths: (path, old, new)
     ranks: list[str] = field(default_factory=list)  # 'seven: #1 -> #2'
     stage_ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage -> (old, new)
@@ -101,8 +102,8 @@ class ExamplesDiff:
         return any(c.status != "unchanged" for c in self.changes)
 
     def summary(self) -> str:
-        counts = ", ".join(f"{self.count(s)} {s}" for s in ("changed", "now failing", "fixed", "still failing", "new", "removed")
-                           if self.count(s))
+        counts = ", ".join(f"{self.count(s)} {s}" for s in ("changed", "now failing", "fixed", "still failing", "new", "removed",
+                                                            "first run") if self.count(s))
         return (f"examples v{self.old_version} -> v{self.new_version}: "
                 f"{counts or 'all unchanged'} ({len(self.changes)} examples)")
 
@@ -135,10 +136,15 @@ def run_examples(live, inputs: list[tuple[str, Any]] | None = None, cancel: thre
 
 
 def diff(old: dict[str, ExampleOutcome], new: dict[str, ExampleOutcome], old_version: int | None, new_version: int,
-         rtol: float = RTOL, atol: float = ATOL) -> ExamplesDiff:
+         rtol: float = RTOL, atol: float = ATOL, unseen: frozenset[str] = frozenset()) -> ExamplesDiff:
+    """Each example's outcome in `new` against `old`. `unseen`: examples the old code never ran (a save
+    came before they had run on it): their status is "first run", with the error if they fail."""
     changes = []
     for name in list(old) + [n for n in new if n not in old]:
         a, b = old.get(name), new.get(name)
+        if a is None and b is not None and name in unseen:
+            changes.append(ExampleChange(name, "first run", error=b.error))
+            continue
         if a is None or b is None:
             changes.append(ExampleChange(name, "new" if a is None else "removed"))
             continue
@@ -174,9 +180,10 @@ class ExamplesWatch:
         self._cancel = threading.Event()
         self._runs = 0
         self._started_version = 0  # the newest code version a run was started for
+        self._unseen: set[str] = set()  # examples the baseline's code never ran (the first run was cut short)
         self._done = threading.Condition()
         self._unsubscribe = live.on_reload(self._on_reload)
-        self._start(live.version, first=True)
+        self._start(live.version)
 
     def on_diff(self, callback: Callable[[ExamplesDiff], None]) -> Callable[[], None]:
         self._callbacks.append(callback)
@@ -186,7 +193,7 @@ class ExamplesWatch:
         if event.ok and event.kind in ("methods", "full", "examples"):
             self._start(event.version)
 
-    def _start(self, version: int, first: bool = False) -> None:
+    def _start(self, version: int) -> None:
         with self._lock:
             self._cancel.set()  # a run still going is stale now: its remaining examples are skipped
             cancel = self._cancel = threading.Event()
@@ -195,24 +202,37 @@ class ExamplesWatch:
                 self._started_version = max(self._started_version, version)
                 self._done.notify_all()
         inputs = example_inputs(self.live, self.names)
-        threading.Thread(target=self._run, args=(version, inputs, cancel, first), name="truss-lab-examples", daemon=True).start()
+        threading.Thread(target=self._run, args=(version, inputs, cancel), name="truss-lab-examples", daemon=True).start()
 
-    def _run(self, version: int, inputs, cancel: threading.Event, first: bool) -> None:
+    def _run(self, version: int, inputs, cancel: threading.Event) -> None:
+        outcomes: dict[str, ExampleOutcome] | None = {}
         try:
-            outcomes = run_examples(self.live, inputs, cancel)
+            for name, x in inputs:
+                if cancel.is_set():  # a newer save: the rest would run the newer code
+                    break
+                outcomes[name] = ExampleOutcome.of(name, self.live.run(x))
         except Exception:  # the model closed under us, say
             outcomes = None
+        emit = None
         with self._done:
-            if outcomes is not None and not cancel.is_set():
-                if not first and self.baseline is not None:
-                    self.latest = diff(self.baseline, outcomes, self.baseline_version, version)
-                self.baseline, self.baseline_version = outcomes, version
+            if outcomes is not None:
+                ran = {n: o for n, o in outcomes.items() if o.version == version}  # a save mid-run: the rest ran newer code
+                if not cancel.is_set() and len(ran) == len(inputs):
+                    if self.baseline is not None:
+                        unseen = frozenset(n for n in ran if n not in self.baseline and n in self._unseen)
+                        self.latest = emit = diff(self.baseline, ran, self.baseline_version, version, unseen=unseen)
+                    self.baseline, self.baseline_version, self._unseen = ran, version, set()
+                elif self.baseline is None:
+                    # the first run, cut short by a save: what it ran on its own code is the baseline (the
+                    # old code cannot run again), and the examples it did not reach are said to be unseen
+                    self.baseline, self.baseline_version = ran, version
+                    self._unseen = {n for n, _ in inputs if n not in ran}
             self._runs -= 1
             self._done.notify_all()
-        if outcomes is not None and not cancel.is_set() and not first and self.latest is not None:
+        if emit is not None:
             for callback in list(self._callbacks):
                 try:
-                    callback(self.latest)
+                    callback(emit)
                 except Exception:
                     pass
 

@@ -134,6 +134,7 @@ class Gate:
     def alone(self, timeout: float) -> Iterator[None]:
         with self._cond:
             self._waiting += 1
+            self._cond.notify_all()  # whoever waits to see a reload waiting (a test, say)
             if not self._cond.wait_for(lambda: not self._inside, timeout):
                 self._waiting -= 1
                 self._cond.notify_all()

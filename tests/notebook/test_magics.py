@@ -376,3 +376,14 @@ def test_init_python_config_then_load_predict_and_save_a_single_file_model(ip, t
     assert "output: 30" in run(ip, "predict", '{"input_field": 3}').outputs[0].data["text/plain"]  # the old code serves
     result, printed = cell_error(ip, "%truss bench -n 3")
     assert f"{path / 'my_model.examples.yaml'}: no inputs given" in printed and "Traceback" not in printed
+
+
+def test_a_trailing_comment_is_not_an_argument(ip, tmp_path):
+    """`%truss load my-truss   # watches it` as the docs write it: a `#` starting a word outside
+    quotes ends the line, as in a shell and in Python; a `#` inside a string or a word stays."""
+    path = tmp_path / "c"
+    run(ip, f"init {path}   # the scaffold")
+    run(ip, f"load {path} --no-watch   # binds `c`")
+    assert isinstance(ip.user_ns["c"], truss_lab.LiveModel)
+    assert '{"predictions": "a # b"}' in run(ip, "predict 'a # b'   # a string with a #").outputs[0].data["text/plain"]
+    assert '{"predictions": [1, 2, 3]}' in run(ip, "predict example:example  # by name").outputs[0].data["text/plain"]

@@ -89,7 +89,8 @@ def profile_html(profile, n: int = 8) -> str:
 
 
 STATUS_COLOURS = {"unchanged": "#666", "changed": "#ef6c00", "now failing": "#c62828", "fixed": "#2e7d32",
-                  "still failing": "#c62828", "new": "#1565c0", "removed": "#666"}
+                  "still failing": "#c62828", "new": "#1565c0", "removed": "#666",
+                  "first run": "#1565c0"}
 
 
 def examples_diff_html(d) -> str:

@@ -87,6 +87,26 @@ def build_parser() -> _Parser:
     return parser
 
 
+def strip_comment(line: str) -> str:
+    """`line` without a trailing `# comment` (a `#` at the start of a word, outside quotes), as a
+    shell and Python both read it: `%truss load my-truss   # watches it` loads `my-truss`."""
+    quote = None
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if quote is not None:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+        elif c == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+        i += 1
+    return line
+
+
 def split_line(line: str) -> list[str]:
     """The words of a line for commands without EXPR, as a shell splits them (quotes kept together)."""
     lexer = shlex.shlex(line, posix=True)

@@ -21,7 +21,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
 
 from ..errors import ModelError, TrussLabError
-from .magic_args import _HelpShown, _is_file, _subparsers, build_parser, split_expr, split_line, variable_name
+from .magic_args import _HelpShown, _is_file, _subparsers, build_parser, split_expr, split_line, strip_comment, variable_name
 
 
 @magics_class
@@ -59,6 +59,7 @@ class TrussMagics(Magics):
         """The line's arguments. A command that takes EXPR (predict, bench) reads its options up to the
         first word that is not one of them, and takes the rest of the line verbatim as EXPR: `-1`,
         `'it\\'s'` or a 300-character dict are inputs, not options or shell words."""
+        line = strip_comment(line)
         command = line.split(None, 1)[0] if line.strip() else ""
         sub = _subparsers(self.parser).get(command)
         if sub is not None and any(a.dest == "expr" for a in sub._actions):

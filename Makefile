@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS := notebook,tf,serve,ray,chains,test
+EXTRAS := notebook,tf,serve,ray,chains,docs,test
 
-.PHONY: install browser truss-server lab test check-examples test-under-load bench clean
+.PHONY: install browser truss-server lab test check-examples test-under-load bench docs clean
 
 install: $(VENV)/.installed
 
@@ -52,8 +52,14 @@ check-examples: install truss-server
 	@# (rounded percentages: 1e-3 absorbs another CPU's rounding)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --truss-rtol 1e-3 $$(for t in examples/*/; do [ -f $$t/examples.yaml ] && echo --truss $$t; done)
 
+# The docs site (docs/, MkDocs Material) into site/, offline; --strict: a broken link or reference fails it.
+# `make test` builds it too (tests/test_docs.py) and runs every Python block of docs/ and README.md.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	@echo "the docs are in site/: open site/index.html"
+
 bench: install
-	$(BIN)/python benchmarks/run_all.py --update-readme
+	$(BIN)/python benchmarks/run_all.py --update-docs
 
 clean:
-	rm -rf $(VENV) .pytest_cache test-artifacts .lab
+	rm -rf $(VENV) .pytest_cache test-artifacts .lab site

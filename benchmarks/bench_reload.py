@@ -133,7 +133,7 @@ def save_to_diff(rounds: int) -> float:
         root = Path(tmp) / "digits"
         shutil.copytree(src, root, ignore=shutil.ignore_patterns("__pycache__", "examples.snapshot.json"))
         examples = yaml.safe_load((root / "examples.yaml").read_text())
-        examples = (examples * 2)[:6]
+        examples = [dict(e) for e in (examples * 2)[:6]]  # six examples of their own (a shared dict: one name twice)
         for i, e in enumerate(examples):
             e["name"] = f"{e['name']}-{i}"
         (root / "examples.yaml").write_text(yaml.safe_dump(examples))

@@ -1,9 +1,11 @@
-"""Draw the README's pictures with truss_lab itself, from real runs.
+"""Draw the docs' pictures with truss_lab itself, from real runs.
 
-    python docs/make_pictures.py      # docs/timeline-wrong.png, docs/timeline-right.png, docs/profile.png
+    python docs/make_pictures.py      # docs/notebook.png, docs/timeline-wrong.png, docs/timeline-right.png, docs/profile.png
 
-The timelines: the same download inside predict vs preprocess. The profile: the digits truss's
-profile as a notebook shows it (its HTML, screenshot in Debian's chromium with Playwright).
+The notebook: a real JupyterLab (the one the browser test drives) running the README's quickstart on
+examples/digits - a prediction with its stage bar, a bench with its lock timeline - screenshot in
+Debian's chromium with Playwright. The timelines: the same download inside predict vs preprocess.
+The profile: the digits truss's profile as a notebook shows it (its HTML, screenshot the same way).
 """
 
 from __future__ import annotations
@@ -72,7 +74,49 @@ def profile_picture(out: Path) -> None:
     print(f"{out.name}: the digits truss's profile")
 
 
+QUICKSTART = ["%load_ext truss_lab", "%truss load examples/digits", "%truss predict example:three", "%truss bench -n 40 -c 4"]
+
+
+def notebook_picture(out: Path) -> None:
+    """The README's quickstart run in a real JupyterLab: the prediction, its stage bar, the lock timeline."""
+    import json
+    import shutil
+
+    from playwright.sync_api import expect, sync_playwright
+
+    from truss_lab.devtools.jupyter import CHROMIUM_FLAGS, Lab, chromium_path, notebook
+
+    import os
+
+    from truss_lab.devtools.lab import lab_environment
+
+    for key in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"):  # TensorFlow's environment as `make lab` sets it
+        os.environ.setdefault(key, lab_environment(Path(tempfile.gettempdir()))[key])
+    with tempfile.TemporaryDirectory() as tmp:
+        root, home = Path(tmp) / "work", Path(tmp) / "home"
+        shutil.copytree(HERE.parent / "examples" / "digits", root / "examples" / "digits")
+        (root / "quickstart.ipynb").write_text(json.dumps(notebook(QUICKSTART)))
+        with Lab(root, home) as lab, sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS, headless=True)
+            page = browser.new_page(viewport={"width": 1180, "height": 1560}, device_scale_factor=1)
+            page.set_default_timeout(120_000)
+            page.goto(lab.notebook_url("quickstart.ipynb"))
+            page.wait_for_function("() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+                                   " return w && w.sessionContext && w.sessionContext.session"
+                                   " && w.sessionContext.session.kernel && w.sessionContext.session.kernel.status === 'idle'; }")
+            page.evaluate("() => window.jupyterapp.commands.execute('application:toggle-left-area')")
+            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            expect(page.locator(".truss-lab-report svg").first).to_be_visible()
+            expect(page.locator(".truss-lab-result .truss-lab-timing").first).to_be_visible()
+            page.evaluate("() => window.jupyterapp.commands.execute('notebook:enter-command-mode')")
+            page.locator(".truss-lab-report svg").first.scroll_into_view_if_needed()
+            page.screenshot(path=str(out))
+            browser.close()
+    print(f"{out.name}: the quickstart in JupyterLab")
+
+
 def main() -> None:
+    notebook_picture(HERE / "notebook.png")
     profile_picture(HERE / "profile.png")
     with tempfile.TemporaryDirectory() as tmp, LocalServer(files={"img.png": bytes(20_000)}, delay_ms=40) as server:
         for name, in_pre in (("wrong", False), ("right", True)):

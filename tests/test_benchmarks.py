@@ -1,4 +1,4 @@
-"""The benchmark scripts still run (small counts; the numbers themselves live in README)."""
+"""The benchmark scripts still run (small counts; the numbers themselves live in docs/benchmarks.md)."""
 
 import sys
 

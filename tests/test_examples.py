@@ -136,7 +136,7 @@ def test_lock_demo_twins(tmp_path):
             b = right.bench([x], n=16, concurrency=8, progress=False)
     # What the design guarantees, whatever else the machine is doing: the wrong twin holds the lock
     # mostly idle (waiting on the 40 ms download); the right one holds it to compute. (The throughput
-    # ratio is a benchmark: README, not here.)
+    # ratio is a benchmark: docs/benchmarks.md, not here.)
     # (Shares move with load: CPU contention inside predict counts as not computing. The 40 ms download
     # is a fixed amount of idle time that only the wrong twin holds the lock through.)
     assert a.lock_idle_share > 0.5, a.table()

@@ -153,6 +153,10 @@ class Chain:
         """The chain's examples (see examples_file): what `truss-lab check` sends, the panel's dropdown."""
         return list(self.entry.bundle.examples)
 
+    def example(self, name: str) -> Any:
+        """The input of the example called `name`: an entrypoint JSON body (`chain.run(**chain.example("three"))`)."""
+        return self.entry.example(name)
+
     def check(self, inputs=None, **kwargs):
         """`truss-lab check` on this chain: every chainlet's generated truss on the real Truss server,
         wired as deployed, against this chain (serving/check.py)."""

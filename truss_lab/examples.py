@@ -50,12 +50,12 @@ class ExampleOutcome:
         stages = {s: ms for s, ms in (("pre", t.pre_ms), ("predict", t.predict_ms), ("post", t.post_ms)) if ran[s] is not None}
         if result.error is not None:
             err = result.error
-            return cls(name, False, error=str(err), stage=err.stage, location=err.location, stage_ms=stages, version=t.version)
+            return cls(name, False, error=str(err), stage=err.stage, location=err.location, stage_ms=stages, version=getattr(t, "version", None))
         try:
             output = json.loads(truss_json(result.output))
         except (TypeError, ValueError):
             output = repr(result.output)
-        return cls(name, True, output, stage_ms=stages, version=t.version)
+        return cls(name, True, output, stage_ms=stages, version=getattr(t, "version", None))
 
 
 @dataclass
@@ -217,7 +217,7 @@ class ExamplesWatch:
         with self._done:
             if outcomes is not None:
                 ran = {n: o for n, o in outcomes.items() if o.version == version}  # a save mid-run: the rest ran newer code
-                if not cancel.is_set() and len(ran) == len(inputs):
+                if not cancel.is_set() and len(ran) == len({n for n, _ in inputs}):  # (a name given twice runs twice)
                     if self.baseline is not None:
                         unseen = frozenset(n for n in ran if n not in self.baseline and n in self._unseen)
                         self.latest = emit = diff(self.baseline, ran, self.baseline_version, version, unseen=unseen)

@@ -621,7 +621,7 @@ def _as_streamed(chunks: list) -> tuple[bytes, bool]:
 
 
 def _chunks_until_error(tr, x) -> list:
-    """tr.stream's chunks; an error mid-stream raises there (a deliberate difference, see README) after
+    """tr.stream's chunks; an error mid-stream raises there (a deliberate difference, docs/parity.md) after
     the chunks the HTTP client also got."""
     chunks = []
     try:

@@ -112,7 +112,7 @@ class Model:
 
 
 def test_a_stream_the_client_left_is_closed_here_and_runs_on_in_truss(truss_env, tmp_path):
-    """A deliberate difference (README): the Truss server keeps pulling a stream whose client has gone
+    """A deliberate difference (docs/parity.md): the Truss server keeps pulling a stream whose client has gone
     (holding the predict lock) until it ends; truss_lab closes it at once and frees the lock."""
     root = write_truss(tmp_path / "never", NEVER_CHECKS)
 

@@ -103,7 +103,7 @@ def test_routes_while_the_model_loads_answer_as_on_the_truss_server(truss_env, t
 def test_truss_lab_serve_exports_exactly_the_models_metrics_as_the_truss_server_does(truss_env, tmp_path):
     """Truss's own test asserts /metrics lists exactly the model's metrics. `truss-lab serve` runs one
     truss in its own process, as the Truss server does: the same families, plus truss_lab's two
-    (README: deliberate differences)."""
+    (docs/parity.md: deliberate differences)."""
     import subprocess
     import sys
     import time

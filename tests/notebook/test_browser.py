@@ -14,32 +14,16 @@ import io
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, write_truss
+from conftest import ROOT, write_truss
+from truss_lab.devtools.jupyter import CHROMIUM_FLAGS, Lab, chromium_path, notebook
 
 pytestmark = pytest.mark.browser
 
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-]
 
 MODEL = """
 import base64, io
@@ -73,14 +57,6 @@ class Model:
 """
 
 
-def chromium_path() -> str | None:
-    for name in ("chromium", "chromium-browser"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
 def require_browser():
     """(playwright.sync_api, chromium path), or skip/fail with the reason."""
     required = os.environ.get("TRUSS_LAB_REQUIRE_BROWSER") == "1"
@@ -105,86 +81,6 @@ def png(value: int, size: int = 64) -> bytes:
     buf = io.BytesIO()
     Image.new("L", (size, size), value).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def notebook(cells: list[str]) -> dict:
-    return {
-        "cells": [
-            {"cell_type": "code", "metadata": {}, "source": src, "outputs": [], "execution_count": None} for src in cells
-        ],
-        "metadata": {
-            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-            "language_info": {"name": "python"},
-        },
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }
-
-
-class Lab:
-    """A JupyterLab server in its own process group, with everything it writes under `home`."""
-
-    def __init__(self, root: Path, home: Path):
-        self.root, self.home = root, home
-        self.port = free_port()
-        self.token = uuid.uuid4().hex
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = home / "jupyterlab.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 90.0) -> None:
-        from truss_lab.devtools.lab import write_lab_settings
-
-        settings = write_lab_settings(self.home / "settings")  # what `make lab` uses: no news prompt, no network
-        env = dict(
-            os.environ,
-            JUPYTER_RUNTIME_DIR=str(self.home / "runtime"),
-            JUPYTER_CONFIG_DIR=str(self.home / "config"),
-            JUPYTERLAB_SETTINGS_DIR=str(settings),
-            JUPYTERLAB_WORKSPACES_DIR=str(self.home / "workspaces"),
-            PYTHONPATH=str(ROOT),
-        )
-        cmd = [
-            sys.executable, "-m", "jupyterlab", "--no-browser",
-            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-            f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root}",
-            "--LabApp.expose_app_in_browser=True", "--allow-root",
-        ]
-        self.proc = subprocess.Popen(
-            cmd, env=env, cwd=self.root, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/api/status?token={self.token}", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.2)  # polling the server's status endpoint with a deadline
-        raise RuntimeError(f"JupyterLab did not answer in {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:  # shut kernels down through the API first, so none outlives the server
-            req = urllib.request.Request(f"{self.url}/api/kernels?token={self.token}")
-            with urllib.request.urlopen(req, timeout=5) as r:
-                for kernel in json.load(r):
-                    urllib.request.urlopen(
-                        urllib.request.Request(f"{self.url}/api/kernels/{kernel['id']}?token={self.token}", method="DELETE"),
-                        timeout=10,
-                    ).close()
-        except Exception:
-            pass
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
 
 
 @pytest.fixture

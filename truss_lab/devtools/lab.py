@@ -73,6 +73,9 @@ def lab_environment(ipython_dir: Path, settings_dir: Path | None = None) -> dict
     if settings_dir is not None:
         env.setdefault("JUPYTERLAB_SETTINGS_DIR", str(write_lab_settings(settings_dir)))  # a settings dir of your own wins
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter stays out of the cells
+    # oneDNN's reordered float sums: off, as in the tests, so the notebooks show the numbers their
+    # saved outputs and the examples' snapshots have (and TensorFlow logs no oneDNN notice through absl)
+    env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     return env
 
 

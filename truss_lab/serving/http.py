@@ -373,7 +373,7 @@ def _stop_stream(chunks: Iterator[Any], close: Callable[[], Any], left: bool) ->
     """Close a stream this server no longer reads. If its client left, it is resumed once first: the
     code after its `yield` runs and sees `await request.is_disconnected()` turn true, as it would on
     the Truss server (whose producer runs on without its client); then it is closed, freeing the lock
-    (a deliberate difference, README: the Truss server pulls it to the end)."""
+    (a deliberate difference, docs/parity.md: the Truss server pulls it to the end)."""
     try:
         if left:
             next(chunks, _END)

@@ -152,7 +152,7 @@ class MetricsApp:
     """/metrics as the Truss server serves it: what is registered with prometheus_client's default
     registry (the model's own metrics), without the process, platform and gc collectors the Truss
     server unregisters and without the `_created` samples it disables - plus truss_lab's request
-    counts and stage latencies (a deliberate addition, README). Made on the first scrape, in the
+    counts and stage latencies (a deliberate addition, docs/parity.md). Made on the first scrape, in the
     process that serves (a Ray replica pickles the app before)."""
 
     def __init__(self, backend):

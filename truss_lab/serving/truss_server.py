@@ -38,7 +38,7 @@ from urllib.request import urlopen
 
 from ..errors import TrussLabError
 
-TRUSS_VERSION = "0.18.36"  # the pinned server: every parity claim in README is against this version
+TRUSS_VERSION = "0.18.36"  # the pinned server: every parity claim in docs/parity.md is against this version
 
 # Runs inside the server's venv, with the app folder as the working directory (as APP_HOME is).
 LAUNCHER = """\

@@ -105,3 +105,54 @@ def test_a_page_whose_documented_call_is_broken_fails(pytester):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:nbval", "-rs", "docs/page.md")
     result.assert_outcomes(passed=2, failed=1, skipped=1)  # sybil counts the skip directive as an example too
     result.stdout.fnmatch_lines(["*page.md line=11*", "*AttributeError*predict_with_a_typo*", "*a placeholder path*"])
+
+
+def _reference():
+    import truss_lab
+    from truss_lab.chains import Chain
+    from truss_lab.live import LiveModel
+    from truss_lab.profile import Profile
+
+    functions = [getattr(truss_lab, n) for n in ("load", "load_chain", "init", "check", "compare", "timeline", "widget", "read_bundle")]
+    methods = [getattr(LiveModel, n) for n in ("predict", "run", "stream", "call", "predict_batch", "bench", "report", "profile",
+                                               "reload", "watch", "wait_for_reload", "serve", "check", "restart", "example", "schema")]
+    methods += [getattr(Chain, n) for n in ("run", "predict", "trees", "report", "reload", "watch", "serve", "check")]
+    methods += [getattr(Profile, n) for n in ("tree", "hotspots", "call_tree")]
+    return functions + methods
+
+
+def test_the_public_api_is_documented_for_reference():
+    """The API page is made of the docstrings (issue 34): every public member of the main classes says
+    what it is, and every function and method a newcomer calls says each of its parameters, what it
+    returns, what it raises where it raises, and shows a call."""
+    import inspect
+
+    import truss_lab
+    from truss_lab.chains import Chain
+    from truss_lab.live import LiveModel
+    from truss_lab.profile import Profile
+
+    missing = []
+    for cls in (LiveModel, truss_lab.Result, truss_lab.Trace, truss_lab.Report, Profile, Chain):
+        if not inspect.getdoc(cls):
+            missing.append(cls.__name__)
+        for klass in cls.__mro__[:-1]:
+            for name, member in vars(klass).items():
+                if name.startswith("_") or not (callable(member) or isinstance(member, property)):
+                    continue
+                target = member.fget if isinstance(member, property) else member
+                if not (getattr(target, "__doc__", None) or "").strip():
+                    missing.append(f"{cls.__name__}.{name}")
+    assert not missing, f"no docstring: {missing}"
+    incomplete = []
+    for f in _reference():
+        doc = inspect.getdoc(f) or ""
+        params = [p for p in inspect.signature(f).parameters.values() if p.name != "self"]
+        wanted = ["Example:", "```python"] + (["Args:"] if params else [])
+        wanted += [f"**{p.name}:" if p.kind is p.VAR_KEYWORD else f"{p.name}:" for p in params]
+        if inspect.signature(f).return_annotation not in (None, "None") and "Yields:" not in doc:
+            wanted.append("Returns:")
+        lacking = [w for w in wanted if w not in doc]
+        if lacking:
+            incomplete.append(f"{f.__qualname__}: {lacking}")
+    assert not incomplete, "\n".join(incomplete)

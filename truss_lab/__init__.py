@@ -40,24 +40,75 @@ def load_ipython_extension(ip):
 
 
 def widget(live):
-    """An ipywidgets panel for `live` (a LiveModel): input, examples, image upload, Run, Run ×N, history."""
+    """An ipywidgets panel for a model: input, examples, image upload, Run, Run ×N with the lock timeline,
+    Profile, Check, history (needs the `notebook` extra).
+
+    Args:
+        live: a LiveModel, or a Chain (its entrypoint, with the chain's timeline).
+
+    Returns:
+        The panel: a notebook cell shows it; `panel.close()` lets go of the model.
+
+    Raises:
+        TypeError: `live` is not a model or a chain.
+
+    Example:
+        ```python
+        panel = truss_lab.widget(tr)
+        ```
+    """
     from .notebook.widgets import widget as _widget
 
     return _widget(live)
 
 
 def check(truss, inputs=None, **kwargs):
-    """`truss-lab check` on a truss folder or a LiveModel: its examples (or `inputs`) on the real Truss
-    server and here, compared, plus the deploy lints; a CheckReport (serving/check.py)."""
+    """`truss-lab check` on a truss: its examples (or `inputs`) on the real Truss server (the pinned
+    version, no Docker) and here, compared, plus the lints for what fails only on deploy.
+
+    Args:
+        truss: a truss folder, or a loaded LiveModel.
+        inputs: the inputs to send instead of the examples.
+        **kwargs: `truss_version=`, `rtol=`, `atol=` (numbers compared within them), `note=` (a
+            callable told of slow set-up steps, such as installing requirements).
+
+    Returns:
+        A CheckReport: `.ok` when every answer is the same and no finding is an error.
+
+    Example:
+        ```python
+        report = truss_lab.check("examples/digits")
+        report.ok
+        ```
+    """
     from .serving.check import check as _check
 
     return _check(truss, inputs, make_model=load, **kwargs)
 
 
 def load_chain(source, entrypoint=None, *, guard=True, secrets=None):
-    """A Truss Chain as it deploys: each chainlet its generated truss, a LiveModel, calling the others
-    over 127.0.0.1 (chains.py; needs the `chains` extra). `secrets`: what the chainlets whose
-    `Assets(secret_keys=[...])` name them find in `context.secrets`."""
+    """Load a Truss Chain as it deploys: each chainlet its generated truss, in a worker process of its
+    own, calling the others over 127.0.0.1 (needs the `chains` extra).
+
+    Args:
+        source: the chain's source file (`my_chain.py`), or a single-file `ModelBase` model.
+        entrypoint: the entrypoint chainlet's class name, when the source marks none.
+        guard: `False` turns off the lock-misuse guard in every chainlet.
+        secrets: secret values by name: the chainlets whose `Assets(secret_keys=[...])` name them find
+            them in `context.secrets`.
+
+    Returns:
+        A Chain (`chain.run(...)`, `chain.trees()`, `chain.reload()`, ...).
+
+    Raises:
+        TrussLabError: the source fails to import (its file:line) or has no entrypoint.
+
+    Example:
+        ```python
+        chain = truss_lab.load_chain("examples/digits-chain/digits_chain.py")
+        chain.run(**chain.example("three"))       # {'three': 100.0}
+        ```
+    """
     from .chains import load_chain as _load_chain
 
     return _load_chain(source, entrypoint, guard=guard, secrets=secrets)

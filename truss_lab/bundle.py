@@ -160,6 +160,23 @@ def resolve_secrets(bundle: Bundle, overrides: Mapping[str, str] | None = None) 
 
 
 def read_bundle(path: str | os.PathLike) -> Bundle:
+    """Read a Truss folder without loading it: config.yaml with Truss's defaults filled in, where the
+    model is, its examples and secrets' names.
+
+    Args:
+        path: the truss folder.
+
+    Returns:
+        A Bundle (`.model_name`, `.config`, `.predict_concurrency`, `.examples`, `.data_dir`, ...).
+
+    Raises:
+        BundleError: the folder, a file or a config key is wrong (one line naming it).
+
+    Example:
+        ```python
+        truss_lab.read_bundle("examples/digits").predict_concurrency
+        ```
+    """
     root = Path(path).expanduser()
     if not root.exists():
         raise BundleError(f"{root}: no such Truss folder")

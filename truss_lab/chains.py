@@ -46,7 +46,23 @@ _PRELOAD = ("truss_chains", "fastapi", "uvicorn", "truss_lab.live", "truss_lab.s
 
 
 class Chain:
-    """A chain's chainlets, each a LiveModel, wired to each other over 127.0.0.1 as deployed."""
+    """A Truss Chain as deployed: each chainlet its generated truss in a worker process of its own (a
+    LiveModel: lock, traces, reload), the entrypoint's dependencies served on 127.0.0.1 and found
+    through the `dynamic_chainlet_config` mount, as on the platform. Made by `truss_lab.load_chain`.
+
+    Attributes:
+        chainlets: the chainlets by name, dependencies first, the entrypoint last.
+        entry: the entrypoint's LiveModel.
+        source: the chain's source file.
+
+    Example:
+        ```python
+        chain = truss_lab.load_chain("examples/digits-chain/digits_chain.py")
+        chain.run(**chain.example("three"))
+        print(chain.trees()[-1])
+        chain.close()
+        ```
+    """
 
     def __init__(self, source: str | os.PathLike, entrypoint: str | None = None, *, guard: bool = True,
                  secrets: Mapping[str, str] | None = None):
@@ -142,10 +158,12 @@ class Chain:
 
     @property
     def entry(self):
+        """The entrypoint chainlet's LiveModel (what `%truss predict` sends to)."""
         return self.chainlets[self.entrypoint]
 
     @property
     def examples_file(self) -> Path:
+        """Where the chain's examples are: `<source stem>.examples.yaml` next to it, else `examples.yaml` in its folder."""
         return examples_file(self.source)
 
     @property
@@ -158,15 +176,42 @@ class Chain:
         return self.entry.example(name)
 
     def check(self, inputs=None, **kwargs):
-        """`truss-lab check` on this chain: every chainlet's generated truss on the real Truss server,
-        wired as deployed, against this chain (serving/check.py)."""
+        """`truss-lab check` on this chain: every chainlet's generated truss on the real Truss server, wired
+        as deployed, and the chain's examples (or `inputs`) sent to both entrypoints and compared.
+
+        Args:
+            inputs: the entrypoint bodies to send instead of the examples.
+            **kwargs: as for `truss_lab.check`.
+
+        Returns:
+            A CheckReport (`.ok`).
+
+        Example:
+            ```python
+            chain.check().ok
+            ```
+        """
         from .serving.check import check_chain
 
         return check_chain(self, inputs, **kwargs)
 
     def predict(self, body: Any):
-        """What the deployed entrypoint answers for this JSON body: a Result whose output is that JSON
-        answer (raises on an error, naming the chainlet and what failed)."""
+        """What the deployed entrypoint answers for a JSON body.
+
+        Args:
+            body: the entrypoint's JSON body.
+
+        Returns:
+            A Result whose output is that JSON answer.
+
+        Raises:
+            ModelError: a chainlet failed (the error names it and what failed).
+
+        Example:
+            ```python
+            chain.predict(chain.example("three")).output
+            ```
+        """
         import json
 
         from .serialization import truss_json
@@ -175,20 +220,62 @@ class Chain:
         return dataclasses.replace(result, output=json.loads(truss_json(result.output)))
 
     def run(self, **kwargs: Any) -> Any:
-        """`chain.run(text="hi")`: the entrypoint's `run_remote(**kwargs)`, as the deployed chain runs it."""
+        """The entrypoint's `run_remote(**kwargs)`, as the deployed chain runs it.
+
+        Args:
+            **kwargs: the entrypoint's arguments (its JSON body's fields).
+
+        Returns:
+            Its answer as the deployed chain sends it (JSON values).
+
+        Raises:
+            ModelError: a chainlet failed (the error names it and what failed).
+
+        Example:
+            ```python
+            chain.run(image_b64=b64, top_k=3)
+            ```
+        """
         return self.predict(kwargs).output
 
     def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None):
         """The entrypoint over HTTP with the Truss server's routes, as the deployed chain answers
-        (`POST /v1/models/model:predict` with the entrypoint's JSON body); `truss-lab serve my_chain.py`.
-        `max_body`: bigger request bodies are refused with 413 (`--max-body-mb`; default 16 MB).
-        `POST /hot-reload` reloads the chain (regenerates it, reloads the chainlets whose code changed)."""
+        (`POST /v1/models/model:predict` with the entrypoint's JSON body); `POST /hot-reload` reloads the
+        chain. `truss-lab serve my_chain.py` runs this.
+
+        Args:
+            host: the address to bind.
+            port: the port; 0 picks a free one.
+            max_body: bigger request bodies are refused with 413 (`--max-body-mb`; default 16 MB).
+
+        Returns:
+            The running server: `.url`, `.stop()`.
+
+        Example:
+            ```python
+            server = chain.serve()
+            server.stop()
+            ```
+        """
         return self.entry.serve(host=host, port=port, max_body=max_body, on_hot_reload=self.reload)
 
     def trees(self, last: int | None = None, traces: dict[str, list] | None = None) -> list["Call"]:
-        """The request trees, oldest first: per request to the entrypoint, which chainlet called which,
-        each with its trace (lock wait, stages, error). Built from the chainlets' kept traces by their
-        trace context (every request's chainlets share its trace id; a call's parent is its caller's span)."""
+        """The request trees, oldest first: per request to the entrypoint, which chainlet called which, each
+        with its trace (lock wait, stages, error). Built from the chainlets' kept traces by their trace
+        context (every request's chainlets share its trace id; a call's parent is its caller's span).
+
+        Args:
+            last: only the last `last` trees.
+            traces: the chainlets' traces to build them from (default: what each keeps now).
+
+        Returns:
+            Calls (`chainlet`, `trace`, `calls`); `print(call)` draws the tree.
+
+        Example:
+            ```python
+            print(chain.trees(last=1)[0])
+            ```
+        """
         traces = traces if traces is not None else self._traces()
         calls: dict[str, Call] = {}
         for name, kept in traces.items():
@@ -223,8 +310,19 @@ class Chain:
         return {name: live.traces for name, live in self.chainlets.items()}
 
     def report(self, last: int | None = None) -> "ChainReport":
-        """A Report per chainlet (its lock, waits and stages) and the request trees (`trees()`); the
-        traces of the last `last` requests to the entrypoint only, when given."""
+        """A Report per chainlet (its lock, waits and stages) and the request trees.
+
+        Args:
+            last: only the traces of the last `last` requests to the entrypoint.
+
+        Returns:
+            A ChainReport: `.reports` by chainlet, `.trees`; `.to_chrome_trace(path)`, `.to_otel(path)`.
+
+        Example:
+            ```python
+            chain.report().to_chrome_trace("chain.json")
+            ```
+        """
         from .trace import Report
 
         traces = self._traces()
@@ -248,21 +346,50 @@ class Chain:
     # -------------------------------------------------------------- hot reload
 
     def reload(self, full: bool = False) -> "ChainReloadEvent":
-        """Regenerate the chainlet trusses from the chain's source as it is now and reload the chainlets
-        whose code changed (each by its truss rule: a method swap keeps its loaded state); the others
-        are left untouched. `full=True` rebuilds every chainlet (their `__init__` runs again)."""
+        """Regenerate the chainlet trusses from the chain's source as it is now and reload the chainlets whose
+        code changed (each by its truss rule: a method swap keeps its loaded state); the others are left
+        untouched.
+
+        Args:
+            full: rebuild every chainlet (their `__init__` runs again).
+
+        Returns:
+            A ChainReloadEvent: `.chainlets` maps each reloaded chainlet to its ReloadEvent, `.untouched`
+            lists the others; a failed one names the chainlet, the file and the line.
+
+        Example:
+            ```python
+            event = chain.reload()
+            event.ok, event.changed
+            ```
+        """
         return self.reloader.reload(full=full)
 
     def watch(self, examples: bool = False) -> "Chain":
-        """Reload on every save of a file in the chain's folder (its source, the helpers it imports)."""
+        """Reload on every save of a file of the chain's folder that its ignore rules keep (its source, the
+        helpers it imports, data files), and of the data_dirs and truss_dirs outside it.
+
+        Args:
+            examples: also re-run the entrypoint's examples after every reload and diff them.
+
+        Returns:
+            The chain.
+
+        Example:
+            ```python
+            chain.watch()
+            ```
+        """
         self.reloader.watch()
         return self
 
     def unwatch(self) -> None:
+        """Stop reloading on save."""
         self.reloader.unwatch()
 
     @property
     def watching(self) -> bool:
+        """Whether a save reloads the chain now."""
         return self.reloader.watching
 
     def on_reload(self, callback):
@@ -271,10 +398,12 @@ class Chain:
 
     @property
     def reload_history(self) -> list:
+        """The chain's last ChainReloadEvents, oldest first."""
         return list(self.reloader.history)
 
     @property
     def reload_count(self) -> int:
+        """How many reloads the chain has made (read it before an edit, then `wait_for_reload(since=n)`)."""
         return self.reloader.count
 
     def wait_for_reload(self, since: int, timeout: float = 30.0) -> "ChainReloadEvent":
@@ -289,6 +418,14 @@ class Chain:
         self._on_close.append(callback)
 
     def close(self) -> None:
+        """Stop every chainlet's process and the watcher, and remove the chain's scratch folders; every later
+        call raises. Also a context manager: `with truss_lab.load_chain(path) as chain: ...`.
+
+        Example:
+            ```python
+            chain.close()
+            ```
+        """
         for callback in self.__dict__.pop("_on_close", []):
             try:
                 callback()

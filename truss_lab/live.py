@@ -89,6 +89,7 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
 
     @property
     def process(self) -> str:
+        """"kernel" when the truss runs in this process, "worker" in a worker process of its own."""
         return "kernel"
 
     # ------------------------------------------------------------------ loading
@@ -165,7 +166,22 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
     # ------------------------------------------------------------------ hot reload
 
     def reload(self, full: bool = False) -> "ReloadEvent":
-        """Reload edited code now: swap changed methods, or rebuild and load() when needed (full=True forces it)."""
+        """Reload edited code now: swap the changed methods on the live instance (its loaded state kept), or
+        build a new instance and run `load()` again when the change needs it.
+
+        Args:
+            full: always build anew and run `load()`.
+
+        Returns:
+            A ReloadEvent: `.kind` is `methods`, `full`, `examples`, `unchanged` or `failed` (the old code
+            keeps serving; `.error` and `.location` say what and where).
+
+        Example:
+            ```python
+            event = tr.reload()
+            event.ok, event.kind
+            ```
+        """
         if self._loop.closed:
             raise TrussLabError(f"{self.name}: closed (tr.close() was called, or the truss was loaded again); load it again")
         return self.reloader.reload(full=full)
@@ -173,8 +189,17 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
     def watch(self, examples: bool | list[str] = False) -> "batch.Watching":
         """Reload on every save, from a background thread. Also a context manager: `with tr.watch(): ...`.
 
-        `examples=True` (or a list of example names): after every successful reload, run the examples
-        in the background and diff them with the run before (`tr.examples_diff`, `tr.on_examples`).
+        Args:
+            examples: `True` (or a list of example names): after every successful reload, run the examples
+                in the background and diff them with the run before (`tr.examples_diff`, `tr.on_examples`).
+
+        Returns:
+            A handle that stops watching when used as a context manager.
+
+        Example:
+            ```python
+            tr.watch(examples=True)
+            ```
         """
         self.reloader.watch()
         if examples:
@@ -194,6 +219,7 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
             self._examples_watch = ExamplesWatch(self, None if examples is True else list(examples))
 
     def unwatch(self) -> None:
+        """Stop reloading on save (and re-running the examples after reloads)."""
         self.reloader.unwatch()
         self.watch_examples(False)
 
@@ -214,6 +240,7 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
 
     @property
     def watching(self) -> bool:
+        """Whether a save reloads the model now (see watch())."""
         return self.reloader.watching
 
     def on_reload(self, callback: Callable[["ReloadEvent"], None]) -> Callable[[], None]:
@@ -222,6 +249,7 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
 
     @property
     def reload_history(self) -> list["ReloadEvent"]:
+        """The last 200 ReloadEvents, oldest first."""
         return list(self.reloader.history)
 
     @property
@@ -232,9 +260,22 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
     def wait_for_reload(self, since: int, timeout: float = 10.0) -> "ReloadEvent":
         """Block until the watcher has reloaded after `since` (a `reload_count` read before your edit).
 
+        Args:
+            since: `tr.reload_count` as it was before the edit.
+            timeout: seconds to wait.
+
+        Returns:
+            The newest ReloadEvent.
+
+        Raises:
+            TrussLabError: no reload within `timeout`.
+
+        Example:
+            ```python
             n = tr.reload_count
             path.write_text(new_code)
             event = tr.wait_for_reload(since=n)
+            ```
         """
         event = self.reloader.wait(since, timeout)
         if event is None:
@@ -246,10 +287,12 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
 
     @property
     def name(self) -> str:
+        """The model's name: config.yaml's `model_name`, else the folder's name."""
         return self.bundle.model_name
 
     @property
     def path(self) -> Path:
+        """The truss folder."""
         return self.bundle.path
 
     @property
@@ -259,20 +302,40 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
 
     @property
     def version(self) -> int:
+        """The code version serving now: 1 at load, one more for every reload that changed what runs."""
         return self._serving.version
 
     @property
     def serving(self) -> wrapper.Serving:
+        """What serves requests now: the model instance, its class, its methods' calling conventions (in this process only)."""
         return self._serving
 
     @property
     def examples(self) -> dict[str, Any]:
+        """The examples of examples.yaml: `{name: input}`, in file order."""
         return {e.name: e.input for e in self.bundle.examples}
 
     def example(self, name: str) -> Any:
+        """The input of the example called `name` in examples.yaml.
+
+        Args:
+            name: the example's name.
+
+        Returns:
+            Its input, as `predict` takes it.
+
+        Raises:
+            BundleError: there is no example of that name (the error lists those there are).
+
+        Example:
+            ```python
+            tr.predict(tr.example("three"))
+            ```
+        """
         return self.bundle.example(name)
 
     def methods(self) -> list[str]:
+        """The model's methods Truss calls, in the order it calls them (`load`, `preprocess`, `predict`, ...)."""
         s = self._serving
         found = ["load"] if callable(getattr(s.model_cls, "load", None)) else []
         return found + [m for m in wrapper.METHOD_NAMES if m in s.methods.specs]
@@ -286,25 +349,66 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
     # ------------------------------------------------------------------ conveniences
 
     def predict_batch(self, inputs: Iterable[Any], workers: int = 8) -> list[Result]:
-        """Run every input with `workers` concurrent threads; results come back in input order.
+        """Run every input with `workers` concurrent threads, through the same lock.
 
-        A model error in one input is kept in that Result; it does not stop the others.
+        Args:
+            inputs: the request bodies.
+            workers: how many requests at once.
+
+        Returns:
+            A Result per input, in input order; a model error in one is kept in its Result and does not
+            stop the others.
+
+        Example:
+            ```python
+            results = tr.predict_batch([tr.example("three"), tr.example("seven")], workers=2)
+            ```
         """
         return batch.predict_batch(self, inputs, workers)
 
     def bench(self, inputs: Iterable[Any] | None = None, n: int = 100, concurrency: int = 8, *, progress: bool = True,
               label: str = "", on_result: Callable[[Result], None] | None = None, profile: bool = False) -> BenchReport:
-        """Send `n` requests (cycling over `inputs`, or the truss's examples) from `concurrency` workers.
+        """Send `n` requests from `concurrency` workers and report on them, the lock above all.
 
-        Shows a tqdm progress bar (a widget in Jupyter, text in a terminal) unless `progress=False`.
-        A model error in one request is counted in the report's failures; it does not stop the bench.
-        `on_result(result)` is called (in this thread) as each request ends, e.g. to drive a progress widget.
-        `profile=True`: every request is profiled (see profile()); the report's `.profile` has them all.
+        Args:
+            inputs: the request bodies to cycle over (default: the truss's examples).
+            n: how many requests.
+            concurrency: how many at once.
+            progress: a tqdm bar (a widget in Jupyter, text in a terminal) while it runs.
+            label: a name for the report (compare() shows it).
+            on_result: called in this thread with each Result as it ends (to drive a progress widget).
+            profile: profile every request (see profile()); the report's `.profile` has them all.
+
+        Returns:
+            A BenchReport: throughput, latency percentiles per stage, lock wait and utilization, the bound
+            `lock size / mean predict`, failures by stage (a failing request is counted, the bench goes on)
+            and the lock-misuse findings.
+
+        Raises:
+            TrussLabError: no inputs and no examples, or `n` / `concurrency` not positive integers.
+
+        Example:
+            ```python
+            report = tr.bench(n=40, concurrency=4, progress=False)
+            report.throughput, report.lock_utilization
+            ```
         """
         return batch.bench(self, inputs, n, concurrency, progress=progress, label=label, on_result=on_result, profile=profile)
 
     def report(self, last: int | None = None):
-        """A Report over the kept traces (or the last `last`), with the reloads in their time."""
+        """A Report over the kept traces, with the reloads in their time.
+
+        Args:
+            last: only the last `last` requests.
+
+        Returns:
+            A Report (throughput, latency per stage, lock wait and utilization, failures).
+
+        Example:
+            ```python
+            tr.report(last=10).to_chrome_trace("trace.json")
+            ```
+        """
         report = super().report(last)
         if report.traces:
             t0 = time.time() - (time.perf_counter() - report.traces[0].start)
@@ -313,12 +417,28 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
 
     def profile(self, model_input: Any = None, n: int = 1, *, interval: float = 0.001, ops: bool = False,
                 logdir: str | None = None) -> "Profile":
-        """Run `n` requests of `model_input` (default: each example in turn) through the normal runner
-        - the same lock, traces and guard - with a sampling profiler (pyinstrument) on every stage:
-        a Profile of where inside preprocess, predict and postprocess the time went, and the lock wait.
+        """Profile requests stage by stage: where inside preprocess, predict and postprocess the time went.
 
-        `ops=True`: also run them under the framework's own profiler (PyTorch's, or TensorFlow's) and
-        list the heaviest ops predict ran (`profile.ops`; kernels on a GPU), its trace in `logdir`.
+        The requests go through the normal runner - the same lock, traces and guard - with a sampling
+        profiler (pyinstrument) on every stage.
+
+        Args:
+            model_input: the request body (default: each example in turn).
+            n: how many requests.
+            interval: the sampling interval in seconds.
+            ops: also run them under the framework's own profiler (PyTorch's or TensorFlow's) and list the
+                heaviest ops predict ran (`profile.ops`; kernels on a GPU).
+            logdir: where the framework's own trace goes (with `ops=True`).
+
+        Returns:
+            A Profile: per stage its call tree (your functions, library calls folded at the call) and hot
+            spots with self and total time.
+
+        Example:
+            ```python
+            p = tr.profile(tr.example("three"), n=5)
+            print(p.tree("predict"))
+            ```
         """
         from .profile import Profile, Profiler
 
@@ -348,11 +468,25 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
 
     def serve(self, host: str = "127.0.0.1", port: int = 0, max_body: int | None = None,
               reload: Callable[[], Any] | None = None):
-        """Serve this model over HTTP with the Truss server's routes, from a background thread.
+        """Serve this model over HTTP with the Truss server's routes, from a background thread: the same lock,
+        traces and hot reload as in the notebook (needs the `serve` extra).
 
-        Returns the running server (`.url`, `.stop()`); port 0 picks a free port. Same lock, traces and
-        hot reload as in the notebook (`reload`: what POST /hot-reload runs instead - a chain's reload,
-        for its entrypoint). Needs the `serve` extra (FastAPI, uvicorn).
+        Args:
+            host: the address to bind (127.0.0.1 unless you say otherwise).
+            port: the port; 0 picks a free one.
+            max_body: bigger request bodies get 413 (default 16 MB).
+            reload: what `POST /hot-reload` runs instead of this model's reload (a chain's, for its
+                entrypoint).
+
+        Returns:
+            The running server: `.url`, `.stop()`.
+
+        Example:
+            ```python
+            server = tr.serve()
+            server.url           # http://127.0.0.1:PORT; POST /v1/models/model:predict
+            server.stop()
+            ```
         """
         try:
             from .serving.server import DEFAULT_MAX_BODY, serve
@@ -363,16 +497,40 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
         return server
 
     def check(self, inputs=None, **kwargs):
-        """`truss-lab check` for this model: its examples (or `inputs`) on the real Truss server and
-        here, compared, plus the deploy lints; a CheckReport (serving/check.py)."""
+        """`truss-lab check` for this model: its examples (or `inputs`) on the real Truss server and here,
+        compared, plus the deploy lints.
+
+        Args:
+            inputs: the inputs to send instead of the examples.
+            **kwargs: as for `truss_lab.check`.
+
+        Returns:
+            A CheckReport (`.ok`).
+
+        Example:
+            ```python
+            tr.check().ok
+            ```
+        """
         from .serving.check import check
 
         return check(self, inputs, **kwargs)  # check() takes this LiveModel duck-typed: no import of live
 
     def restart(self) -> "LiveModel":
-        """Start the model afresh in this process: import its code again and run load() on a new
-        instance (`reload(full=True)`, raising if that fails; the old one keeps serving then). A worker's
-        restart() starts a new process."""
+        """Start the model afresh: import its code again and run `load()` on a new instance
+        (`reload(full=True)`; a worker's restart starts a new process).
+
+        Returns:
+            The model itself.
+
+        Raises:
+            LoadError: the new load failed (the old instance keeps serving).
+
+        Example:
+            ```python
+            tr.restart()
+            ```
+        """
         event = self.reload(full=True)
         if event.kind == "failed":
             raise event.exception or TrussLabError(f"{self.name}: restart failed: {event.error}")
@@ -390,7 +548,15 @@ class LiveModel(Runner, metaclass=abc.ABCMeta):
     def close(self) -> None:
         """Stop the HTTP servers started by serve(), the watcher and the event loop thread; end async
         requests in flight; from then on every call raises. Whatever held on to the model through
-        `on_close`/`on_reload` lets go of it, so it (and its weights) can be garbage-collected."""
+        `on_close`/`on_reload` lets go of it, so it (and its weights) can be garbage-collected.
+
+        Also a context manager: `with truss_lab.load(path) as tr: ...` closes it at the end.
+
+        Example:
+            ```python
+            tr.close()
+            ```
+        """
         for server in self._servers:
             server.stop()
         self._servers.clear()
@@ -429,13 +595,37 @@ def load(
     trace_capacity: int = DEFAULT_TRACE_CAPACITY,
     guard: bool = True,
 ) -> "LiveModel":
-    """Load the Truss at `path`: read config.yaml, import model.py, build Model, run load() once.
+    """Load the Truss at `path`: read config.yaml, import model.py, build `Model`, run `load()` once.
 
-    `process`: where it runs - "kernel" (this process, which holds one truss, as Truss's image does:
-    `tr.model` is the live object, breakpoints work), "worker" (a child process of its own, behind the
-    same API: worker.py), or "auto": this process if it holds no truss yet, else a worker. Loading the
-    truss this process already holds replaces it (re-running the cell that loads it).
-    `guard=False` turns off the lock-misuse guard (guard.py) for this model.
+    A `path` ending in `.py` is a single-file `ModelBase` model (`truss init --python-config`), loaded
+    as `truss push my_model.py` deploys it, always in a worker process.
+
+    Args:
+        path: a Truss folder (`config.yaml`, `model/model.py`), or a single-file model `my_model.py`.
+        process: where it runs: `"kernel"` (this process, which holds one truss, as Truss's image does:
+            `tr.model` is the live object, breakpoints work), `"worker"` (a child process of its own,
+            behind the same API), or `"auto"`: this process if it holds no truss yet, else a worker.
+            Loading the truss this process already holds replaces it (re-running the cell that loads it).
+        concurrency: the lock size, instead of `runtime.predict_concurrency`.
+        secrets: secret values by name; they win over config defaults and `TRUSS_SECRET_<name>`
+            variables, as in Truss.
+        environment: passed to `Model.__init__` as `environment` (and to `setup_environment`).
+        trace_capacity: how many request traces to keep for reports and timelines.
+        guard: `False` turns off the lock-misuse guard for this model.
+
+    Returns:
+        A LiveModel (a WorkerModel when it runs in a worker process: the same API).
+
+    Raises:
+        BundleError: the folder, a file or a config key is wrong (one line naming it).
+        LoadError: importing the model, building it or its `load()` failed (with file:line).
+        TrussLabError: a bad argument (`process=` unknown, a `.py` file that is no model).
+
+    Example:
+        ```python
+        tr = truss_lab.load("examples/digits")
+        tr.predict(tr.example("three")).output    # {'predictions': {'three': 100.0, ...}}
+        ```
     """
     if process not in ("auto", "kernel", "worker"):
         raise TrussLabError(f"process must be 'auto', 'kernel' or 'worker', got {process!r}")

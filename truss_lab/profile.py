@@ -130,7 +130,18 @@ class Profiler:
 
 @dataclass
 class Profile:
-    """Per stage, where the time of `n` requests went (see the module docstring)."""
+    """Per stage, where the time of `n` requests went: each stage's call tree from your own code down
+    (library calls folded at your line that made them), hot spots with self and total time, and the
+    lock wait. Made by `tr.profile(...)` (or `tr.bench(..., profile=True)`).
+
+    Example:
+        ```python
+        p = tr.profile(tr.example("three"), n=5)
+        print(p)                          # per stage: ms/request, its call tree and hot spots
+        print(p.tree("preprocess"))
+        p.hotspots("predict", n=3)
+        ```
+    """
 
     model_name: str
     roots: list[Path]  # the truss's own code lives here (expanded; everything else folds)
@@ -141,6 +152,7 @@ class Profile:
 
     @property
     def count(self) -> int:
+        """How many requests were profiled."""
         return len(self.traces)
 
     def stage_seconds(self, stage: str) -> float:
@@ -174,8 +186,22 @@ class Profile:
         return frame
 
     def call_tree(self, stage: str, expand: bool = False) -> list[Node]:
-        """The stage's call tree from the truss's own code down (the stage method at the top), library
-        calls folded at the truss's line that made them (`expand=True`: nothing folded)."""
+        """The stage's call tree from the truss's own code down (the stage method at the top), library calls
+        folded at the truss's line that made them.
+
+        Args:
+            stage: `"preprocess"`, `"predict"` or `"postprocess"`.
+            expand: fold nothing.
+
+        Returns:
+            Nodes: `function`, `location`, `seconds`, `self_seconds`, `library`, `children`.
+
+        Example:
+            ```python
+            root = p.call_tree("preprocess")[0]
+            [child.function for child in root.children]
+            ```
+        """
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
         return self.session_tree(self._combined(stage), expand)
@@ -206,10 +232,25 @@ class Profile:
         return [Node(frame.function, self._where(frame), frame.time, max(0.0, own), not mine, children)]
 
     def hotspots(self, stage: str, n: int = 5, expand: bool = False) -> list[Hotspot]:
-        """The functions `stage` spends its time in, the one that owns most of it first: every function
-        the stage method calls (the truss's own and the library calls it makes, folded), ranked by total
-        time (callees included; a caller before its callee when they tie), each with its own time too.
-        `expand=True`: library code unfolded. The lock wait is one measured entry."""
+        """The functions `stage` spends its time in, the one that owns most of it first: every function the
+        stage method calls (the truss's own and the library calls it makes, folded), ranked by total time
+        (callees included; a caller before its callee when they tie), each with its own time too. The lock
+        wait is one measured entry.
+
+        Args:
+            stage: `"preprocess"`, `"predict"` or `"postprocess"`.
+            n: how many.
+            expand: unfold library code.
+
+        Returns:
+            Hotspots: `function`, `location`, `seconds`, `self_seconds`, `share`, `library`, `requests`.
+
+        Example:
+            ```python
+            for h in p.hotspots("predict", n=3):
+                print(h.function, h.location, h.share)
+            ```
+        """
         if stage == "lock_wait":
             seconds = self.stage_seconds("lock_wait")  # listed however short: what shows never depends on speed
             return [Hotspot("waiting for the predict lock", "(measured by the trace, not sampled)", seconds, seconds, 1.0,
@@ -262,7 +303,22 @@ class Profile:
 
     def tree(self, stage: str, depth: int = 8, expand: bool = False, threshold: float = 0.01) -> str:
         """The stage's call tree as text: per function its total and own ms per request and its share of
-        the stage; calls under `threshold` of the stage (1 %) and below `depth` are left out."""
+        the stage.
+
+        Args:
+            stage: `"preprocess"`, `"predict"` or `"postprocess"`.
+            depth: how many calls deep.
+            expand: unfold library code too.
+            threshold: leave out calls under this share of the stage.
+
+        Returns:
+            The tree, one function per line (`total  self  share  function  file:line`).
+
+        Example:
+            ```python
+            print(p.tree("preprocess"))
+            ```
+        """
         if not self.sessions.get(stage):
             return f"{stage}: not profiled"
         if not self.call_tree(stage, expand):
@@ -281,6 +337,7 @@ class Profile:
         return any(level > 1 for level, _ in self.tree_rows(stage))
 
     def unsampled(self, stage: str) -> str:
+        """What a stage without samples shows: it ran for less than the sampling interval."""
         return f"(no samples: it ran for less than the {self.interval * 1000:g} ms sampling interval)"
 
     def tree_rows(self, stage: str, depth: int = 8, expand: bool = False, threshold: float = 0.01) -> list[tuple[int, Node]]:
@@ -300,6 +357,7 @@ class Profile:
         return rows
 
     def text(self, n: int = 5) -> str:
+        """The profile as text (what `print(profile)` shows): per stage its call tree and `n` hot spots."""
         lines = [f"profile of {self.model_name}: {self.count} request{'s' if self.count != 1 else ''}, "
                  f"sampled every {self.interval * 1000:g} ms"]
         for stage in ("preprocess", "lock_wait", "predict", "postprocess"):
@@ -325,6 +383,7 @@ class Profile:
         return render.bundle(self)
 
     def merged(self, other: "Profile") -> "Profile":
+        """One Profile over this one's requests and `other`'s (of the same model)."""
         sessions = {s: self.sessions.get(s, []) + other.sessions.get(s, []) for s in STAGES}
         return Profile(self.model_name, self.roots, sessions, self.traces + other.traces, self.interval)
 

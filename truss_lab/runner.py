@@ -116,9 +116,11 @@ class Runner:
 
     @property
     def traces(self) -> list[Trace]:
+        """The kept traces, oldest first (the last `trace_capacity` requests)."""
         return list(self._traces)
 
     def clear_traces(self) -> None:
+        """Forget the kept traces (reports and timelines start afresh)."""
         self._traces.clear()
 
     def report(self, last: int | None = None) -> Report:
@@ -133,22 +135,71 @@ class Runner:
     # ------------------------------------------------------------------ requests
 
     def predict(self, model_input: Any, *, request: Any = None) -> Result:
-        """Run the three stages; raise PreprocessError / PredictError / PostprocessError on failure.
+        """Run one request: preprocess -> predict (under the lock) -> postprocess.
 
-        `request`: the object a method with a `request` parameter receives (a starlette Request); by
-        default one is made from `model_input`, as if it had been POSTed as JSON.
+        Args:
+            model_input: the request body, as the Truss server would parse it (JSON values, or bytes).
+            request: what a method with a `request` parameter receives (a starlette Request); by default
+                one is made from `model_input`, as if it had been POSTed as JSON.
+
+        Returns:
+            A Result: `.output` (what the Truss server would send), `.trace` (each stage's time).
+
+        Raises:
+            PreprocessError: preprocess raised (the original is `__cause__`; `.location` is file:line).
+            PredictError: predict raised.
+            PostprocessError: postprocess raised.
+            InputError: the input does not fit the pydantic model the first stage names.
+
+        Example:
+            ```python
+            result = tr.predict(tr.example("three"))
+            result.output, result.trace.predict_ms
+            ```
         """
         return self.run(model_input, request=request).raise_for_error()
 
     def call(self, method: str, body: Any, *, request: Any = None) -> Result:
-        """Call one of the model's OpenAI-compatible methods (`chat_completions`, `completions`,
-        `embeddings`, `messages`, `responses`) as the Truss server's route for it does: no pre- or
-        postprocess and no predict lock; a returned stream is joined. Raises on a model error."""
+        """Call one of the model's OpenAI-compatible methods as the Truss server's route for it does: no pre-
+        or postprocess and no predict lock; a returned stream is joined.
+
+        Args:
+            method: `chat_completions`, `completions`, `embeddings`, `messages` or `responses`.
+            body: the request body.
+            request: as for `predict`.
+
+        Returns:
+            A Result.
+
+        Raises:
+            ModelError: the method raised, or the model has no such method.
+
+        Example:
+            ```python
+            tr.call("chat_completions", {"messages": [{"role": "user", "content": "hi"}]}).output
+            ```
+        """
         return self.run(body, request=request, method=method).raise_for_error()
 
     def run(self, model_input: Any, *, request: Any = None, method: str = "predict", profiler: Any = None) -> Result:
-        """Run one request; a model error is returned in `Result.error`, not raised. `profiler`: a
-        profile.Profiler that samples each stage of this request (`tr.profile` makes one)."""
+        """Run one request like `predict`, keeping a model error in `Result.error` instead of raising it.
+
+        Args:
+            model_input: the request body.
+            request: as for `predict`.
+            method: `"predict"`, or an OpenAI-compatible method's name (`"chat_completions"`, ...), run
+                as its route runs it.
+            profiler: a profile.Profiler that samples each stage of this request (`tr.profile` makes one).
+
+        Returns:
+            A Result; `.error` is a ModelError (stage, file:line) when the request failed.
+
+        Example:
+            ```python
+            result = tr.run({"image": "no-such-file.png"})
+            result.ok, result.error
+            ```
+        """
         t = self._new_trace(method)
         if profiler is not None:
             t.profiler = profiler
@@ -166,6 +217,23 @@ class Runner:
         async generator), whether predict is a generator function or returns one. Any other value
         is postprocessed and yielded as the one output. Close the stream early (break, `close()`)
         and the lock is released.
+
+        Args:
+            model_input: the request body.
+            request: as for `predict`.
+            method: as for `run`.
+
+        Yields:
+            Each chunk predict produced (or the one output).
+
+        Raises:
+            ModelError: a stage raised (after the chunks already given, for a stream that fails midway).
+
+        Example:
+            ```python
+            for chunk in tr.stream({"prompt": "hi"}):
+                print(chunk, end="")
+            ```
         """
         chunks = self.open_stream(model_input, request=request, method=method)
         next(chunks)  # whether it streams: this caller takes the values the same way
@@ -434,7 +502,17 @@ class Runner:
 
     def schema(self) -> dict | None:
         """The input and output JSON schemas of a model with pydantic-typed I/O, as the Truss server's
-        `GET /v1/models/{name}/schema` answers them; None for a model without typed I/O."""
+        `GET /v1/models/{name}/schema` answers them.
+
+        Returns:
+            `{"input_schema": ..., "output_schema": ..., "supports_streaming": ...}`, or None for a model
+            without typed I/O.
+
+        Example:
+            ```python
+            tr.schema()["input_schema"]["properties"]
+            ```
+        """
         from .serialization import truss_schema
 
         s = self._serving

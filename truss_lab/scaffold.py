@@ -88,11 +88,26 @@ _EXAMPLES_TEMPLATE = """\
 
 
 def init(path: str | os.PathLike, name: str | None = None, python_config: bool = False) -> Path:
-    """Write a new Truss scaffold at `path` (as `truss init` does). Refuses to touch an existing folder.
+    """Write a new Truss scaffold at `path`, as `truss init` does: config.yaml, model/model.py with the
+    stages commented, examples.yaml. It runs as it is (predict returns its input).
 
-    `python_config=True`: what `truss init --python-config` writes - a folder holding `<name>.py`, a
-    `class Model(truss_chains.ModelBase)` (Truss's own template, written by Truss); returns that file,
-    which `truss_lab.load` takes."""
+    Args:
+        path: the folder to create (it must not exist yet).
+        name: config.yaml's `model_name` (default: the folder's name).
+        python_config: write what `truss init --python-config` writes instead: a folder holding
+            `<name>.py`, a `class Model(truss_chains.ModelBase)` (Truss's own template, written by Truss).
+
+    Returns:
+        The folder (or, with `python_config=True`, the model file), ready for `truss_lab.load`.
+
+    Raises:
+        BundleError: `path` exists already, or the name is empty.
+
+    Example:
+        ```python
+        tr = truss_lab.load(truss_lab.init("my-truss", name="My model"))
+        ```
+    """
     root = Path(path).expanduser()
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise BundleError(f"{root}: already exists; refusing to overwrite it (choose a new path)")

@@ -48,7 +48,26 @@ def _ms(start: float | None, end: float | None) -> float:
 
 @dataclass(slots=True)
 class Trace:
-    """Monotonic timestamps for one request, plus who served it and how it ended."""
+    """One request's timeline: monotonic timestamps of each stage and of the lock, the code version that
+    served it, how it ended, and what the lock-misuse guard saw.
+
+    Durations are properties in milliseconds: `pre_ms`, `lock_wait_ms`, `predict_ms`, `lock_held_ms`,
+    `post_ms`, `total_ms` (0 for a stage the model does not have). A chainlet's request also has its W3C
+    trace context (`trace_id`, `span_id`, `parent_span_id`).
+
+    Attributes:
+        request_id: the request's number in this model.
+        version: the code version that served it (a reload bumps it).
+        error: the failure's one-line message, `error_stage` its stage, `location` its file:line.
+        findings: the lock-misuse findings (I/O, sleeps, idle time while holding the lock).
+
+    Example:
+        ```python
+        t = tr.predict(tr.example("three")).trace
+        print(t)                    # v1 ok: pre … ms | lock wait … ms | predict … ms | post … ms | total … ms
+        t.predict_ms, t.lock_wait_ms
+        ```
+    """
 
     request_id: int
     version: int
@@ -84,34 +103,42 @@ class Trace:
 
     @property
     def trace_id(self) -> str | None:
+        """The W3C trace id a chainlet's request was part of (None outside a chain)."""
         return self.span[0] if self.span is not None else None
 
     @property
     def parent_span_id(self) -> str | None:
+        """The caller's span id: which chainlet's request made this one (None for the entrypoint's)."""
         return self.span[1] if self.span is not None else None
 
     @property
     def span_id(self) -> str | None:
+        """This request's own span id in its chain's trace (None outside a chain)."""
         return self.span[2] if self.span is not None else None
 
     @property
     def ok(self) -> bool:
+        """Whether the request succeeded."""
         return self.error is None
 
     @property
     def pre_ms(self) -> float:
+        """Milliseconds in preprocess (0 without one)."""
         return _ms(self.pre_start, self.pre_end)
 
     @property
     def lock_wait_ms(self) -> float:
+        """Milliseconds waiting for the lock."""
         return _ms(self.lock_requested, self.lock_acquired)
 
     @property
     def predict_ms(self) -> float:
+        """Milliseconds in predict, holding the lock (to the end of the stream, for a stream)."""
         return _ms(self.predict_start, self.predict_end)
 
     @property
     def lock_held_ms(self) -> float:
+        """Milliseconds the request held the lock."""
         return _ms(self.lock_acquired, self.lock_released)
 
     @property
@@ -135,10 +162,12 @@ class Trace:
 
     @property
     def post_ms(self) -> float:
+        """Milliseconds in postprocess (0 without one)."""
         return _ms(self.post_start, self.post_end)
 
     @property
     def total_ms(self) -> float:
+        """Milliseconds from the request's start to its end."""
         return _ms(self.start, self.end)
 
     @property
@@ -147,6 +176,7 @@ class Trace:
         return None if self.first_chunk is None else _ms(self.predict_start, self.first_chunk)
 
     def stage_ms(self, stage: str) -> float:
+        """Milliseconds of `stage`: `pre`, `lock_wait`, `predict`, `post` or `total`."""
         return {
             "preprocess": self.pre_ms,
             "lock_wait": self.lock_wait_ms,
@@ -156,6 +186,7 @@ class Trace:
         }[stage]
 
     def summary(self) -> str:
+        """One line: version, ok or the error, each stage's milliseconds (what `print(trace)` shows)."""
         status = "ok" if self.ok else f"{self.error_stage} error"
         return (
             f"v{self.version} {status}: pre {self.pre_ms:.1f} ms | lock wait {self.lock_wait_ms:.1f} ms"
@@ -208,6 +239,23 @@ class Report:
 
     The bound is `lock_size / mean predict time`: with the lock always busy, no more requests per
     second can get through predict. `efficiency` is the throughput reached against it.
+
+    Attributes:
+        count: how many requests.
+        failures: failed requests by stage.
+        stages: per stage (`pre`, `lock_wait`, `predict`, `post`, `total`) its latency statistics.
+        throughput: requests per second over the wall time.
+        bound: `lock_size / mean predict seconds`.
+        lock_utilization: the lock's slot-time held over wall time times lock size.
+        lock_idle_share: the share of the held time predict was not computing (measured requests).
+        findings: the lock-misuse findings, by kind, with how many requests had each.
+
+    Example:
+        ```python
+        report = tr.report()
+        print(report)                               # the table, the lock line, the findings
+        report.to_chrome_trace("trace.json")        # Perfetto, chrome://tracing, speedscope
+        ```
     """
 
     count: int
@@ -278,10 +326,12 @@ class Report:
 
     @property
     def ok(self) -> int:
+        """How many requests succeeded."""
         return self.count - sum(self.failures.values())
 
     @property
     def efficiency(self) -> float:
+        """Throughput against the bound (1.0: the lock was never idle); NaN without a bound."""
         return self.throughput / self.bound if self.bound and not math.isnan(self.bound) else math.nan
 
     def lock_wait_distribution(self, edges_ms: tuple[float, ...] = (0.0, 1, 10, 100, 1000)) -> list[tuple[str, int]]:
@@ -350,6 +400,7 @@ class Report:
         )
 
     def table(self) -> str:
+        """The report as text: the latency table, the lock line, throughput and bound, the findings."""
         if not self.count:
             return "0 requests: nothing to report yet (run predict, predict_batch or bench first)"
         lines = [
@@ -454,7 +505,25 @@ class OutputWarning(UserWarning):
 
 @dataclass
 class Result:
-    """One request: what went in, what came out, and where the time went."""
+    """One request: what went in, what came out, and where the time went.
+
+    Attributes:
+        input: the request body as given.
+        output: what the Truss server would send back (None when the request failed).
+        trace: the request's Trace: each stage's time, the lock wait, the code version, findings.
+        error: the ModelError when a stage failed (`.stage`, `.location` as file:line), else None.
+        model_name: the model's name.
+
+    Example:
+        ```python
+        result = tr.run(tr.example("three"))
+        if result.ok:
+            print(result.output, result.trace.total_ms)
+        else:
+            print(result.error)
+        result.raise_for_error()   # the error, raised; the Result itself when ok
+        ```
+    """
 
     input: Any
     output: Any
@@ -465,10 +534,12 @@ class Result:
 
     @property
     def ok(self) -> bool:
+        """Whether the request succeeded."""
         return self.error is None
 
     @property
     def version(self) -> int:
+        """The code version that served the request."""
         return self.trace.version
 
     def raise_for_error(self) -> "Result":

@@ -109,7 +109,25 @@ class Comparison:
 
 
 def compare(a: Report, b: Report, labels: tuple[str, str] | None = None) -> Comparison:
-    """Compare two Reports (e.g. two `tr.bench(...)` runs): each figure for both, and b / a."""
+    """Compare two Reports (two `tr.bench(...)` runs, say): each figure for both, and b / a.
+
+    Args:
+        a: the first Report (the baseline).
+        b: the second.
+        labels: what to call them (default: their labels, else "a" and "b").
+
+    Returns:
+        A Comparison: a table in a notebook, text when printed; throughput, latency percentiles, lock
+        wait, utilization and idle share, with their ratios.
+
+    Raises:
+        TypeError: `a` or `b` is not a Report.
+
+    Example:
+        ```python
+        print(truss_lab.compare(before, after))
+        ```
+    """
     for name, value in (("a", a), ("b", b)):
         if not isinstance(value, Report):
             raise TypeError(f"compare() takes two Reports (from tr.bench or tr.report); {name} is {type(value).__name__}")

@@ -236,9 +236,24 @@ def nice_ticks(span: float, target: int = 6) -> list[float]:
 
 
 def timeline(source: Any, by: str = "request", last: int | None = None, lock_size: int | None = None) -> Timeline:
-    """The timeline of a Report, a LiveModel's kept traces, or a list of Traces.
+    """The lock timeline: one row per request (or per worker), segments coloured by stage, the idle share
+    of each predict hatched, and a lane on top with the lock slots held over time against the lock size.
 
-    `by="worker"` puts every request a worker thread ran on that worker's row.
+    Args:
+        source: a Report (a BenchReport), a LiveModel (its kept traces), a Chain (a lane per chainlet),
+            or a list of Traces.
+        by: `"request"` (a row each) or `"worker"` (every request a worker thread ran on its row).
+        last: only the last `last` requests.
+        lock_size: the lock size to draw (default: the source's).
+
+    Returns:
+        A Timeline: SVG in a notebook (no matplotlib needed); `.svg()`, `.figure()` (matplotlib),
+        `.png()`.
+
+    Example:
+        ```python
+        truss_lab.timeline(tr.bench(n=40, concurrency=4, progress=False)).svg()
+        ```
     """
     if hasattr(source, "chainlets") and hasattr(source, "trees"):  # a Chain: a lane per chainlet
         return chain_timeline(source, last)

@@ -1,6 +1,7 @@
 """Draw the docs' pictures with truss_lab itself, from real runs.
 
-    python docs/make_pictures.py      # docs/notebook.png, docs/timeline-wrong.png, docs/timeline-right.png, docs/profile.png
+    python docs/make_pictures.py      # every picture of the docs: notebook, widget-panel, profile,
+                                      # timeline-wrong, timeline-right, chain-timeline (.png, in docs/)
 
 The notebook: a real JupyterLab (the one the browser test drives) running the README's quickstart on
 examples/digits - a prediction with its stage bar, a bench with its lock timeline - screenshot in
@@ -115,8 +116,59 @@ def notebook_picture(out: Path) -> None:
     print(f"{out.name}: the quickstart in JupyterLab")
 
 
+def widget_picture(out: Path) -> None:
+    """The panel on examples/digits in a real JupyterLab, after a click on Run."""
+    import json
+    import shutil
+
+    from playwright.sync_api import expect, sync_playwright
+
+    from truss_lab.devtools.jupyter import CHROMIUM_FLAGS, Lab, chromium_path, notebook
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root, home = Path(tmp) / "work", Path(tmp) / "home"
+        shutil.copytree(HERE.parent / "examples" / "digits", root / "examples" / "digits")
+        (root / "panel.ipynb").write_text(json.dumps(notebook(["%load_ext truss_lab", "%truss load examples/digits --no-watch",
+                                                               "%truss widget"])))
+        with Lab(root, home) as lab, sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS, headless=True)
+            page = browser.new_page(viewport={"width": 1180, "height": 1300}, device_scale_factor=1)
+            page.set_default_timeout(120_000)
+            page.goto(lab.notebook_url("panel.ipynb"))
+            page.wait_for_function("() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+                                   " return w && w.sessionContext && w.sessionContext.session"
+                                   " && w.sessionContext.session.kernel && w.sessionContext.session.kernel.status === 'idle'; }")
+            page.evaluate("() => window.jupyterapp.commands.execute('application:toggle-left-area')")
+            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            panel = page.locator(".truss-lab-panel")
+            expect(panel).to_be_visible()
+            page.locator("button.tl-run").click()
+            expect(page.locator(".tl-output .truss-lab-result")).to_be_visible()
+            panel.screenshot(path=str(out))
+            browser.close()
+    print(f"{out.name}: the panel after a run")
+
+
+def chain_picture(out: Path) -> None:
+    """The digits chain's lock timeline: a lane per chainlet, after a bench through its entrypoint."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        chain = truss_lab.load_chain(HERE.parent / "examples" / "digits-chain" / "digits_chain.py")
+    with chain:
+        inputs = [chain.example(e.name) for e in chain.examples]
+        chain.entry.bench(inputs, n=8, concurrency=2, progress=False)  # warm: TensorFlow traces its functions
+        chain.entry.clear_traces()
+        for live in chain.chainlets.values():
+            live.clear_traces()
+        chain.entry.bench(inputs, n=24, concurrency=4, progress=False)
+        out.write_bytes(truss_lab.timeline(chain).png(width=9, dpi=90))
+    print(f"{out.name}: the digits chain, 24 requests from 4 workers")
+
+
 def main() -> None:
     notebook_picture(HERE / "notebook.png")
+    widget_picture(HERE / "widget-panel.png")
+    chain_picture(HERE / "chain-timeline.png")
     profile_picture(HERE / "profile.png")
     with tempfile.TemporaryDirectory() as tmp, LocalServer(files={"img.png": bytes(20_000)}, delay_ms=40) as server:
         for name, in_pre in (("wrong", False), ("right", True)):

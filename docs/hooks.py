@@ -37,6 +37,6 @@ def readme() -> str:
 def on_page_markdown(markdown: str, page, config, files) -> str:
     if MARKER in markdown:
         markdown = markdown.replace(MARKER, cli_help())
-    if README in markdown:
-        markdown = markdown.replace(README, readme())
+    if README in markdown:  # the whole page: what follows the marker is for a reader of the file on GitHub
+        markdown = readme()
     return markdown

@@ -50,7 +50,7 @@ def first_non_json(value: Any, path: str = "", numpy: bool = False) -> tuple[str
             if t is dict:
                 items = []
                 for k, item in v.items():
-                    if type(k) not in _SCALARS:
+                    if not isinstance(k, _SCALARS):  # json takes subclasses as keys too (numpy.str_, numpy.float64)
                         return (f"{where}[{k!r}] (key)", type_name(k))
                     items.append((f"{where}.{k}" if where else str(k), item, depth + 1))
                 stack.extend(reversed(items))

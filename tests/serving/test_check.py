@@ -252,3 +252,25 @@ def test_the_set_up_step_installed_every_overlay_the_examples_checks_need(truss_
     assert any(any(r.startswith("tensorflow") for r in reqs) for reqs in sets)  # the chain's Classify is among them
     missing = [reqs for reqs in sets if reqs and not (truss_env.overlay_folder(reqs) / ".ready").is_file()]
     assert not missing, f"not prepared by `make truss-server`: {missing}"
+
+
+def test_a_numpy_string_key_is_json_as_the_truss_server_sends_it(tmp_path, truss_env):
+    """sklearn's `target_names` are numpy.str_: as dict keys the Truss server sends them (200), so
+    truss_lab must not warn that it would answer 500 (found by a new user: it did, on every request,
+    while `truss-lab check` said the answers were the same). A numpy.int64 key the server refuses is
+    still named."""
+    import warnings
+
+    import numpy as np
+
+    from truss_lab.jsoncheck import first_non_json
+
+    root = write_truss(tmp_path / "labels", "import numpy as np\nclass Model:\n    def predict(self, x):\n"
+                       "        return {np.str_('setosa'): np.float64(0.9), 'virginica': 0.1}\n",
+                       examples=[{"name": "one", "input": 1}])
+    with truss_lab.load(root, process="worker") as tr, warnings.catch_warnings():
+        warnings.simplefilter("error", truss_lab.OutputWarning)
+        assert tr.predict(1).output == {"setosa": 0.9, "virginica": 0.1}
+        report = tr.check()
+    assert report.ok and [e.truss_status for e in report.examples] == [200], str(report)
+    assert first_non_json({np.int64(3): 1.0}, numpy=True) == ("[np.int64(3)] (key)", "numpy.int64")

@@ -466,3 +466,21 @@ def test_the_worker_and_kernel_apis_agree(tmp_path):
         for reach in (lambda: w.serving, lambda: w.on_retire(print), lambda: w.run_stage("predict", 1), lambda: w.model):
             with pytest.raises(truss_lab.TrussLabError, match="runs in a worker process"):
                 reach()
+
+
+def test_a_path_the_model_appended_goes_with_it(tmp_path):
+    """`sys.path.append(os.path.dirname(__file__))` in model.py puts the truss's model/ on the path; when
+    the truss closes it goes too - else its model.py stood in for the next kernel truss's `model`
+    package (`from model.helper import ...` failed with the old truss's imports)."""
+    import sys
+
+    first = write_truss(tmp_path / "appends", "import os, sys\nsys.path.append(os.path.dirname(__file__))\nimport helper\n"
+                        "import gone_with_the_first\nclass Model:\n    def predict(self, x):\n        return helper.WHO\n",
+                        files={"model/helper.py": "WHO = 'first'\n", "packages/gone_with_the_first.py": ""})
+    with truss_lab.load(first, process="kernel") as tr:
+        assert tr.predict(None).output == "first"
+    assert not [e for e in sys.path if e.startswith(str(first))]
+    second = write_truss(tmp_path / "second", "from model.helper import WHO\nclass Model:\n    def predict(self, x):\n        return WHO\n",
+                         files={"model/helper.py": "WHO = 'second'\n"})
+    with truss_lab.load(second, process="kernel") as tr:
+        assert tr.predict(None).output == "second"

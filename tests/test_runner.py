@@ -9,7 +9,7 @@ import pytest
 import truss_lab
 from truss_lab import OutputWarning, PostprocessError, PredictError, PreprocessError
 from truss_lab.trace import max_concurrent
-from conftest import CONTEXTVAR_STREAM_MODEL
+from conftest import CONTEXTVAR_STREAM_MODEL, write_truss
 
 
 def test_three_stages_in_order_with_trace(live):
@@ -355,3 +355,22 @@ def test_generator_with_postprocess_loads_warns_and_fails_each_request(live):
     assert r.error is not None and r.error.stage == "predict"
     assert "you cannot use postprocessing" in str(r.error)
     assert tr.lock_available == 1
+
+
+@pytest.mark.parametrize("process", ["kernel", "worker"])
+def test_an_output_warning_is_given_once_at_the_models_own_method(tmp_path, process):
+    """A bench of a model whose output the Truss server cannot send warns once (not once a request),
+    at the model's `def postprocess` - never at truss_lab's line; every Trace still carries it."""
+    import warnings
+
+    model = ("import numpy as np\nclass Model:\n    def predict(self, x):\n        return x\n\n"
+             "    def postprocess(self, y):\n        return {'ok': np.bool_(True)}\n")
+    root = write_truss(tmp_path / "np", model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        with truss_lab.load(root, process=process) as tr:
+            report = tr.bench([1], n=20, concurrency=4, progress=False)
+            assert all(t.warnings for t in report.traces)
+    given = [w for w in caught if issubclass(w.category, truss_lab.OutputWarning)]
+    assert len(given) == 1, [str(w.message) for w in given]
+    assert given[0].filename == str(root / "model" / "model.py") and given[0].lineno == 6

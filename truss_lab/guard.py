@@ -442,6 +442,14 @@ class Warner:
         with self._lock:
             self._seen.clear()
 
+    def once(self, key: str) -> bool:
+        """True the first time `key` (an output warning's text, say) is seen, then False."""
+        with self._lock:
+            if key in self._seen:
+                return False
+            self._seen.add(key)
+            return True
+
     def first(self, findings: list[Finding]) -> list[Finding]:
         """The findings whose kind has not been warned about yet (and mark them warned)."""
         new = []

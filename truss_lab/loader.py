@@ -205,6 +205,11 @@ class Resident:
             sys.path.append(self._path[-1])  # the image's /packages, appended as Truss does
         importlib.invalidate_caches()
 
+    def _inside(self, entry: str) -> bool:
+        """Whether a sys.path entry is the truss's folder or lies inside it."""
+        folder = os.path.abspath(entry or os.curdir)
+        return folder == str(self.root) or folder.startswith(str(self.root) + os.sep)
+
     def owns(self, path: str | None) -> bool:
         """Whether `path` is a file (or folder) of the truss's code: under model/ or packages/."""
         return bool(path) and os.path.join(path, "").startswith(self.dirs)
@@ -320,9 +325,11 @@ class Resident:
                 _resident = None
         if self._finder in sys.meta_path:
             sys.meta_path.remove(self._finder)
-        for entry in self._path:
-            if entry in sys.path:
-                sys.path.remove(entry)
+        # its own entries, and those its code added inside the truss (`sys.path.append(dirname(__file__))`
+        # puts model/ there, whose model.py would stand in for the next truss's `model` package)
+        sys.path[:] = [e for e in sys.path if e not in self._path and not self._inside(e)]
+        for folder in [f for f in sys.path_importer_cache if self._inside(f)]:
+            sys.path_importer_cache.pop(folder, None)
         self.env.restore()
         importlib.invalidate_caches()
 

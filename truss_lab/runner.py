@@ -42,6 +42,7 @@ from .wrapper import (
     is_stream,
     join_chunks,
     refuse_postprocess,
+    warn_at,
 )
 
 DEFAULT_TRACE_CAPACITY = 1000
@@ -322,7 +323,7 @@ class Runner:
                         if t.first_chunk is None:
                             t.first_chunk = perf_counter()
                         if not isinstance(chunk, STREAMABLE):
-                            self._check_chunk(chunk, t, method, count)
+                            self._check_chunk(chunk, t, method, count, s)
                         count += 1
                         yield chunk
             if not streamed:
@@ -337,7 +338,7 @@ class Runner:
                                 if t.first_chunk is None:
                                     t.first_chunk = perf_counter()
                                 if not isinstance(chunk, STREAMABLE):
-                                    self._check_chunk(chunk, t, "postprocess", count)
+                                    self._check_chunk(chunk, t, "postprocess", count, s)
                                 count += 1
                                 yield chunk
                             t.post_end = perf_counter()  # its work happened while it was iterated
@@ -345,7 +346,7 @@ class Runner:
                     elif method == "predict" and s.postprocess is not None:
                         raise ModelDefinitionError(RESPONSE_WITH_POSTPROCESS)
                 if whole:
-                    self._check_output(y, t)
+                    self._check_output(y, t, s, stage)
                 yield False
                 yield y
         except TrussLabError as exc:
@@ -537,7 +538,13 @@ class Runner:
         t.error, t.error_stage, t.location = describe(exc), stage, err.location
         return err
 
-    def _check_chunk(self, chunk: Any, t: Trace, stage: str, index: int) -> None:
+    def _warn_output(self, message: str, s: Any, stage: str) -> None:
+        """An OutputWarning at the model's own stage method, once per message and code version (a bench
+        of a thousand requests warns once; a reload that keeps the problem warns again)."""
+        if self._warner.once(message):
+            warn_at(message, OutputWarning, self.bundle, s.model_cls, stage)
+
+    def _check_chunk(self, chunk: Any, t: Trace, stage: str, index: int, s: Any) -> None:
         """A chunk the Truss server cannot stream: warn, once per request, naming it."""
         if any(w.startswith(_UNSENDABLE) for w in t.warnings):
             return
@@ -547,9 +554,9 @@ class Runner:
             f"there (joined for Accept: application/json it sends str(chunk)); encode it, e.g. json.dumps(chunk) + '\\n'"
         )
         t.warnings.append(message)
-        warnings.warn(message, OutputWarning, stacklevel=4)
+        self._warn_output(message, s, stage)
 
-    def _check_output(self, output: Any, t: Trace) -> None:
+    def _check_output(self, output: Any, t: Trace, s: Any, stage: str) -> None:
         bad = truss_json_check(output)
         if bad is not None:
             path, tname = bad
@@ -558,4 +565,4 @@ class Runner:
                 f"(it would answer 500; convert it, e.g. with .tolist() or float())"
             )
             t.warnings.append(message)
-            warnings.warn(message, OutputWarning, stacklevel=4)
+            self._warn_output(message, s, stage)

@@ -238,17 +238,25 @@ class WorkerModel:
         return Result(model_input, output, trace, error, self.name, (self._bundle.data_dir, self._bundle.path))
 
     def _warn(self, trace: Any) -> None:
-        """The warnings the request gave in the worker (which keeps them quiet there), given here: an
-        OutputWarning each, a LockMisuseWarning once per kind, pointing at the model's predict."""
+        """The warnings the request gave in the worker (which keeps them quiet there), given here, each
+        once per code version, at the model's own method: an OutputWarning once per message, a
+        LockMisuseWarning once per kind."""
         from .guard import LockMisuseWarning
         from .trace import OutputWarning
 
         for message in trace.warnings:
-            warnings.warn(message, OutputWarning, stacklevel=4)
+            if self._warner.once(message):
+                # at the stage that made it: a stream's own, else the last stage (postprocess, if it has one)
+                self._warn_at(message, OutputWarning, "predict" if ": predict yielded " in message else "postprocess")
         for f in self._warner.first(trace.findings):
-            path = self._bundle.model_file
-            line = next((i for i, text in enumerate(path.read_text().splitlines(), 1) if "def predict" in text), 1)
-            warnings.warn_explicit(f"{self.name}: {f.message}", LockMisuseWarning, str(path), line)
+            self._warn_at(f"{self.name}: {f.message}", LockMisuseWarning, "predict")
+
+    def _warn_at(self, message: str, category: type[Warning], method: str) -> None:
+        path = self._bundle.model_file
+        lines = path.read_text().splitlines()
+        line = next((i for i, text in enumerate(lines, 1) if f"def {method}" in text), None)
+        line = line or next((i for i, text in enumerate(lines, 1) if "def predict" in text), 1)
+        warnings.warn_explicit(message, category, str(path), line)
 
     def predict(self, model_input: Any, *, request: Any = None) -> Result:
         return self.run(model_input, request=request).raise_for_error()

@@ -11,6 +11,7 @@ The profile: the digits truss's profile as a notebook shows it (its HTML, screen
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import textwrap
 import warnings
@@ -78,74 +79,62 @@ def profile_picture(out: Path) -> None:
 QUICKSTART = ["%load_ext truss_lab", "%truss load examples/digits", "%truss predict example:three", "%truss bench -n 40 -c 4"]
 
 
-def notebook_picture(out: Path) -> None:
-    """The README's quickstart run in a real JupyterLab: the prediction, its stage bar, the lock timeline."""
+@contextlib.contextmanager
+def _in_jupyterlab(cells: list[str], height: int):
+    """A real JupyterLab (the browser test's) on a copy of examples/digits, a notebook of `cells` run
+    in Debian's chromium, the file browser folded away: yields the page, TensorFlow's environment as
+    `make lab` sets it."""
     import json
+    import os
     import shutil
 
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import sync_playwright
 
     from truss_lab.devtools.jupyter import CHROMIUM_FLAGS, Lab, chromium_path, notebook
-
-    import os
-
     from truss_lab.devtools.lab import lab_environment
 
-    for key in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"):  # TensorFlow's environment as `make lab` sets it
+    for key in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"):
         os.environ.setdefault(key, lab_environment(Path(tempfile.gettempdir()))[key])
     with tempfile.TemporaryDirectory() as tmp:
         root, home = Path(tmp) / "work", Path(tmp) / "home"
         shutil.copytree(HERE.parent / "examples" / "digits", root / "examples" / "digits")
-        (root / "quickstart.ipynb").write_text(json.dumps(notebook(QUICKSTART)))
+        (root / "picture.ipynb").write_text(json.dumps(notebook(cells)))
         with Lab(root, home) as lab, sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS, headless=True)
-            page = browser.new_page(viewport={"width": 1180, "height": 1560}, device_scale_factor=1)
-            page.set_default_timeout(120_000)
-            page.goto(lab.notebook_url("quickstart.ipynb"))
-            page.wait_for_function("() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                                   " return w && w.sessionContext && w.sessionContext.session"
-                                   " && w.sessionContext.session.kernel && w.sessionContext.session.kernel.status === 'idle'; }")
-            page.evaluate("() => window.jupyterapp.commands.execute('application:toggle-left-area')")
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            expect(page.locator(".truss-lab-report svg").first).to_be_visible()
-            expect(page.locator(".truss-lab-result .truss-lab-timing").first).to_be_visible()
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:enter-command-mode')")
-            page.locator(".truss-lab-report svg").first.scroll_into_view_if_needed()
-            page.screenshot(path=str(out))
-            browser.close()
+            try:
+                page = browser.new_page(viewport={"width": 1180, "height": height}, device_scale_factor=1)
+                page.set_default_timeout(120_000)
+                lab.open_notebook(page, "picture.ipynb")
+                page.evaluate("() => window.jupyterapp.commands.execute('application:toggle-left-area')")
+                page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+                yield page
+            finally:
+                browser.close()
+
+
+def notebook_picture(out: Path) -> None:
+    """The README's quickstart run in a real JupyterLab: the prediction, its stage bar, the lock timeline."""
+    from playwright.sync_api import expect
+
+    with _in_jupyterlab(QUICKSTART, height=1560) as page:
+        expect(page.locator(".truss-lab-report svg").first).to_be_visible()
+        expect(page.locator(".truss-lab-result .truss-lab-timing").first).to_be_visible()
+        page.evaluate("() => window.jupyterapp.commands.execute('notebook:enter-command-mode')")
+        page.locator(".truss-lab-report svg").first.scroll_into_view_if_needed()
+        page.screenshot(path=str(out))
     print(f"{out.name}: the quickstart in JupyterLab")
 
 
 def widget_picture(out: Path) -> None:
     """The panel on examples/digits in a real JupyterLab, after a click on Run."""
-    import json
-    import shutil
+    from playwright.sync_api import expect
 
-    from playwright.sync_api import expect, sync_playwright
-
-    from truss_lab.devtools.jupyter import CHROMIUM_FLAGS, Lab, chromium_path, notebook
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root, home = Path(tmp) / "work", Path(tmp) / "home"
-        shutil.copytree(HERE.parent / "examples" / "digits", root / "examples" / "digits")
-        (root / "panel.ipynb").write_text(json.dumps(notebook(["%load_ext truss_lab", "%truss load examples/digits --no-watch",
-                                                               "%truss widget"])))
-        with Lab(root, home) as lab, sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS, headless=True)
-            page = browser.new_page(viewport={"width": 1180, "height": 1300}, device_scale_factor=1)
-            page.set_default_timeout(120_000)
-            page.goto(lab.notebook_url("panel.ipynb"))
-            page.wait_for_function("() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                                   " return w && w.sessionContext && w.sessionContext.session"
-                                   " && w.sessionContext.session.kernel && w.sessionContext.session.kernel.status === 'idle'; }")
-            page.evaluate("() => window.jupyterapp.commands.execute('application:toggle-left-area')")
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            panel = page.locator(".truss-lab-panel")
-            expect(panel).to_be_visible()
-            page.locator("button.tl-run").click()
-            expect(page.locator(".tl-output .truss-lab-result")).to_be_visible()
-            panel.screenshot(path=str(out))
-            browser.close()
+    with _in_jupyterlab(["%load_ext truss_lab", "%truss load examples/digits --no-watch", "%truss widget"], height=1300) as page:
+        panel = page.locator(".truss-lab-panel")
+        expect(panel).to_be_visible()
+        page.locator("button.tl-run").click()
+        expect(page.locator(".tl-output .truss-lab-result")).to_be_visible()
+        panel.screenshot(path=str(out))
     print(f"{out.name}: the panel after a run")
 
 

@@ -127,14 +127,7 @@ def test_widget_panel_in_jupyterlab(workspace, tmp_path):
 
 
 def drive_panel(page, lab: Lab, model_py: Path, upload: Path, expect) -> None:
-    page.goto(f"{lab.url}/lab/tree/panel.ipynb?token={lab.token}")
-    page.wait_for_selector(".jp-Notebook")
-    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget")
-    page.wait_for_function(  # the kernel is up and idle before we run the cells
-        "() => { const w = window.jupyterapp.shell.currentWidget;"
-        " return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel"
-        " && w.sessionContext.session.kernel.status === 'idle'; }"
-    )
+    lab.open_notebook(page, "panel.ipynb")  # the kernel is up and idle before we run the cells
     # `make lab`'s settings: nothing to dismiss (JupyterLab asks about its news in a toast otherwise)
     assert page.locator(".jp-Notification-Toast, .Toastify__toast").filter(has_text="news").count() == 0
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")

@@ -111,6 +111,16 @@ class Lab:
     def notebook_url(self, name: str) -> str:
         return f"{self.url}/lab/tree/{name}?token={self.token}"
 
+    def open_notebook(self, page, name: str) -> None:
+        """Open notebook `name` in a Playwright page and wait until its kernel is up and idle."""
+        page.goto(self.notebook_url(name))
+        page.wait_for_selector(".jp-Notebook")
+        page.wait_for_function(
+            "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+            " return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel"
+            " && w.sessionContext.session.kernel.status === 'idle'; }"
+        )
+
     def __enter__(self) -> "Lab":
         self.start()
         return self
